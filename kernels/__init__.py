@@ -1,0 +1,1 @@
+"""Fused Triton ops, each with a hand-derived backward and a plain-PyTorch reference."""
