@@ -1,0 +1,80 @@
+"""RMSNorm pass: HF's Llama/Mistral RMSNorm and Gemma's ``(1 + w)`` variant -> ``rmsnorm``.
+
+Llama and Mistral normalise in fp32, round the normalised value back to the input dtype, then
+scale by the weight; Gemma scales by ``1 + w`` in fp32 and rounds once at the end. Each is its own
+exact variant of the fused op (``normed_dtype``, ``weight_offset``). LayerNorm (mean subtraction)
+has another graph and never matches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from sloth_fx.graph_edit import module_path, replace_with_call
+from sloth_fx.kernels.rmsnorm import rmsnorm
+from sloth_fx.pass_manager import register_pass
+from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
+from sloth_fx.report import PassLog
+
+SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def llama_rmsnorm(x, weight, eps, compute_dtype, normed_dtype):
+    h = x.to(compute_dtype)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(normed_dtype)
+
+
+def gemma_rmsnorm(x, weight, eps, compute_dtype, weight_dtype):
+    h = x.to(compute_dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.to(weight_dtype))).type_as(x)
+
+
+# Gemma's form first: the Llama pattern would also match inside it, with ``1 + w`` as the weight.
+PATTERNS = [
+    (trace_pattern(gemma_rmsnorm, ("eps", "compute_dtype", "weight_dtype")), 1.0),
+    (trace_pattern(llama_rmsnorm, ("eps", "compute_dtype", "normed_dtype")), 0.0),
+]
+
+
+@register_pass("rmsnorm")
+def rmsnorm_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
+    for pattern, offset in PATTERNS:
+        for match in list(find_matches(gm.graph, pattern)):
+            where = module_path(match.output)
+            reason = _refusal(match)
+            if reason:
+                log.refuse(where, reason)
+                continue
+            x, weight = match.inputs["x"], match.inputs["weight"]
+            normed = match.literals.get("normed_dtype")
+            out_dtype = fake_value(match.output).dtype
+            replace_with_call(
+                gm.graph, [match.output], match.nodes, rmsnorm, (x, weight, float(match.literals["eps"])),
+                {"weight_offset": offset, "normed_dtype": normed, "out_dtype": out_dtype},
+            )
+            log.rewrite(where, f"{pattern.name}, hidden {fake_value(x).shape[-1]}, {fake_value(x).dtype}")
+    return gm
+
+
+def _refusal(match: Match) -> str | None:
+    """Why this match must not be rewritten, or None."""
+    x, weight = fake_value(match.inputs["x"]), fake_value(match.inputs["weight"])
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return "no shape information for the input or the weight"
+    compute = match.literals.get("compute_dtype")
+    if compute not in (None, torch.float32) or (compute is None and x.dtype != torch.float32):
+        return f"normalises in {compute or x.dtype}, the fused op normalises in float32"
+    if x.dtype not in SUPPORTED or weight.dtype not in SUPPORTED:
+        return f"dtype {x.dtype}/{weight.dtype} is not one of float32, float16, bfloat16"
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        return f"weight of shape {tuple(weight.shape)} does not scale the last axis ({x.shape[-1]})"
+    if not isinstance(match.literals.get("eps"), (int, float)):
+        return "eps is not a constant"
+    shared = match.outside_users()
+    if shared:
+        return f"intermediate {shared[0].name} is also used outside the norm"
+    return None

@@ -1,0 +1,58 @@
+"""The public surface: ``optimize``, ``explain`` and ``report``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sloth_fx.capture import install, uninstall
+from sloth_fx.pass_manager import available_passes, get_pass
+from sloth_fx.report import Report
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ATTR = "_sloth_fx_report"
+
+
+def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool = False) -> nn.Module:
+    """Prepare ``model`` (a HF causal LM, with or without PEFT) to train through fused ops.
+
+    Nothing is traced yet: each region is captured at its first training forward, rewritten by
+    ``passes`` (default: every available pass, in order) and run from then on. With ``verify``,
+    each pass's rewrite of each captured graph is checked against the original on random inputs
+    (outputs and gradients) and dropped, with a note in the report, if they differ beyond the
+    dtype's tolerance. Calling it again replaces the earlier set-up. Returns ``model`` itself.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    names = list(passes) if passes is not None else available_passes()
+    for name in names:
+        get_pass(name)
+    _check_parameters(model)
+    uninstall(model)
+    rep = Report()
+    install(model, names, rep, verify)
+    setattr(model, _ATTR, rep)
+    return model
+
+
+def report(model: nn.Module) -> Report:
+    """The structured report of what ``optimize`` did to ``model``."""
+    rep = getattr(model, _ATTR, None)
+    if rep is None:
+        raise ValueError("this model has not been through sloth_fx.optimize")
+    return rep
+
+
+def explain(model: nn.Module) -> str:
+    """A readable account of the capture regions, the rewrites, the refusals and why."""
+    return report(model).render()
+
+
+def _check_parameters(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"parameter {name} is {p.dtype}; sloth_fx supports float32, float16 and bfloat16 models")
+        if p.device.type not in ("cuda", "cpu", "meta"):
+            raise ValueError(f"parameter {name} is on {p.device}; sloth_fx runs on CUDA (and on CPU through references)")

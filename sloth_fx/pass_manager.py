@@ -1,0 +1,87 @@
+"""The pass manager: runs registered passes over a captured graph and the graphs nested in it.
+
+A pass is a function ``(gm, log) -> gm`` that rewrites ``gm.graph`` in place and records in ``log``
+what it rewrote and what it refused. Passes register by name; ``optimize(passes=[...])`` picks them
+by that name. Canonicalization runs first, always. After every pass each graph is linted.
+
+Higher-order ops that carry a body graph (activation checkpointing's ``tag_activation_checkpoint``,
+``wrap``...) reference it through a ``get_attr`` node; the manager enters those bodies first, so a
+rewrite inside a checkpointed layer is made inside the checkpoint and is recomputed with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch.fx as fx
+
+from sloth_fx.report import PassLog
+
+GraphPass = Callable[[fx.GraphModule, PassLog], fx.GraphModule]
+
+PASS_ORDER = ["lora", "rmsnorm", "rope", "swiglu", "cross_entropy"]
+_REGISTRY: dict[str, GraphPass] = {}
+_BUILTIN_MODULES = {name: f"sloth_fx.passes.{name}" for name in PASS_ORDER}
+
+
+def register_pass(name: str, fn: GraphPass | None = None) -> Callable:
+    """Register ``fn`` as the pass ``name`` (usable as a decorator). A research pass is one function."""
+
+    def add(f: GraphPass) -> GraphPass:
+        _REGISTRY[name] = f
+        if name not in PASS_ORDER:
+            PASS_ORDER.append(name)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def get_pass(name: str) -> GraphPass:
+    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(_BUILTIN_MODULES[name])
+        except ModuleNotFoundError as err:
+            if err.name != _BUILTIN_MODULES[name]:
+                raise
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown pass {name!r}; known passes: {available_passes()}")
+    return _REGISTRY[name]
+
+
+def available_passes() -> list[str]:
+    """Every pass that can run here, in the default order."""
+    names = []
+    for name in PASS_ORDER:
+        try:
+            get_pass(name)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
+def subgraphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
+    """``gm``'s nested body graphs (depth first, innermost first) and then ``gm`` itself."""
+    out: list[tuple[str, fx.GraphModule]] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            sub = getattr(gm, node.target, None)
+            if isinstance(sub, fx.GraphModule):
+                out += [(f"{node.target}/{name}" if name else node.target, g) for name, g in subgraphs(sub)]
+    out.append(("", gm))
+    return out
+
+
+def run_pass(gm: fx.GraphModule, name: str) -> PassLog:
+    """Run one pass over ``gm`` and every body graph nested in it; lint each graph afterwards."""
+    from sloth_fx.passes.canonicalize import canonicalize
+
+    fn = get_pass(name)
+    log = PassLog(name)
+    for _, graph_module in subgraphs(gm):
+        canonicalize(graph_module)
+        fn(graph_module, log)
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return log

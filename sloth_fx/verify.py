@@ -1,0 +1,96 @@
+"""Check a rewritten graph against its original on the same random inputs, forward and backward.
+
+Floating inputs are replaced by fresh random tensors of the same shape and dtype (keeping which of
+them require grad); integer and boolean inputs (token ids, positions, masks) keep their real
+values, since they index. Both graphs run forward, then backward from the same random cotangents;
+outputs and input gradients must agree within the dtype's tolerance, measured as
+``||a - b|| / ||b||`` (elementwise comparisons are meaningless for sums of many rounded terms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    worst: float
+    detail: str
+
+
+def concrete(example_inputs: Sequence[Any]) -> bool:
+    """True when the example inputs are real values (not fake tensors) that a check can run on."""
+    return not any(isinstance(x, FakeTensor) for x in example_inputs)
+
+
+def random_inputs(example_inputs: Sequence[Any], seed: int) -> list[Any]:
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Any] = []
+    for x in example_inputs:
+        if isinstance(x, torch.SymInt):
+            out.append(int(x.node.hint))
+        elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            r = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype).to(x.device)
+            out.append(r.requires_grad_(x.requires_grad))
+        elif isinstance(x, torch.Tensor):
+            out.append(x.detach().clone())
+        else:
+            out.append(x)
+    return out
+
+
+def compare(rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs: Sequence[Any], seed: int = 0) -> Verdict:
+    """Run both graphs on the same random inputs; compare outputs and input gradients."""
+    inputs = random_inputs(example_inputs, seed)
+    new_out, new_grads = _run(rewritten, inputs, seed)
+    ref_out, ref_grads = _run(original, inputs, seed)
+    worst, where = 0.0, "-"
+    for label, news, refs in (("output", new_out, ref_out), ("grad", new_grads, ref_grads)):
+        for i, (a, b) in enumerate(zip(news, refs)):
+            if (a is None) != (b is None):
+                return Verdict(False, float("inf"), f"{label} {i}: one side has no value")
+            if a is None:
+                continue
+            err = _relative_error(a, b)
+            if err > TOLERANCE.get(b.dtype, 1e-4) or err != err:
+                return Verdict(False, err, f"{label} {i} ({b.dtype}, {tuple(b.shape)}): relative error {err:.2e}")
+            if err >= worst:
+                worst, where = err, f"{label} {i}"
+    return Verdict(True, worst, f"worst relative error {worst:.1e} at {where}")
+
+
+def _run(gm: fx.GraphModule, inputs: list[Any], seed: int) -> tuple[list, list]:
+    leaves = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs]
+    with torch.random.fork_rng(devices=_devices(leaves)), torch.enable_grad():
+        torch.manual_seed(seed)
+        outs = gm(*leaves)
+    outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
+    tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+    diff = [o for o in tensors if o.requires_grad and o.is_floating_point()]
+    gen = torch.Generator().manual_seed(seed + 1)
+    cotangents = [torch.randn(o.shape, generator=gen).to(o.dtype).to(o.device) for o in diff]
+    wanted = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+    grads = torch.autograd.grad(diff, wanted, cotangents, allow_unused=True) if diff and wanted else []
+    return [o.detach() for o in tensors], list(grads)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        same_nan = torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)])
+        return 0.0 if same_nan else float("nan")
+    scale = b.norm().item()
+    return (a - b).norm().item() / scale if scale > 0 else (a - b).norm().item()
+
+
+def _devices(values: list[Any]) -> list[int]:
+    return sorted({x.device.index or 0 for x in values if isinstance(x, torch.Tensor) and x.is_cuda})

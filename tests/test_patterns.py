@@ -1,0 +1,89 @@
+"""The pattern engine and canonicalization, on small hand-written functions."""
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from sloth_fx.passes.canonicalize import canonicalize_graph
+from sloth_fx.patterns import find_matches, trace_pattern
+
+
+def scaled_square(x, w, eps, dtype):
+    h = x.to(dtype)
+    return w * (h.pow(2) + eps)
+
+
+PATTERN = trace_pattern(scaled_square, ("eps", "dtype"))
+
+
+def captured(fn) -> fx.Graph:
+    graph = fx.symbolic_trace(fn).graph
+    canonicalize_graph(graph)
+    return graph
+
+
+def test_canonical_spellings_are_one_form():
+    def a(x):
+        return x.pow(2) * 3
+
+    def b(x):
+        return operator.mul(torch.pow(x, 2), 3)
+
+    targets = [[n.target for n in captured(f).nodes if n.op == "call_function"] for f in (a, b)]
+    assert targets[0] == targets[1] == [torch.pow, torch.mul]
+
+
+def test_matches_with_operands_swapped_and_binds_literals():
+    def model(x, w):
+        return (torch.pow(x.float(), 2) + 1e-5) * w
+
+    (m,) = list(find_matches(captured(model), PATTERN))
+    assert m.literals == {"eps": 1e-5, "dtype": torch.float32}
+    assert {k: v.name for k, v in m.inputs.items()} == {"x": "x", "w": "w"}
+
+
+def test_absent_cast_binds_dtype_to_none():
+    def model(x, w):
+        return w * (x.pow(2) + 0.5)
+
+    (m,) = list(find_matches(captured(model), PATTERN))
+    assert m.literals["dtype"] is None and m.literals["eps"] == 0.5
+
+
+def test_different_structure_does_not_match():
+    def model(x, w):
+        return w * (x.pow(3) + 0.5)
+
+    def other(x, w):
+        return w + (x.pow(2) + 0.5)
+
+    assert not list(find_matches(captured(model), PATTERN))
+    assert not list(find_matches(captured(other), PATTERN))
+
+
+def test_same_input_must_bind_consistently():
+    def pattern(x):
+        return x * x
+
+    def model(a, b):
+        return a * b, a * a
+
+    matches = list(find_matches(captured(model), trace_pattern(pattern)))
+    assert len(matches) == 1 and matches[0].inputs["x"].name == "a"
+
+
+def test_intermediate_with_outside_user_is_reported():
+    def model(x, w):
+        sq = x.pow(2)
+        return w * (sq + 1.0), sq
+
+    (m,) = list(find_matches(captured(model), PATTERN))
+    assert [n.name for n in m.outside_users()] == ["pow_1"]
+
+
+def test_literal_must_not_bind_a_tensor():
+    def model(x, w, e):
+        return w * (x.pow(2) + e)
+
+    assert not list(find_matches(captured(model), PATTERN))

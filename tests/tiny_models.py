@@ -1,0 +1,61 @@
+"""Tiny random-init decoder models for the CPU suite (no downloads: configs only)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, PhiConfig
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
+
+
+def config(family: str, layers: int = 2):
+    if family == "llama":
+        return LlamaConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4)
+    if family == "mistral":
+        return MistralConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=2, sliding_window=None)
+    if family == "gemma":
+        return GemmaConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=1, head_dim=16)
+    if family == "phi":
+        return PhiConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", *, lora: bool = False, checkpointing: bool = False, layers: int = 2,
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config(family, layers), attn_implementation="sdpa").to(dtype)
+    if lora:
+        targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient is exercised
+                nn.init.normal_(p, std=0.02)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def batch(vocab: int = 101, b: int = 2, s: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=gen)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def loss_and_grads(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def twin(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
