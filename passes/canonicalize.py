@@ -5,6 +5,8 @@
   ``x.pow(2)`` -> ``torch.pow(x, 2)``; other methods become ``torch.Tensor.<name>`` calls.
 - Casts take one spelling, ``torch.Tensor.to(x, dtype)``: ``x.float()``, ``x.half()``,
   ``x.bfloat16()`` and ``x.to(dtype=...)`` included.
+- Keyword arguments given at their default value are dropped (``F.silu(x, inplace=False)`` is
+  ``F.silu(x)``), so a pattern need not spell every default.
 - A cast to the dtype the value already has is dropped (``x.to(x.dtype)`` returns ``x`` itself, so
   dropping it changes nothing); patterns treat such casts as optional.
 
@@ -13,7 +15,10 @@ The result is still an ordinary executable graph.
 
 from __future__ import annotations
 
+import inspect
 import operator
+from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -47,7 +52,31 @@ def canonicalize_graph(graph: fx.Graph) -> int:
             changed += _canonicalize_method(node)
         if node.op == "call_function" and node.target is CAST:
             changed += _canonicalize_cast(node)
+        elif node.op == "call_function" and node.kwargs:
+            changed += _drop_default_kwargs(node)
     return changed
+
+
+def _drop_default_kwargs(node: fx.Node) -> int:
+    defaults = _defaults(node.target)
+    kept = {k: v for k, v in node.kwargs.items() if not (k in defaults and _same(defaults[k], v))}
+    if len(kept) == len(node.kwargs):
+        return 0
+    node.kwargs = kept
+    return 1
+
+
+@lru_cache(maxsize=None)
+def _defaults(fn: Any) -> dict[str, Any]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _same(default: Any, value: Any) -> bool:
+    return not isinstance(value, fx.Node) and type(default) is type(value) and default == value
 
 
 def _canonicalize_method(node: fx.Node) -> int:

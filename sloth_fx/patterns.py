@@ -127,6 +127,10 @@ def _match_absent_cast(p: fx.Node, g: Any, m: Match, pattern: Pattern) -> bool:
 def _match_arg(p: Any, g: Any, m: Match, pattern: Pattern) -> bool:
     if isinstance(p, fx.Node):
         return _match_node(p, g, m, pattern)
+    if isinstance(p, slice):
+        return isinstance(g, slice) and all(
+            _match_arg(a, b, m, pattern) for a, b in ((p.start, g.start), (p.stop, g.stop), (p.step, g.step))
+        )
     if isinstance(p, (tuple, list)):
         return (
             isinstance(g, (tuple, list))

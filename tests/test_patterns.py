@@ -87,3 +87,28 @@ def test_literal_must_not_bind_a_tensor():
         return w * (x.pow(2) + e)
 
     assert not list(find_matches(captured(model), PATTERN))
+
+
+def test_default_keyword_arguments_do_not_matter():
+    def pattern(g, u):
+        return torch.nn.functional.silu(g) * u
+
+    def model(g, u):
+        return u * torch.nn.functional.silu(g, inplace=False)
+
+    assert len(list(find_matches(captured(model), trace_pattern(pattern)))) == 1
+
+
+def test_slices_match_with_literal_bounds():
+    def pattern(x, half):
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def model(x):
+        return torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
+
+    def shifted(x):
+        return torch.cat((-x[..., 4:], x[..., :8]), dim=-1)
+
+    (m,) = list(find_matches(captured(model), trace_pattern(pattern, ("half",))))
+    assert m.literals["half"] == 8
+    assert not list(find_matches(captured(shifted), trace_pattern(pattern, ("half",))))

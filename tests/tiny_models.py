@@ -57,5 +57,16 @@ def loss_and_grads(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[t
     return loss.detach(), grads
 
 
+def assert_same_training_step(original: nn.Module, optimized: nn.Module, inputs: dict[str, torch.Tensor],
+                              rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """The optimized model's loss and every trainable parameter's gradient equal the original's."""
+    loss_ref, grads_ref = loss_and_grads(original, inputs)
+    loss, grads = loss_and_grads(optimized, inputs)
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=atol)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
 def twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)

@@ -1,0 +1,102 @@
+"""optimize() on tiny random-init models: same loss, same gradients, and the expected rewrites."""
+
+import pytest
+import torch
+from tiny_models import assert_same_training_step, batch, loss_and_grads, tiny_model, twin
+
+import sloth_fx
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rmsnorm_rewrite_keeps_loss_and_gradients(family, lora, checkpointing):
+    original = tiny_model(family, lora=lora, checkpointing=checkpointing, layers=3)
+    optimized = sloth_fx.optimize(twin(original), passes=["rmsnorm"])
+    assert_same_training_step(original, optimized, batch())
+    report = sloth_fx.report(optimized)
+    assert report.count("rmsnorm") == 2 * 3 + 1
+    assert any(site.endswith("layers.2.post_attention_layernorm") for site in report.sites("rmsnorm"))
+    assert "rmsnorm: rewrote input_layernorm" in sloth_fx.explain(optimized)
+
+
+def test_gemma_norm_is_its_own_variant():
+    original = tiny_model("gemma")
+    optimized = sloth_fx.optimize(twin(original), passes=["rmsnorm"])
+    assert_same_training_step(original, optimized, batch())
+    report = sloth_fx.report(optimized)
+    assert report.count("rmsnorm") == 2 * 2 + 1
+    assert "gemma_rmsnorm" in sloth_fx.explain(optimized)
+
+
+def test_layernorm_model_gets_no_rmsnorm_rewrite():
+    original = tiny_model("phi")
+    optimized = sloth_fx.optimize(twin(original), passes=["rmsnorm"])
+    assert_same_training_step(original, optimized, batch())
+    assert sloth_fx.report(optimized).count("rmsnorm") == 0
+    assert "no rewrite applied" in sloth_fx.explain(optimized)
+
+
+def test_new_sequence_lengths_recapture_a_bounded_number_of_times():
+    model = sloth_fx.optimize(tiny_model("llama", lora=True), passes=["rmsnorm"])
+    for b, s in [(2, 9), (2, 13), (3, 17), (1, 5), (4, 30)]:
+        loss_and_grads(model, batch(b=b, s=s))
+    regions = sloth_fx.report(model).regions.values()
+    # one static capture, then one with dynamic shapes; never one per shape
+    assert all(len(r.captures) == 2 for r in regions)
+    assert all(r.captures[-1].dynamic for r in regions)
+
+
+def test_eval_no_grad_generate_and_save_keep_working(tmp_path):
+    original = tiny_model("llama", lora=True)
+    model = sloth_fx.optimize(twin(original), passes=["rmsnorm"])
+    loss_and_grads(model, batch())
+    model.eval()
+    with torch.no_grad():
+        ids = batch()["input_ids"][:1, :4]
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+        ref = original.eval().generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
+    model.save_pretrained(tmp_path)
+    names = {n for n, _ in model.named_parameters()}
+    assert names == {n for n, _ in original.named_parameters()}
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_verify_keeps_exact_rewrites():
+    model = sloth_fx.optimize(tiny_model("llama"), passes=["rmsnorm"], verify=True)
+    loss_and_grads(model, batch())
+    text = sloth_fx.explain(model)
+    assert "each pass checked on random inputs" in text and "dropped" not in text
+
+
+def test_verify_drops_a_wrong_rewrite():
+    def wrong(gm, log):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is torch.rsqrt:
+                node.target = torch.sqrt
+                log.rewrite("somewhere", "deliberately wrong")
+        return gm
+
+    sloth_fx.register_pass("wrong_for_test", wrong)
+    original = tiny_model("llama")
+    model = sloth_fx.optimize(twin(original), passes=["wrong_for_test"], verify=True)
+    assert_same_training_step(original, model, batch())
+    assert "dropped by verify: wrong_for_test" in sloth_fx.explain(model)
+
+
+def test_nothing_to_rewrite_is_said_and_model_still_works():
+    model = sloth_fx.optimize(torch.nn.Linear(3, 3))
+    assert "nothing to rewrite" in sloth_fx.explain(model)
+    assert model(torch.randn(2, 3)).shape == (2, 3)
+
+
+def test_bad_inputs_get_clear_errors():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        sloth_fx.optimize("not a model")
+    with pytest.raises(ValueError, match="unknown pass 'nope'"):
+        sloth_fx.optimize(tiny_model("llama"), passes=["nope"])
+    with pytest.raises(TypeError, match="float64"):
+        sloth_fx.optimize(tiny_model("llama", dtype=torch.float64))
+    with pytest.raises(ValueError, match="not been through"):
+        sloth_fx.explain(torch.nn.Linear(2, 2))
