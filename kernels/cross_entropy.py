@@ -1,0 +1,549 @@
+"""Fused lm_head + cross-entropy that never materialises the [tokens x vocab] logits.
+
+What it replaces (Hugging Face's causal-LM loss, transformers v5 ``ForCausalLMLoss`` and
+``fixed_cross_entropy``, on already shifted and flattened tokens)::
+
+    logits = hidden @ weight.T (+ bias)            # [N, V] in the model dtype
+    logits = logits.float()
+    logits = cap * tanh(logits / cap)              # only with a Gemma-2 style logit soft-cap
+    loss   = cross_entropy(logits, labels, ignore_index, reduction="mean")        # or:
+    loss   = cross_entropy(logits, labels, ignore_index, reduction="sum") / num_items_in_batch
+
+How the fused op computes it: the N token rows are processed in chunks of C rows. For each chunk
+
+1. ``logits_c = hidden_c @ weight.T (+ bias)`` in the model dtype with ``torch.mm`` / ``torch.addmm``
+   (the same cuBLAS call ``F.linear`` makes, so the same rounding as HF), into one reused [C, V] buffer;
+2. one Triton program per row reads the row (upcast to fp32, soft-capped if asked), computes
+   ``lse = log(sum_j exp(z_j))`` with an online max/sum over vocab blocks, the row's loss
+   ``lse - z[label]`` (0 for an ignored label), and overwrites the row IN PLACE with the gradient of
+   the loss with respect to the pre-cap logits (see :class:`LinearCrossEntropyFunction`);
+3. ``d_hidden_c = dlogits_c @ weight`` and ``d_weight += dlogits_c.T @ hidden_c``,
+   ``d_bias += sum_rows(dlogits_c)`` (the last two accumulated in fp32, cast at the end).
+
+So at most one [C, V] buffer is alive; C comes from a memory budget (:func:`chunk_rows`).
+
+Labels outside ``[0, V)`` that are not ``ignore_index``: the reference path leaves them to
+``F.cross_entropy`` (which raises on CPU and device-asserts on CUDA, as in HF). The Triton path checks
+them once per call with one reduction over the labels and raises ``ValueError``; that check costs one
+device-to-host synchronisation per forward (a few microseconds next to the chunk matmuls), and the
+kernel also masks its label load so that an out-of-range label can never read out of bounds.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .dispatch import use_triton
+
+__all__ = [
+    "LinearCrossEntropyFunction",
+    "chunk_rows",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Largest vocab block one program holds at a time. 4096 fp32 values over 8 warps (256 threads) are
+# 16 registers per thread: enough work per load to stream at full bandwidth, small enough not to
+# spill. Vocabularies larger than this (32000, 128256) are covered by the online loop. Tests lower it
+# to exercise the loop on small vocabularies.
+_MAX_BLOCK_V = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: Tensor | int | None = None,
+    logit_softcap: float | None = None,
+) -> Tensor:
+    """HF's causal-LM loss on flattened tokens, in plain PyTorch (what the pass traces its pattern from).
+
+    ``hidden`` [N, H], ``weight`` [V, H], ``labels`` [N] int64, ``bias`` [V] or None.
+    Exactly HF's computation: ``logits = F.linear(hidden, weight, bias)`` in the model dtype, then
+    ``logits.float()``, then (if ``logit_softcap``) ``cap * tanh(logits / cap)``, then
+    ``F.cross_entropy(..., ignore_index, reduction="mean")``, or with ``num_items_in_batch`` given,
+    ``reduction="sum"`` divided by ``num_items_in_batch``. Returns an fp32 scalar. All labels ignored
+    gives nan for the mean (0/0, as HF) and 0 for the sum.
+    """
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.float()
+    if logit_softcap is not None:
+        logits = logits / logit_softcap
+        logits = torch.tanh(logits)
+        logits = logits * logit_softcap
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "sum":
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk size
+# ----------------------------------------------------------------------------------------------
+
+
+def chunk_rows(
+    n_tokens: int, vocab: int, hidden: int, dtype: torch.dtype, memory_budget_bytes: int | None
+) -> int:
+    """Rows per chunk: how many [V]-wide logit rows in ``dtype`` fit the memory budget.
+
+    The budget is ``memory_budget_bytes`` if given, else the bytes of ``hidden`` itself
+    (``n_tokens * hidden * itemsize``), so that the logits buffer is never larger than the
+    activations it is computed from. ``rows = budget // (vocab * itemsize)``, at least 1 (one row
+    is always needed, whatever the budget) and at most ``n_tokens``. ``n_tokens == 0`` gives 1.
+    """
+    for name, value in (("n_tokens", n_tokens), ("vocab", vocab), ("hidden", hidden)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"chunk_rows: {name} must be an int, got {type(value).__name__}")
+    if n_tokens < 0 or vocab < 1 or hidden < 1:
+        raise ValueError(
+            f"chunk_rows: need n_tokens >= 0, vocab >= 1, hidden >= 1; got {n_tokens}, {vocab}, {hidden}"
+        )
+    if memory_budget_bytes is not None:
+        if not isinstance(memory_budget_bytes, int) or isinstance(memory_budget_bytes, bool):
+            raise TypeError(
+                f"memory_budget_bytes must be an int or None, got {type(memory_budget_bytes).__name__}"
+            )
+        if memory_budget_bytes <= 0:
+            raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    budget = memory_budget_bytes if memory_budget_bytes is not None else n_tokens * hidden * itemsize
+    rows = budget // (vocab * itemsize)
+    return max(1, min(rows, n_tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 to about an ulp (Triton 3.6 core has no tanh, libdevice does not interpret).
+
+    |x| < 0.5: odd Taylor polynomial to x^15 (the next term is below 1e-8 relative there), which
+    avoids the cancellation of ``1 - exp(-2|x|)`` near 0. Otherwise
+    ``sign(x) * (1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` in (0, 0.37], no overflow for any x.
+    """
+    ax = tl.abs(x)
+    x2 = x * x
+    # tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925
+    #          + 21844x^13/6081075 - 929569x^15/638512875 + ...
+    p = -929569.0 / 638512875.0
+    p = p * x2 + 21844.0 / 6081075.0
+    p = p * x2 - 1382.0 / 155925.0
+    p = p * x2 + 62.0 / 2835.0
+    p = p * x2 - 17.0 / 315.0
+    p = p * x2 + 2.0 / 15.0
+    p = p * x2 - 1.0 / 3.0
+    small = x + x * x2 * p
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(ax < 0.5, small, big)
+
+
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr,  # [rows, V] model dtype, contiguous rows; overwritten with d loss / d logits
+    stride_row,
+    labels_ptr,  # [rows] int64
+    loss_ptr,  # [rows] fp32: per-row loss lse - z[label], 0 where ignored
+    scale_ptr,  # [1] fp32: 1/n_valid (mean) or 1/num_items_in_batch (sum); read on device, no sync
+    n_cols,
+    ignore_index,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row  # int64: rows * V can pass 2^31
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    cols = tl.arange(0, BLOCK_V)
+
+    # Pass 1: online log-sum-exp over vocab blocks, in fp32.
+    m = -float("inf")  # running max
+    s = 0.0  # running sum of exp(z - m)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(mask, z, -float("inf"))  # after the cap: tanh(-inf) would be -1, not -inf
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    # z[label]: masked so that an ignored (or, defensively, out-of-range) label never reads memory.
+    in_range = valid & (label >= 0) & (label < n_cols)
+    safe_label = tl.where(in_range, label, 0)
+    z_label = tl.load(row_ptr + safe_label, mask=in_range, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_label = softcap * _tanh(z_label / softcap)
+    tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
+
+    if COMPUTE_GRAD:
+        # Pass 2: d loss / d x_j = (softmax(z)_j - [j == label]) * scale (* (1 - tanh^2) with a cap),
+        # 0 on ignored rows; written over the logits row in the model dtype.
+        scale = tl.load(scale_ptr)
+        row_scale = tl.where(valid, scale, 0.0)
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + cols
+            mask = offs < n_cols
+            x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                z = softcap * t
+            else:
+                z = x
+            g = tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0)
+            g = g * row_scale
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)
+            g = tl.where(valid, g, 0.0)  # exact zeros on ignored rows, even if scale is inf (n_valid = 0)
+            tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_v(vocab: int) -> int:
+    return min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
+
+
+def _num_warps(block_v: int) -> int:
+    # About 16 fp32 values per thread per block (see _MAX_BLOCK_V), between 1 and 8 warps.
+    return max(1, min(8, block_v // (32 * 16)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked forward (+ gradients)
+# ----------------------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer this module allocates goes through here (tests poison and spy on it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _empty(shape, dtype, device).zero_()
+
+
+def _grad_scale(
+    labels: Tensor, ignore_index: int, num_items_in_batch: Tensor | int | float | None, device: torch.device
+) -> Tensor:
+    """The [1] fp32 factor d loss / d loss_sum: 1/n_valid (mean, n_valid over ALL rows) or 1/num_items."""
+    if num_items_in_batch is None:
+        n_valid = (labels != ignore_index).sum().to(torch.float32)
+        return (1.0 / n_valid).reshape(1)
+    if torch.is_tensor(num_items_in_batch):
+        return (1.0 / num_items_in_batch.to(device=device, dtype=torch.float32)).reshape(1)
+    return torch.full((1,), 1.0 / float(num_items_in_batch), dtype=torch.float32, device=device)
+
+
+def _check_labels_in_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):  # one device-to-host sync per call (see the module docstring)
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"linear_cross_entropy: label {first} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+
+
+def _chunked_loss_and_grads(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    ignore_index: int,
+    num_items_in_batch: Tensor | int | float | None,
+    logit_softcap: float | None,
+    chunk: int,
+    need_d_hidden: bool,
+    need_d_weight: bool,
+    need_d_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Loss (fp32, HF's shape) and the requested gradients for d loss = 1, chunk rows at a time."""
+    n_tokens, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    labels = labels.contiguous()  # [N] int64, tiny: the kernel indexes it with unit stride
+    _check_labels_in_range(labels, ignore_index, vocab)
+    compute_grad = need_d_hidden or need_d_weight or need_d_bias
+    scale = _grad_scale(labels, ignore_index, num_items_in_batch, device)
+
+    block_v = _block_v(vocab)
+    num_warps = _num_warps(block_v)
+    rows_max = min(chunk, max(n_tokens, 1))
+    buf = _empty((rows_max, vocab), dtype, device)  # the only [rows, V] buffer, reused by every chunk
+    loss_rows = _empty((n_tokens,), torch.float32, device)
+    d_hidden = _empty((n_tokens, hidden_size), dtype, device) if need_d_hidden else None
+    d_weight_acc = _zeros((vocab, hidden_size), torch.float32, device) if need_d_weight else None
+    d_bias_acc = _zeros((vocab,), torch.float32, device) if need_d_bias else None
+    weight_t = weight.t()
+
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        h_c = hidden[start:stop]
+        logits_c = buf[: stop - start]  # leading rows of a contiguous buffer: contiguous
+        # Same call as F.linear on a 2-D input (mm, or addmm with the bias): same rounding as HF.
+        if bias is None:
+            torch.mm(h_c, weight_t, out=logits_c)
+        else:
+            torch.addmm(bias, h_c, weight_t, out=logits_c)
+        _ce_rows_kernel[(stop - start,)](
+            logits_c,
+            logits_c.stride(0),
+            labels[start:stop],
+            loss_rows[start:stop],
+            scale,
+            vocab,
+            ignore_index,
+            float(logit_softcap) if logit_softcap is not None else 1.0,
+            HAS_SOFTCAP=logit_softcap is not None,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+        dlogits_c = logits_c  # overwritten in place by the kernel
+        if need_d_hidden:
+            torch.mm(dlogits_c, weight, out=d_hidden[start:stop])
+        if need_d_weight:
+            _accumulate_d_weight(d_weight_acc, dlogits_c, h_c)
+        if need_d_bias:
+            d_bias_acc.add_(dlogits_c.sum(dim=0, dtype=torch.float32))
+    del buf
+
+    loss_sum = loss_rows.sum()
+    if num_items_in_batch is None:
+        loss = loss_sum / (labels != ignore_index).sum()  # 0/0 = nan when all are ignored, as HF
+    else:
+        denom = num_items_in_batch
+        if torch.is_tensor(denom):
+            denom = denom.to(loss_sum.device)
+        loss = loss_sum / denom
+    d_weight = d_weight_acc.to(dtype) if need_d_weight else None
+    d_bias = d_bias_acc.to(dtype) if need_d_bias else None
+    return loss, d_hidden, d_weight, d_bias
+
+
+def _accumulate_d_weight(acc: Tensor, dlogits_c: Tensor, h_c: Tensor) -> None:
+    """acc [V, H] fp32 += dlogits_c.T @ h_c.
+
+    fp32 inputs accumulate straight into acc. fp16/bf16 inputs: the chunk's product is one
+    model-dtype GEMM (fp32 accumulation inside, one rounding), added to the fp32 accumulator; HF
+    makes one GEMM over all N rows, so the result differs from HF's by about one extra rounding of
+    the model dtype when there is more than one chunk.
+    """
+    if dlogits_c.dtype == torch.float32:
+        acc.addmm_(dlogits_c.t(), h_c)
+    else:
+        acc.add_(torch.mm(dlogits_c.t(), h_c))
+
+
+def _scale_by(t: Tensor, g: Tensor, chunk: int) -> Tensor:
+    """t * g, with g an fp32 scalar tensor, computed in fp32 and rounded once to t's dtype.
+
+    Done chunk rows at a time and in place, so that no fp32 copy of a whole [N, H] gradient is made.
+    """
+    if t.dtype == torch.float32:
+        return t.mul_(g)
+    for start in range(0, t.shape[0], chunk):
+        part = t[start : start + chunk]
+        part.copy_(part.float().mul_(g))
+    return t
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Fused ``cross_entropy(softcap(float(hidden @ weight.T + bias)), labels)``, chunked over rows.
+
+    ``apply(hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, chunk)``.
+
+    Forward, per token row i with pre-cap logits ``x_i = hidden_i @ weight.T + bias`` (model dtype,
+    upcast to fp32) and ``z_i = cap * tanh(x_i / cap)`` (or ``z_i = x_i`` without a cap)::
+
+        lse_i  = log sum_j exp(z_ij)                         (online max/sum over vocab blocks)
+        loss_i = lse_i - z_i[label_i]     (0 where label_i == ignore_index)
+        loss   = sum_i loss_i / n_valid           (mean; n_valid = #non-ignored labels, all rows)
+               = sum_i loss_i / num_items_in_batch   (when given)
+
+    The gradients are computed DURING forward, while each chunk's logits are at hand (this saves
+    recomputing the logits in backward), for d loss = 1::
+
+        dx_ij    = (softmax(z_i)_j - [j == label_i]) * s * (1 - tanh^2(x_ij / cap))   (no last factor
+                   without a cap); s = 1/n_valid or 1/num_items_in_batch; dx_i = 0 on ignored rows;
+                   rounded once to the model dtype (as HF's ``.float()`` backward does)
+        d_hidden = dx @ weight                          (model dtype, per chunk)
+        d_weight = sum_chunks dx_c.T @ hidden_c         (fp32 accumulation, cast at the end)
+        d_bias   = sum_i dx_i                           (fp32 accumulation, cast at the end)
+
+    Saved for backward: d_hidden [N, H], d_weight [V, H], d_bias [V], each only when that input
+    requires grad. Backward multiplies them by ``grad_output`` (a scalar; exact when it is 1, else
+    one more rounding than HF in fp16/bf16) and returns them. Never alive: any [N, V] tensor; the
+    only vocab-wide buffer is one [chunk, V] in the model dtype (plus d_weight if the head trains).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        ignore_index: int,
+        num_items_in_batch: Tensor | int | float | None,
+        logit_softcap: float | None,
+        chunk: int,
+    ) -> Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        loss, d_hidden, d_weight, d_bias = _chunked_loss_and_grads(
+            hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, chunk,
+            need_d_hidden=need_h, need_d_weight=need_w, need_d_bias=need_b and bias is not None,
+        )
+        ctx.chunk = chunk
+        ctx.has = (d_hidden is not None, d_weight is not None, d_bias is not None)
+        ctx.save_for_backward(*[t for t in (d_hidden, d_weight, d_bias) if t is not None])
+        return loss
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor):  # type: ignore[override]
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if has else None for has in ctx.has]
+        # loss has one element (0-dim, or [1] when num_items_in_batch is a [1] tensor).
+        g = grad_output.reshape(()).to(torch.float32)
+        grads = [None if t is None else _scale_by(t, g, ctx.chunk) for t in grads]
+        return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    num_items_in_batch: Tensor | int | float | None,
+    logit_softcap: float | None,
+) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"linear_cross_entropy: hidden dtype {hidden.dtype} not supported (fp32, fp16, bf16)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"linear_cross_entropy: weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"linear_cross_entropy: labels must be int64, got {labels.dtype}")
+    if hidden.dim() != 2:
+        raise ValueError(f"linear_cross_entropy: hidden must be [N, H] (flattened tokens), got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: weight must be [V, H] with H={hidden.shape[1]}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError("linear_cross_entropy: vocab size must be >= 1")
+    if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"linear_cross_entropy: labels must be [N] with N={hidden.shape[0]}, got {tuple(labels.shape)}"
+        )
+    devices = {hidden.device, weight.device, labels.device}
+    if bias is not None:
+        if not torch.is_tensor(bias):
+            raise TypeError(f"linear_cross_entropy: bias must be a Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"linear_cross_entropy: bias dtype {bias.dtype} != hidden dtype {hidden.dtype}")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"linear_cross_entropy: bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+        devices.add(bias.device)
+    if len(devices) != 1:
+        raise ValueError(f"linear_cross_entropy: tensors on different devices: {sorted(map(str, devices))}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"linear_cross_entropy: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(
+                    "linear_cross_entropy: num_items_in_batch must be a number or a one-element tensor, "
+                    f"got shape {tuple(num_items_in_batch.shape)}"
+                )
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+            raise TypeError(
+                "linear_cross_entropy: num_items_in_batch must be an int, a 0-dim tensor or None, "
+                f"got {type(num_items_in_batch).__name__}"
+            )
+    if logit_softcap is not None:
+        if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real):
+            raise TypeError(f"linear_cross_entropy: logit_softcap must be a float or None, got {type(logit_softcap).__name__}")
+        if not (math.isfinite(logit_softcap) and logit_softcap > 0):
+            raise ValueError(f"linear_cross_entropy: logit_softcap must be finite and > 0, got {logit_softcap}")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: Tensor | int | None = None,
+    logit_softcap: float | None = None,
+    memory_budget_bytes: int | None = None,
+) -> Tensor:
+    """HF's causal-LM loss of ``hidden @ weight.T (+ bias)`` on flattened, already shifted tokens.
+
+    Same contract as :func:`linear_cross_entropy_reference` (fp32 scalar; mean over non-ignored
+    labels, or sum / ``num_items_in_batch``; optional soft-cap). On CUDA tensors (or CPU tensors
+    under the Triton interpreter) runs :class:`LinearCrossEntropyFunction` in chunks of
+    :func:`chunk_rows` rows (``memory_budget_bytes`` bounds the logits buffer; default: the bytes of
+    ``hidden``), never materialising [N, V]; elsewhere runs the reference.
+
+    Raises TypeError for unsupported dtypes (hidden/weight/bias fp32, fp16 or bf16, all the same;
+    labels int64) and ValueError for bad shapes, mixed devices, a non-positive soft-cap or budget,
+    and (Triton path) labels outside [0, V) that are not ``ignore_index``.
+    """
+    _check_inputs(hidden, weight, labels, bias, ignore_index, num_items_in_batch, logit_softcap)
+    tensors = [hidden, weight, labels] + ([bias] if bias is not None else [])
+    n_tokens, hidden_size = hidden.shape
+    chunk = chunk_rows(n_tokens, weight.shape[0], hidden_size, hidden.dtype, memory_budget_bytes)
+    if not use_triton(*tensors):
+        return linear_cross_entropy_reference(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch, logit_softcap=logit_softcap,
+        )
+    differentiable = [hidden, weight] + ([bias] if bias is not None else [])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        return LinearCrossEntropyFunction.apply(
+            hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, chunk
+        )
+    # No gradient wanted: the same kernel, without its gradient pass and without the matmuls.
+    loss, _, _, _ = _chunked_loss_and_grads(
+        hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, chunk,
+        need_d_hidden=False, need_d_weight=False, need_d_bias=False,
+    )
+    return loss
