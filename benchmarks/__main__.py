@@ -1,0 +1,205 @@
+"""Command line of the benchmark harness.
+
+    python -m benchmarks e2e --configs E1,E2,E3 --systems hf,liger,compile,unsloth,sloth_fx --results DIR
+    python -m benchmarks kernels --results DIR
+    python -m benchmarks maxlen --config E6 --systems hf,sloth_fx --lo 4096 --hi 65536 --results DIR
+    python -m benchmarks report --results DIR
+    python -m benchmarks worker --system hf --config E2 --out row.json     (one run; used by e2e)
+
+Each e2e run and each maxlen probe is its own subprocess; ``--budget-s`` bounds the whole command
+(each subprocess gets the time left, at most ``--timeout``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _overrides(a: argparse.Namespace) -> dict[str, Any]:
+    return {"layers": a.layers, "seq": a.seq, "batch": a.batch, "data": a.data}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int, help="override the model's depth (smoke runs)")
+    p.add_argument("--seq", type=int, help="override the sequence length")
+    p.add_argument("--batch", type=int, help="override the batch size")
+    p.add_argument("--data", choices=["random", "padded", "packed"], help="override the batch source")
+    p.add_argument("--steps", type=int, default=8, help="steps in all, warm-up included (default 8)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
+    p.add_argument("--unsloth-offload", action="store_true", help="Unsloth's offloaded checkpointing")
+    p.add_argument("--allow-few-steps", action="store_true", help="fewer than 5 timed steps (probes, tests)")
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    """One system on one configuration; always writes a row (ok or failed) and exits 0 unless
+    the process itself dies."""
+    if a.system == "unsloth":
+        try:  # Unsloth patches transformers at import: it must come first.
+            import unsloth  # noqa: F401
+        except Exception:
+            pass  # the row reports the ImportError from systems._unsloth
+    import torch
+
+    from benchmarks.configs import get_config
+    from benchmarks.e2e import classify_failure, environment, run_e2e
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    row: dict[str, Any] = {"system": a.system, "config": a.config}
+    try:
+        cfg = get_config(a.config, **_overrides(a))
+        row.update(config=cfg.id, config_desc=cfg.describe())
+        row.update(
+            run_e2e(
+                a.system, cfg, device=device, steps=a.steps, warmup=a.warmup, seed=a.seed,
+                unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps,
+            )
+        )
+    except BaseException as e:  # noqa: BLE001 - every failure becomes the row's reason
+        import traceback
+
+        traceback.print_exc()
+        row.update(status="failed", reason=classify_failure(e))
+    row["env"] = environment()
+    Path(a.out).write_text(json.dumps(row, indent=1, default=str))
+    return 0
+
+
+def _deadline(budget: float | None) -> Any:
+    end = time.monotonic() + budget if budget else None
+    return lambda cap: cap if end is None else min(cap, end - time.monotonic())
+
+
+def cmd_e2e(a: argparse.Namespace) -> int:
+    from benchmarks.configs import get_config
+    from benchmarks.e2e import environment
+    from benchmarks.report import summary_table, write_report
+    from benchmarks.runner import run_suite
+
+    con = _console()
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "env.json").write_text(json.dumps(environment(), indent=1))
+    left = _deadline(a.budget_s)
+    names = a.configs.split(",")
+    ids = {n: get_config(n, **_overrides(a)).id for n in names}
+    opts = dict(_overrides(a), steps=a.steps, warmup=a.warmup, seed=a.seed, device=a.device,
+                unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps)
+    rows = run_suite(
+        a.systems.split(","), names, res, timeout=lambda: left(a.timeout), worker_opts=opts,
+        progress=con.log, label_config=ids.get,
+    )
+    con.print(summary_table(rows))
+    con.log(f"report: {write_report(res)}")
+    return 0
+
+
+def cmd_kernels(a: argparse.Namespace) -> int:
+    from benchmarks.kernels import run_kernels
+    from benchmarks.report import kernel_table
+
+    con = _console()
+    result = run_kernels(a.ops.split(",") if a.ops else None, progress=con.log)
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "kernels.json").write_text(json.dumps(result, indent=1))
+    con.print(kernel_table(result))
+    return 0
+
+
+def cmd_maxlen(a: argparse.Namespace) -> int:
+    from benchmarks.maxlen import search_system
+    from benchmarks.report import maxlen_table
+    from benchmarks.runner import run_worker, worker_command
+
+    con = _console()
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    left = _deadline(a.budget_s)
+
+    def probe(system: str, seq: int) -> dict[str, Any]:
+        t = left(a.timeout)
+        if t <= 0:
+            return {"status": "failed", "reason": "not run: time budget spent"}
+        out = res / f"maxlen_{system}_{seq}.json"
+        cmd = worker_command(system, a.config, out, seq=seq, steps=2, warmup=1, allow_few_steps=True,
+                             layers=a.layers, device=a.device, unsloth_offload=a.unsloth_offload)
+        row = run_worker(cmd, out, timeout=t, label={"system": system, "config": a.config},
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        con.log(f"maxlen {system} seq={seq}: {row.get('status')} {row.get('reason', '')}")
+        return row
+
+    results = [search_system(s, probe, a.lo, a.hi, a.granularity) for s in a.systems.split(",")]
+    (res / "maxlen.json").write_text(json.dumps(results, indent=1))
+    con.print(maxlen_table(results))
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from benchmarks.report import write_report
+
+    print(write_report(a.results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.configs import CONFIGS, SYSTEMS
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("worker", help="one system on one configuration (internal)")
+    w.add_argument("--system", required=True, choices=SYSTEMS)
+    w.add_argument("--config", required=True)
+    w.add_argument("--out", required=True)
+    _add_model_args(w)
+
+    e = sub.add_parser("e2e", help="end-to-end runs, each system in its own subprocess")
+    e.add_argument("--configs", default="E1,E2,E3", help=f"comma-separated, of {','.join(CONFIGS)}")
+    e.add_argument("--systems", default=",".join(SYSTEMS))
+    e.add_argument("--results", default="results/latest")
+    e.add_argument("--timeout", type=float, default=600, help="seconds per run at most")
+    e.add_argument("--budget-s", type=float, default=None, help="seconds for the whole command")
+    _add_model_args(e)
+
+    k = sub.add_parser("kernels", help="kernel microbenchmarks (GPU)")
+    k.add_argument("--ops", default=None, help="comma-separated subset of op names")
+    k.add_argument("--results", default="results/latest")
+
+    m = sub.add_parser("maxlen", help="E6: longest sequence at batch 1, by bisection")
+    m.add_argument("--config", default="E6")
+    m.add_argument("--systems", default=",".join(SYSTEMS))
+    m.add_argument("--lo", type=int, default=4096)
+    m.add_argument("--hi", type=int, default=65536)
+    m.add_argument("--granularity", type=int, default=2048)
+    m.add_argument("--timeout", type=float, default=300, help="seconds per probe at most")
+    m.add_argument("--budget-s", type=float, default=None)
+    m.add_argument("--layers", type=int)
+    m.add_argument("--device", default=None)
+    m.add_argument("--unsloth-offload", action="store_true")
+    m.add_argument("--results", default="results/latest")
+
+    r = sub.add_parser("report", help="report.md and plots from a results folder")
+    r.add_argument("--results", default="results/latest")
+
+    a = p.parse_args(argv)
+    return {"worker": cmd_worker, "e2e": cmd_e2e, "kernels": cmd_kernels, "maxlen": cmd_maxlen,
+            "report": cmd_report}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The end-to-end step loop of one system on one configuration (run inside its own subprocess).
+
+A step is: forward with labels, backward, optimizer step, ``zero_grad``, ``torch.cuda.synchronize``.
+``warmup`` steps first (3 by default), then at least 5 timed ones; tokens/s uses the median.
+Recorded: every step's time and loss, the preparation time, the first step's time (capture and
+compile cost), the model's own memory once prepared (before the first step), the peak allocated
+memory over the steps (after ``reset_peak_memory_stats``), and MFU against the bf16 matmul rate
+measured in the same process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from benchmarks import flops as flops_mod
+from benchmarks import stats
+from benchmarks.configs import Config
+from benchmarks.data import Batch, batches_for
+
+GIB = 1024**3
+MIN_TIMED_STEPS = 5
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_rate(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
+    """bf16 ``n x n x n`` matmul FLOP/s on random data, median of ``reps`` after 3 warm-ups
+    (CUDA events); ``None`` off the GPU (no MFU is claimed for a CPU run)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / stats.median(times)
+
+
+def environment() -> dict[str, Any]:
+    """Date, GPU and library versions of this process."""
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)",
+    }
+    for mod in ("triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth"):
+        try:
+            m = __import__(mod)
+            env[mod] = getattr(m, "__version__", "?")
+        except Exception:
+            env[mod] = None
+    return env
+
+
+def train_steps(prepared: Any, batches: list[Batch], device: torch.device) -> dict[str, Any]:
+    """Run one step per batch; returns step times, losses and the peak allocated bytes."""
+    model, opt = prepared.model, prepared.optimizer
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times: list[float] = []
+    losses: list[float] = []
+    for batch in batches:
+        b = batch.to(device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = model(**b.inputs)
+        loss = out.loss if hasattr(out, "loss") else out[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        synchronize(device)
+        step_times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach().float().item()))
+        del out, loss
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"step_times": step_times, "losses": losses, "peak_bytes": peak}
+
+
+def run_e2e(
+    system: str,
+    cfg: Config,
+    *,
+    device: str = "cuda",
+    steps: int = 8,
+    warmup: int = 3,
+    seed: int = 0,
+    **opts: Any,
+) -> dict[str, Any]:
+    """Prepare ``system`` on ``cfg`` and train ``steps`` steps; the result row as a dict.
+    Raises on failure (the worker turns exceptions into failure rows)."""
+    from benchmarks.systems import Unsupported, prepare
+
+    if steps - warmup < MIN_TIMED_STEPS and not opts.pop("allow_few_steps", False):
+        raise ValueError(f"need at least {MIN_TIMED_STEPS} timed steps after {warmup} warm-up, got {steps} steps")
+    dev = torch.device(device)
+    row: dict[str, Any] = {"system": system, "config": cfg.id, "config_desc": cfg.describe(), "status": "running"}
+    row["matmul_flops"] = measure_matmul_rate(dev)
+    batches = batches_for(cfg, steps, seed)
+    t0 = time.perf_counter()
+    prepared = prepare(system, cfg, dev, seed, **opts)
+    synchronize(dev)
+    row["setup_s"] = time.perf_counter() - t0
+    if cfg.data == "packed" and not prepared.packed_ok:
+        raise Unsupported(f"{system} takes no packed input")
+    row["model_bytes"] = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+    row["notes"] = prepared.notes
+    res = train_steps(prepared, batches, dev)
+    row.update(res)
+    row["first_step_s"] = res["step_times"][0]
+    timed = stats.timed_steps(res["step_times"], warmup)
+    med = stats.median(timed)
+    slots = sum(b.slots for b in batches) / len(batches)
+    real = sum(b.real_tokens for b in batches) / len(batches)
+    row["step_time_s"] = med
+    # Tokens/s over the timed steps: slots (padding included) and real tokens (padding excluded).
+    timed_batches = batches[warmup:]
+    row["tokens_per_s"] = sum(b.slots for b in timed_batches) / sum(timed)
+    row["real_tokens_per_s"] = sum(b.real_tokens for b in timed_batches) / sum(timed)
+    if cfg.data == "random":  # every batch alike: the definition of BENCHMARKS.md, median step
+        row["tokens_per_s"] = row["real_tokens_per_s"] = cfg.tokens_per_step / med
+    row["slots_per_step"], row["real_tokens_per_step"] = slots, real
+    per_step_flops = [flops_mod.step_flops(cfg.shape, b.lengths, cfg.checkpointing)["total"] for b in timed_batches]
+    row["flops_per_step"] = sum(per_step_flops) / len(per_step_flops)
+    row["mfu"] = sum(per_step_flops) / sum(timed) / row["matmul_flops"] if row["matmul_flops"] else None
+    row["status"] = "ok"
+    return row
+
+
+def classify_failure(exc: BaseException) -> str:
+    """A one-line reason for a failure row: out of memory, not installed, unsupported, or the
+    exception with where it was raised."""
+    from benchmarks.systems import Unsupported
+
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in msg.lower():
+        return f"out of memory ({msg[:160]})"
+    if isinstance(exc, ImportError):
+        return f"not installed: {type(exc).__name__}: {msg[:200]}"
+    if isinstance(exc, Unsupported):
+        return f"unsupported: {msg[:300]}"
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}: {msg[:300]}{where}"

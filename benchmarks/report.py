@@ -1,0 +1,200 @@
+"""Results on disk, markdown tables and PNG plots.
+
+Files in a results folder: ``e2e_<config>_<system>.json`` (one row each), ``kernels.json``,
+``maxlen.json``, ``env.json``; ``write_report`` adds ``report.md`` and the plots
+``tokens_per_s.png``, ``peak_memory.png`` and ``loss_<config>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.configs import CONFIGS, SYSTEMS
+
+GIB = 1024**3
+
+
+def load_rows(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every e2e row JSON in the folder."""
+    return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("e2e_*.json"))]
+
+
+def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
+    vals = list(dict.fromkeys(values))
+    return [v for v in preferred if v in vals] + sorted(v for v in vals if v not in preferred)
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "not run"
+    if row.get("status") != "ok":
+        return "failed: " + str(row.get("reason", "unknown")).replace("|", "/").replace("\n", " ")[:160]
+    peak = row.get("peak_bytes")
+    return f"{row['tokens_per_s']:.0f}" + (f" ({peak / GIB:.2f})" if peak else "")
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Config x system: ``tokens/s (peak allocated GiB)`` or the failure reason."""
+    systems = _order((r["system"] for r in rows), SYSTEMS)
+    configs = _order((r["config"] for r in rows), list(CONFIGS))
+    by = {(r["config"], r["system"]): r for r in rows}
+    lines = ["| config | " + " | ".join(systems) + " |", "| --- |" + " --- |" * len(systems)]
+    for c in configs:
+        desc = next((r.get("config_desc") for r in rows if r["config"] == c and r.get("config_desc")), None)
+        desc = desc or (CONFIGS[c].describe() if c in CONFIGS else c)
+        lines.append(f"| {desc} | " + " | ".join(_cell(by.get((c, s))) for s in systems) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any, spec: str, scale: float = 1.0) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return format(v * scale, spec)
+
+
+def detail_table(rows: list[dict[str, Any]]) -> str:
+    """One line per row with every figure."""
+    head = (
+        "| config | system | tokens/s | real tokens/s | step s (median) | peak GiB | model GiB | setup s "
+        "| first step s | MFU % | max rel. loss diff vs hf | status |"
+    )
+    lines = [head, "| --- " * 12 + "|"]
+    systems = list(SYSTEMS)
+    key = lambda r: (list(CONFIGS).index(r["config"]) if r["config"] in CONFIGS else 99,
+                     systems.index(r["system"]) if r["system"] in systems else 99)
+    for r in sorted(rows, key=key):
+        if r.get("status") != "ok":
+            lines.append(f"| {r['config']} | {r['system']} |" + " — |" * 9 + f" {_cell(r)} |")
+            continue
+        lines.append(
+            f"| {r['config']} | {r['system']} | {_fmt(r.get('tokens_per_s'), '.0f')} "
+            f"| {_fmt(r.get('real_tokens_per_s'), '.0f')} | {_fmt(r.get('step_time_s'), '.3f')} "
+            f"| {_fmt(r.get('peak_bytes'), '.2f', 1 / GIB)} | {_fmt(r.get('model_bytes'), '.2f', 1 / GIB)} "
+            f"| {_fmt(r.get('setup_s'), '.1f')} | {_fmt(r.get('first_step_s'), '.2f')} "
+            f"| {_fmt(r.get('mfu'), '.1f', 100)} | {_fmt(r.get('loss_max_rel_diff_vs_hf'), '.2e')} | ok |"
+        )
+    return "\n".join(lines)
+
+
+def kernel_table(result: dict[str, Any]) -> str:
+    """Per op, shape, implementation and pass: median ms, GB/s and fraction of the copy bandwidth,
+    TFLOP/s and fraction of the matmul rate for the matmul-bound ops."""
+    lines = [
+        f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s, bf16 matmul {result['matmul_flops'] / 1e12:.0f} TFLOP/s",
+        "",
+        "| op | shape | impl | pass | ms | GB/s | of copy BW | TFLOP/s | of matmul |",
+        "| --- " * 9 + "|",
+    ]
+    for r in result["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | — | failed: {str(r.get('reason'))[:120]} | | | | |")
+            continue
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['impl']} | {r['phase']} | {r['ms']:.3f} | {r['gbps']:.0f} "
+            f"| {r['bw_frac'] * 100:.0f}% | {_fmt(r.get('tflops'), '.0f')} | {_fmt(r.get('mm_frac'), '.0%')} |"
+        )
+    return "\n".join(lines)
+
+
+def maxlen_table(result: list[dict[str, Any]]) -> str:
+    lines = ["| system | longest seq at batch 1 | probes (seq: fits) |", "| --- | --- | --- |"]
+    for r in result:
+        best = str(r["max_seq"]) if r.get("max_seq") else f"failed: {r.get('reason')}"
+        if r.get("max_seq") and r["max_seq"] >= r.get("hi", math.inf):
+            best += " (the search's upper bound)"
+        probes = ", ".join(f"{n}: {'yes' if ok else 'no'}" for n, ok in r.get("probes", []))
+        lines.append(f"| {r['system']} | {best} | {probes} |")
+    return "\n".join(lines)
+
+
+def plot_results(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """tokens_per_s.png and peak_memory.png (grouped bars: configuration x system; a failed row
+    is an empty slot marked 'x'), and loss_<config>.png (loss per step, every system overlaid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    systems = _order((r["system"] for r in rows), SYSTEMS)
+    configs = _order((r["config"] for r in rows), list(CONFIGS))
+    by = {(r["config"], r["system"]): r for r in rows}
+    paths = []
+    for fname, title, value in (
+        ("tokens_per_s.png", "tokens / s (higher is better)", lambda r: r.get("tokens_per_s")),
+        ("peak_memory.png", "peak allocated GiB (lower is better)", lambda r: (r.get("peak_bytes") or 0) / GIB or None),
+    ):
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs) * max(1, len(systems)) / 3), 4))
+        width = 0.8 / max(1, len(systems))
+        for j, s in enumerate(systems):
+            xs, ys, fails = [], [], []
+            for i, c in enumerate(configs):
+                r = by.get((c, s))
+                x = i + (j - (len(systems) - 1) / 2) * width
+                v = value(r) if r and r.get("status") == "ok" else None
+                (xs.append(x), ys.append(v)) if v else fails.append(x)
+            bars = ax.bar(xs, ys, width, label=s)
+            ax.bar_label(bars, fmt="%.0f" if "tokens" in fname else "%.1f", fontsize=6)
+            ax.plot(fails, [0] * len(fails), "x", color=bars.patches[0].get_facecolor() if bars.patches else "k")
+        ax.set_xticks(range(len(configs)), configs)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_dir / fname
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    for c in configs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = 0
+        for s in systems:
+            r = by.get((c, s))
+            if r and r.get("losses"):
+                ax.plot(range(len(r["losses"])), r["losses"], marker="o", ms=3, label=s)
+                drawn += 1
+        if not drawn:
+            ax.text(0.5, 0.5, "no system produced a loss", ha="center", transform=ax.transAxes)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{c}: loss per step")
+        if drawn:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_dir / f"loss_{c}.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def env_line(env: dict[str, Any]) -> str:
+    keys = ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth")
+    vers = ", ".join(f"{k} {env[k]}" for k in keys if env.get(k))
+    return f"Measured {env.get('date', '?')} on {env.get('gpu', '?')}; {vers}."
+
+
+def write_report(results_dir: str | Path) -> Path:
+    """report.md (env line, summary, details, kernels, maxlen) and the plots, in the folder."""
+    d = Path(results_dir)
+    rows = load_rows(d)
+    env = json.loads((d / "env.json").read_text()) if (d / "env.json").exists() else {}
+    parts = ["# sloth_fx benchmark results", "", env_line(env), ""]
+    if rows:
+        plot_results(rows, d)
+        parts += [
+            "## End to end: tokens/s (peak allocated GiB)", "", summary_table(rows), "",
+            "## End to end: every figure", "", detail_table(rows), "",
+            "Plots: tokens_per_s.png, peak_memory.png, loss_<config>.png.", "",
+        ]
+    if (d / "kernels.json").exists():
+        parts += ["## Kernels (forward; forward + backward)", "", kernel_table(json.loads((d / "kernels.json").read_text())), ""]
+    if (d / "maxlen.json").exists():
+        parts += ["## E6: longest sequence at batch 1", "", maxlen_table(json.loads((d / "maxlen.json").read_text())), ""]
+    out = d / "report.md"
+    out.write_text("\n".join(parts))
+    return out

@@ -1,0 +1,168 @@
+"""How each row of the table prepares its model: hf, liger, compile, sloth_fx, unsloth.
+
+Every system starts from the same random-init weights (configs + seed), gets the same LoRA
+(r=16, alpha=16, dropout 0, seven projections) and the same AdamW over the adapters. Imports of the
+peers are lazy: a peer that is not installed fails its own row (in its own subprocess), not the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.configs import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SYSTEMS, Config, ModelShape
+from benchmarks.models import add_lora, base_model_for, build_base_model, decoder_layers, make_optimizer
+
+
+@dataclass
+class Prepared:
+    """A model ready to train, its optimizer, and what the system reported while preparing it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    notes: dict[str, Any] = field(default_factory=dict)
+    # Whether the model takes packed input (position_ids restarting per sequence, no mask).
+    packed_ok: bool = True
+
+
+class Unsupported(RuntimeError):
+    """A system cannot run a configuration at all (the row says why)."""
+
+
+def prepare(system: str, cfg: Config, device: torch.device | str, seed: int, **opts: Any) -> Prepared:
+    """Build the model of ``cfg`` the way ``system`` would train it."""
+    if system not in SYSTEMS:
+        raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
+    return {"hf": _hf, "liger": _liger, "compile": _compile, "sloth_fx": _sloth_fx, "unsloth": _unsloth}[system](
+        cfg, device, seed, **opts
+    )
+
+
+def _finish(model: nn.Module, notes: dict[str, Any] | None = None) -> Prepared:
+    return Prepared(model, make_optimizer(model), dict(notes or {}))
+
+
+def _hf(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
+    """transformers + peft as a user runs it: sdpa attention, nothing patched."""
+    return _finish(add_lora(base_model_for(cfg, device, seed), seed))
+
+
+def _liger(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
+    """Liger Kernel's rope, rms_norm, swiglu and fused linear cross-entropy, applied to the
+    model instance (its norms and MLPs are swapped, its forward replaced) before LoRA goes on."""
+    import liger_kernel
+    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
+
+    base = base_model_for(cfg, device, seed)
+    apply = {"llama": apply_liger_kernel_to_llama, "mistral": apply_liger_kernel_to_mistral}[cfg.shape.family]
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=base)
+    return _finish(add_lora(base, seed), {"liger_kernel": getattr(liger_kernel, "__version__", "?")})
+
+
+def _compile(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
+    """torch.compile on each decoder layer (regional compilation: ``layer.compile()``)."""
+    model = add_lora(base_model_for(cfg, device, seed), seed)
+    for layer in decoder_layers(model):
+        layer.compile()
+    return _finish(model, {"compiled_layers": len(decoder_layers(model))})
+
+
+def _sloth_fx(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
+    """``sloth_fx.optimize(model)`` on the PEFT model; ``sloth_fx.explain`` goes into the notes."""
+    import sloth_fx
+
+    if not hasattr(sloth_fx, "optimize"):
+        raise Unsupported("sloth_fx.optimize does not exist yet in this checkout")
+    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed))
+    notes: dict[str, Any] = {}
+    explain = getattr(sloth_fx, "explain", None)
+    if explain is not None:
+        try:
+            notes["explain"] = str(explain(model))[:4000]
+        except Exception as e:  # the report is informative only; training is what is measured
+            notes["explain"] = f"explain failed: {type(e).__name__}: {e}"
+    return _finish(model, notes)
+
+
+# ---------------------------------------------------------------------------------------- unsloth
+
+
+def save_random_init(shape: ModelShape, seed: int, root: str | Path, device: torch.device | str) -> Path:
+    """Save the random-init bf16 model of ``shape``/``seed`` with ``save_pretrained`` under
+    ``root`` beside a ``tokenizers`` WordLevel tokenizer saved as a ``PreTrainedTokenizerFast``,
+    so that loaders that want a model directory (Unsloth) read the very weights the other systems
+    draw. Reused when already there (a ``.complete`` marker is written last)."""
+    path = Path(root) / f"{shape.name}-L{shape.layers}-seed{seed}"
+    if (path / ".complete").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    model = build_base_model(shape, device, seed, torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    save_wordlevel_tokenizer(shape.vocab, path)
+    (path / ".complete").write_text("ok\n")
+    return path
+
+
+def save_wordlevel_tokenizer(vocab_size: int, path: str | Path) -> None:
+    """A WordLevel tokenizer over ``vocab_size`` made-up tokens (0 pad, 1 bos, 2 eos, 3 unk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(special)}
+    vocab.update({f"t{i}": i for i in range(len(special), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(str(path))
+
+
+def _unsloth(
+    cfg: Config, device: torch.device | str, seed: int, unsloth_offload: bool = False, model_dir: str | None = None, **_: Any
+) -> Prepared:
+    """Unsloth's ``FastLanguageModel`` offline: the random-init model saved to local disk, loaded
+    with ``local_files_only=True`` under ``HF_HUB_OFFLINE=1``, nf4 through its own
+    ``load_in_4bit``; LoRA through its ``get_peft_model``. Checkpointing: plain (``True``), or
+    Unsloth's offloaded variant (``"unsloth"``) when ``unsloth_offload``. The worker imports
+    unsloth before transformers (Unsloth patches at import)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import unsloth  # noqa: F401  (first: it patches transformers/peft at import)
+    from unsloth import FastLanguageModel
+
+    root = model_dir or os.environ.get("SLOTH_BENCH_MODEL_DIR", "/tmp/sloth_bench_models")
+    t0 = time.perf_counter()
+    path = save_random_init(cfg.shape, seed, root, device)
+    save_s = time.perf_counter() - t0
+    model, _tok = FastLanguageModel.from_pretrained(
+        model_name=str(path),
+        max_seq_length=max(cfg.seq, 2048),
+        dtype=torch.bfloat16,
+        load_in_4bit=cfg.precision == "nf4",
+        local_files_only=True,
+    )
+    ckpt: bool | str = ("unsloth" if unsloth_offload else True) if cfg.checkpointing else False
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=LORA_DROPOUT,
+        target_modules=list(LORA_TARGETS),
+        bias="none",
+        use_gradient_checkpointing=ckpt,
+        random_state=seed + 1,
+    )
+    FastLanguageModel.for_training(model)
+    return _finish(model, {"unsloth": getattr(unsloth, "__version__", "?"), "checkpointing": ckpt, "save_s": save_s})
