@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one device call: install, GPU tests, end-to-end runs, kernel
+# microbenchmarks, optional E6 bisection, report. Everything lands under $OUT (at most 8 files:
+# report.md, suite.log, tokens_per_s.png, peak_memory.png and results.tar.gz with every JSON row,
+# log and plot). Each stage is bounded by what is left of --budget; each e2e system/config runs in
+# its own subprocess with its own timeout, so a crash or hang costs one row, never the call.
+#
+# Usage (device tool, carry [".whl"]; fetch the wheels first with benchmarks/fetch_wheels.sh):
+#   bash benchmarks/gpu_suite.sh --budget 540 --configs E1,E2,E3
+#   bash benchmarks/gpu_suite.sh --budget 300 --configs S2 --layers 2 --no-kernels
+# Options:
+#   --budget S          seconds for the whole script (default 540; keep it under the call's limit)
+#   --configs LIST      e2e configurations (default E1,E2,E3; "none" skips e2e)
+#   --systems LIST      default hf,liger,compile,unsloth,sloth_fx
+#   --layers N          override model depth (smoke runs)     --steps N  steps per run (default 8)
+#   --e2e-timeout S     per run at most (default 240)
+#   --no-tests | --tests-timeout S (default 120)   --no-kernels | --kernels-timeout S (default 150)
+#   --kernel-ops LIST   subset of ops              --maxlen LO:HI:GRAN[:SYSTEMS]  run E6's bisection
+#   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BUDGET=540 CONFIGS=E1,E2,E3 SYSTEMS=hf,liger,compile,unsloth,sloth_fx LAYERS="" STEPS=8
+E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget) BUDGET=$2; shift ;;
+    --configs) CONFIGS=$2; shift ;;
+    --systems) SYSTEMS=$2; shift ;;
+    --layers) LAYERS=$2; shift ;;
+    --steps) STEPS=$2; shift ;;
+    --e2e-timeout) E2E_TIMEOUT=$2; shift ;;
+    --no-tests) TESTS=0 ;;
+    --tests-timeout) TESTS_TIMEOUT=$2; shift ;;
+    --no-kernels) KERNELS=0 ;;
+    --kernels-timeout) KERNELS_TIMEOUT=$2; shift ;;
+    --kernel-ops) KOPS=$2; shift ;;
+    --maxlen) MAXLEN=$2; shift ;;
+    --unsloth-offload) EXTRA+=(--unsloth-offload) ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+START=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
+OUT=${OUT:-/tmp/bench_out}
+RES=/tmp/bench_results
+mkdir -p "$OUT" "$RES"
+LOG=$OUT/suite.log
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false SLOTH_BENCH_MODEL_DIR=/tmp/sloth_bench_models
+PY=python3
+say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+say "suite: configs=$CONFIGS systems=$SYSTEMS layers=${LAYERS:-full} budget=${BUDGET}s"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+# 1. Install the project (editable, no network) and the carried wheels into /tmp/site.
+$PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || say "WARNING: editable install failed"
+if ls .whl/*/*.whl .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      $(ls .whl/*/*.whl .whl/*.whl 2>/dev/null) >>"$LOG" 2>&1 || say "WARNING: wheel install failed (see log)"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY - >>"$LOG" 2>&1 <<'PY'
+import importlib
+for m in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth", "sloth_fx"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"{m}: {getattr(mod, '__version__', '?')}")
+    except Exception as e:
+        print(f"{m}: import failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+PY
+say "installed; $(grep -E '^[a-z_]+: ' "$LOG" | tr '\n' ';')"
+
+# 2. GPU tests.
+if [ "$TESTS" = 1 ]; then
+  T=$(min "$TESTS_TIMEOUT" "$(left)")
+  say "pytest -m gpu (timeout ${T}s)"
+  timeout "$T" $PY -m pytest -m gpu tests -q -p no:cacheprovider >"$RES/pytest_gpu.log" 2>&1
+  say "pytest exit $?: $(tail -n 1 "$RES/pytest_gpu.log")"
+fi
+
+# 3. End-to-end runs (the table), leaving room for kernels and the report.
+if [ "$CONFIGS" != none ]; then
+  RESERVE=$(( KERNELS == 1 ? 90 : 20 ))
+  B=$(( $(left) - RESERVE ))
+  say "e2e (budget ${B}s, at most ${E2E_TIMEOUT}s a run)"
+  $PY -m benchmarks e2e --configs "$CONFIGS" --systems "$SYSTEMS" --results "$RES" --budget-s "$B" \
+      --timeout "$E2E_TIMEOUT" --steps "$STEPS" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+fi
+
+# 4. Kernel microbenchmarks.
+if [ "$KERNELS" = 1 ]; then
+  T=$(min "$KERNELS_TIMEOUT" $(( $(left) - 20 )))
+  if [ "$T" -gt 20 ]; then
+    say "kernels (timeout ${T}s)"
+    timeout "$T" $PY -m benchmarks kernels --results "$RES" ${KOPS:+--ops "$KOPS"} 2>&1 | tee -a "$LOG"
+  else
+    say "kernels skipped: budget spent"
+  fi
+fi
+
+# 5. E6: longest sequence at batch 1 (optional: it costs a model build per probe).
+if [ -n "$MAXLEN" ]; then
+  IFS=: read -r LO HI GRAN MSYS <<<"$MAXLEN"
+  B=$(( $(left) - 20 ))
+  say "maxlen $LO..$HI by $GRAN (budget ${B}s)"
+  $PY -m benchmarks maxlen --lo "$LO" --hi "$HI" --granularity "$GRAN" --systems "${MSYS:-$SYSTEMS}" \
+      --budget-s "$B" --results "$RES" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+fi
+
+# 6. Report and bundle.
+$PY -m benchmarks report --results "$RES" >>"$LOG" 2>&1 || say "report failed"
+cp "$RES/report.md" "$OUT/" 2>/dev/null
+cp "$RES/tokens_per_s.png" "$RES/peak_memory.png" "$OUT/" 2>/dev/null
+tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>>"$LOG"
+say "done; $(ls "$OUT" | tr '\n' ' ')"
