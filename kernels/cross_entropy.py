@@ -146,7 +146,8 @@ def _tanh(x):
     ``sign(x) * (1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` in (0, 0.37], no overflow for any x.
     """
     ax = tl.abs(x)
-    x2 = x * x
+    xs = tl.where(ax < 0.5, x, 0.0)  # the polynomial only sees its own range (no overflow for large x)
+    x2 = xs * xs
     # tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925
     #          + 21844x^13/6081075 - 929569x^15/638512875 + ...
     p = -929569.0 / 638512875.0
@@ -156,7 +157,7 @@ def _tanh(x):
     p = p * x2 - 17.0 / 315.0
     p = p * x2 + 2.0 / 15.0
     p = p * x2 - 1.0 / 3.0
-    small = x + x * x2 * p
+    small = xs + xs * x2 * p
     e = tl.exp(-2.0 * ax)
     big = (1.0 - e) / (1.0 + e)
     big = tl.where(x < 0, -big, big)
