@@ -158,6 +158,6 @@ def classify_failure(exc: BaseException) -> str:
         return f"not installed: {type(exc).__name__}: {msg[:200]}"
     if isinstance(exc, Unsupported):
         return f"unsupported: {msg[:300]}"
-    tb = traceback.extract_tb(exc.__traceback__)
+    tb = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
     where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
     return f"{type(exc).__name__}: {msg[:300]}{where}"
