@@ -1,0 +1,392 @@
+"""Rotary position embedding (RoPE) on q and k together, HF's ``apply_rotary_pos_emb``.
+
+Maths (half-split layout, as HF's ``rotate_half``). For one head vector ``x`` of length ``D`` and
+the per-token tables ``c = cos[b, s]``, ``s = sin[b, s]`` of length ``R`` (``R = rotary_dim``,
+even, ``R <= D``; only the first ``R`` features rotate, the rest pass through unchanged), split
+the rotated part into halves ``x = (x1, x2)``, ``c = (c1, c2)``, ``s = (s1, s2)`` of ``R/2``
+features each. ``rotate_half(x) = (-x2, x1)``, so ``y = x*c + rotate_half(x)*s`` is::
+
+    y1 = x1*c1 - x2*s1
+    y2 = x2*c2 + x1*s2
+    y[R:] = x[R:]
+
+This is linear in ``x`` with a Jacobian that is the identity on the pass-through features, so the
+gradient with respect to ``x`` is the transpose applied to ``dy``, written out for general
+``c``/``s`` (the two halves of ``cos``/``sin`` are *not* assumed equal)::
+
+    dx1 = dy1*c1 + dy2*s2
+    dx2 = dy2*c2 - dy1*s1
+    dx[R:] = dy[R:]
+
+When the halves are equal (``c1 == c2``, ``s1 == s2``, every real rotary table) this is the
+rotation by ``-theta``. Note that the backward is the forward with ``(s1, s2)`` replaced by
+``(-s2, -s1)``: one kernel serves both directions (constexpr ``BACKWARD``).
+
+Gradients with respect to ``cos``/``sin`` are not computed by the kernel; when either requires
+grad, :func:`rope` uses :func:`rope_reference` (plain autograd), which is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sloth_fx.kernels.dispatch import use_triton
+
+__all__ = ["rope_reference", "rope", "RoPEFunction"]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Upper bound on the elements of one [BLOCK_H, BLOCK_HALF] tile. The kernel holds two such tiles
+# (the two halves) of fp32 values plus their results in registers; 2048 elements over the default
+# 4 warps (128 threads) is 16 fp32 values per thread per tile, which leaves the register file
+# room without spilling for head_dim up to 256 (BLOCK_HALF 128 -> 16 heads per step).
+_MAX_TILE = 2048
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's ``rotate_half``: ``cat(-x[..., D/2:], x[..., :D/2])``."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` (``unsqueeze_dim=1``), op for op.
+
+    ``q``: [B, Hq, S, D], ``k``: [B, Hk, S, D], ``cos``/``sin``: [B, S, R] (or broadcastable to
+    it, e.g. [1, S, R]). With ``R == D`` this is Llama's function exactly (same ops in the same
+    dtype, so the same roundings: ``q*cos`` and ``rotate_half(q)*sin`` are each rounded to the
+    result dtype and then added). With ``R < D`` it is the partial-rotary form of GPT-NeoX / Phi /
+    Bamba: the first ``R`` features are rotated as above and ``q[..., R:]`` is concatenated back.
+    """
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == q.shape[-1]:
+        q_embed = (q * cos) + (_rotate_half(q) * sin)
+        k_embed = (k * cos) + (_rotate_half(k) * sin)
+        return q_embed, k_embed
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_embed = (q_rot * cos) + (_rotate_half(q_rot) * sin)
+    k_embed = (k_rot * cos) + (_rotate_half(k_rot) * sin)
+    return torch.cat([q_embed, q_pass], dim=-1), torch.cat([k_embed, k_pass], dim=-1)
+
+
+@triton.jit
+def _rope_one_tensor(
+    x_row_ptr,
+    y_row_ptr,
+    H,
+    x_stride_h,
+    x_stride_d,
+    y_stride_h,
+    y_stride_d,
+    c1,
+    c2,
+    s1,
+    s2,
+    HALF,
+    D,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
+):
+    """Rotate all H heads of one token of one tensor: y1 = x1*c1 - x2*s1, y2 = x2*c2 + x1*s2.
+
+    ``x_row_ptr``/``y_row_ptr`` point at head 0, feature 0 of this token. c1/c2/s1/s2 are fp32
+    [BLOCK_HALF] vectors (already negated/swapped by the caller for the backward).
+    """
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < HALF
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = (offs_h < H)[:, None] & mask_d[None, :]
+        x1_ptrs = x_row_ptr + offs_h[:, None] * x_stride_h + offs_d[None, :] * x_stride_d
+        y1_ptrs = y_row_ptr + offs_h[:, None] * y_stride_h + offs_d[None, :] * y_stride_d
+        x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x1_ptrs + HALF * x_stride_d, mask=mask, other=0.0).to(tl.float32)
+        y1 = x1 * c1[None, :] - x2 * s1[None, :]
+        y2 = x2 * c2[None, :] + x1 * s2[None, :]
+        tl.store(y1_ptrs, y1.to(y_row_ptr.dtype.element_ty), mask=mask)
+        tl.store(y1_ptrs + HALF * y_stride_d, y2.to(y_row_ptr.dtype.element_ty), mask=mask)
+        if BLOCK_TAIL > 0:
+            # Partial rotary: features [2*HALF, D) pass through (copied, value-exact).
+            offs_t = 2 * HALF + tl.arange(0, BLOCK_TAIL)
+            mask_t = (offs_h < H)[:, None] & (offs_t < D)[None, :]
+            xt = tl.load(
+                x_row_ptr + offs_h[:, None] * x_stride_h + offs_t[None, :] * x_stride_d,
+                mask=mask_t,
+                other=0.0,
+            )
+            tl.store(
+                y_row_ptr + offs_h[:, None] * y_stride_h + offs_t[None, :] * y_stride_d,
+                xt.to(y_row_ptr.dtype.element_ty),
+                mask=mask_t,
+            )
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    qo_ptr,
+    ko_ptr,
+    S,
+    HQ,
+    HK,
+    HALF,
+    D,
+    q_sb, q_ss, q_sh, q_sd,
+    k_sb, k_ss, k_sh, k_sd,
+    qo_sb, qo_ss, qo_sh, qo_sd,
+    ko_sb, ko_ss, ko_sh, ko_sd,
+    c_sb, c_ss, c_sd,
+    s_sb, s_ss, s_sd,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    """One program per token (b, s): load cos/sin once, rotate every q head then every k head.
+
+    Forward: (q, k) -> (q_embed, k_embed). Backward: (dq_embed, dk_embed) -> (dq, dk), which is
+    the forward with (s1, s2) replaced by (-s2, -s1). All strides are element strides of the
+    [B, S, H, D]-indexed views; row offsets are formed in int64 so that tensors past 2^31
+    elements address correctly.
+    """
+    row = tl.program_id(0)
+    b = (row // S).to(tl.int64)
+    s = (row % S).to(tl.int64)
+
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < HALF
+    cos_row = cos_ptr + b * c_sb + s * c_ss
+    sin_row = sin_ptr + b * s_sb + s * s_ss
+    c1 = tl.load(cos_row + offs_d * c_sd, mask=mask_d, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_row + (offs_d + HALF) * c_sd, mask=mask_d, other=0.0).to(tl.float32)
+    if BACKWARD:
+        s1 = -tl.load(sin_row + (offs_d + HALF) * s_sd, mask=mask_d, other=0.0).to(tl.float32)
+        s2 = -tl.load(sin_row + offs_d * s_sd, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        s1 = tl.load(sin_row + offs_d * s_sd, mask=mask_d, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_row + (offs_d + HALF) * s_sd, mask=mask_d, other=0.0).to(tl.float32)
+
+    _rope_one_tensor(
+        q_ptr + b * q_sb + s * q_ss, qo_ptr + b * qo_sb + s * qo_ss, HQ, q_sh, q_sd, qo_sh, qo_sd,
+        c1, c2, s1, s2, HALF, D, BLOCK_HQ, BLOCK_HALF, BLOCK_TAIL,
+    )
+    _rope_one_tensor(
+        k_ptr + b * k_sb + s * k_ss, ko_ptr + b * ko_sb + s * ko_ss, HK, k_sh, k_sd, ko_sh, ko_sd,
+        c1, c2, s1, s2, HALF, D, BLOCK_HK, BLOCK_HALF, BLOCK_TAIL,
+    )
+
+
+def _bshd_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a [B, H, S, D] tensor in (batch, seq, head, dim) order."""
+    sb, sh, ss, sd = x.stride()
+    return sb, ss, sh, sd
+
+
+def _empty_bhsd(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new [B, H, S, D] tensor laid out as [B, S, H, D] in memory (the transposed view).
+
+    This is the layout HF's own ``q * cos + ...`` produces from the transposed projection view
+    (elementwise ops keep their input's layout), so attention sees the same strides either way.
+    """
+    b, h, s, d = shape
+    return torch.empty((b, s, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    backward: bool,
+) -> None:
+    """Launch the rotation kernel once for q and k together, writing into q_out/k_out.
+
+    q/k/q_out/k_out: [B, H, S, D] with any strides; cos/sin: [B, S, R] with any strides (an
+    expanded batch dimension of stride 0 is fine). ``backward=True`` applies the transpose.
+    """
+    bsz, hq, seq, head_dim = q.shape
+    hk = k.shape[1]
+    rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
+    block_half = triton.next_power_of_2(half)
+    tail = head_dim - rotary_dim
+    block_tail = triton.next_power_of_2(tail) if tail > 0 else 0
+    heads_per_step = max(1, _MAX_TILE // block_half)
+    block_hq = min(triton.next_power_of_2(hq), heads_per_step)
+    block_hk = min(triton.next_power_of_2(hk), heads_per_step)
+    if bsz * seq == 0:
+        return  # nothing to rotate; a zero-size grid is not a valid launch on CUDA
+    grid = (bsz * seq,)
+    _rope_kernel[grid](
+        q, k, cos, sin, q_out, k_out,
+        seq, hq, hk, half, head_dim,
+        *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(q_out), *_bshd_strides(k_out),
+        *cos.stride(), *sin.stride(),
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk,
+        BLOCK_HALF=block_half,
+        BLOCK_TAIL=block_tail,
+        BACKWARD=backward,
+    )
+
+
+class RoPEFunction(torch.autograd.Function):
+    """Fused rotary embedding of q and k: one kernel launch forward, one backward.
+
+    Forward (per token, per head, halves of the first R = cos.shape[-1] features)::
+
+        y1 = x1*c1 - x2*s1,   y2 = x2*c2 + x1*s2,   y[R:] = x[R:]
+
+    Backward (the transpose, valid for any cos/sin, not only rotary tables)::
+
+        dx1 = dy1*c1 + dy2*s2,   dx2 = dy2*c2 - dy1*s1,   dx[R:] = dy[R:]
+
+    Arithmetic is fp32; each output is rounded once to its dtype (q_embed/k_embed: the promoted
+    dtype of q and cos, as HF's ``q * cos`` gives; dq/dk: q's dtype). No gradient flows to
+    cos/sin (``None``): :func:`rope` only takes this path when they do not require grad.
+
+    Saved for backward: ``cos`` and ``sin`` only (the backward is linear in ``dy`` and does not
+    need q or k). They are the per-forward tables HF computes once and shares across all layers,
+    so saving them costs no extra memory.
+
+    Layout: launch grid is one program per token (B*S programs); each program loads its token's
+    cos/sin once and loops over q's heads then k's heads (two pointer sets) in tiles of
+    ``BLOCK_H`` heads. This reads cos/sin once per token rather than once per head block, and
+    B*S (e.g. 16384 in training) programs are plenty to fill the GPU. q/k are read through their
+    strides (the ``view(B, S, H, D).transpose(1, 2)`` views of the projection outputs are not
+    copied).
+
+    Outputs are new allocations laid out [B, S, H, D] and returned as the [B, H, S, D] transposed
+    view, the same strides HF's elementwise formula yields. Why not in place: q/k are views of
+    the projection outputs. A plain ``nn.Linear``'s backward saves its input and weight, not its
+    output, and the ``view``/``transpose`` save nothing, so in the stock graph nothing autograd
+    keeps would be clobbered -- but that is a property of whatever produced q/k, which this op
+    cannot see: a fused LoRA op, a dtype cast node, a hook, or another user of the projection
+    output in the captured graph may hold it, and a raw Triton write bypasses autograd's
+    version counter, so corruption would be silent. The out-of-place version costs one transient
+    q+k-sized buffer: q/k themselves become garbage as soon as this op returns because the
+    backward does not save them, so peak memory is essentially unchanged.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, _, seq, _ = q.shape
+        cos_e = cos.expand(bsz, seq, cos.shape[-1])
+        sin_e = sin.expand(bsz, seq, sin.shape[-1])
+        out_dtype = torch.promote_types(q.dtype, cos.dtype)
+        q_out = _empty_bhsd(q.shape, out_dtype, q.device)
+        k_out = _empty_bhsd(k.shape, out_dtype, k.device)
+        _launch(q, k, cos_e, sin_e, q_out, k_out, backward=False)
+        ctx.save_for_backward(cos, sin)
+        ctx.q_dtype = q.dtype
+        return q_out, k_out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dq_out: torch.Tensor, dk_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        cos, sin = ctx.saved_tensors
+        bsz, _, seq, _ = dq_out.shape
+        cos_e = cos.expand(bsz, seq, cos.shape[-1])
+        sin_e = sin.expand(bsz, seq, sin.shape[-1])
+        # Gradients get the same [B, S, H, D] memory layout, so that the backward of the
+        # projection's view/transpose is a free reshape.
+        dq = _empty_bhsd(dq_out.shape, ctx.q_dtype, dq_out.device)
+        dk = _empty_bhsd(dk_out.shape, ctx.q_dtype, dk_out.device)
+        _launch(dq_out, dk_out, cos_e, sin_e, dq, dk, backward=True)
+        return (
+            dq if ctx.needs_input_grad[0] else None,
+            dk if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+        )
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Raise ValueError/TypeError for inputs the fused op does not handle."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rope: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"rope: q and k must be 4-d [B, H, S, D], got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if cos.dim() != 3 or sin.shape != cos.shape:
+        raise ValueError(
+            "rope: cos and sin must both be 3-d [B, S, rotary_dim] of equal shape, got "
+            f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        )
+    bsz, _, seq, head_dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (bsz, seq, head_dim):
+        raise ValueError(
+            f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, sequence "
+            "and head_dim"
+        )
+    rotary_dim = cos.shape[-1]
+    if rotary_dim % 2 != 0 or rotary_dim <= 0 or rotary_dim > head_dim:
+        raise ValueError(
+            f"rope: rotary_dim = cos.shape[-1] = {rotary_dim} must be even and in (0, head_dim "
+            f"= {head_dim}]"
+        )
+    if cos.shape[0] not in (1, bsz) or cos.shape[1] not in (1, seq):
+        raise ValueError(
+            f"rope: cos/sin {tuple(cos.shape)} do not broadcast to [B={bsz}, S={seq}, "
+            f"{rotary_dim}]"
+        )
+    devices = {t.device for t in (q, k, cos, sin)}
+    if len(devices) != 1:
+        raise ValueError(f"rope: q, k, cos, sin must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_dtypes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if q.dtype != k.dtype:
+        raise TypeError(f"rope: q and k must have one dtype, got {q.dtype} and {k.dtype}")
+    if cos.dtype != sin.dtype:
+        raise TypeError(f"rope: cos and sin must have one dtype, got {cos.dtype} and {sin.dtype}")
+    for name, t in (("q", q), ("cos", cos)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(
+                f"rope: {name} has dtype {t.dtype}; the Triton kernel supports float16, "
+                "bfloat16 and float32"
+            )
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [B, Hq, S, D] and k [B, Hk, S, D] by cos/sin [B, S, R].
+
+    Same contract and values as :func:`rope_reference` (HF's ``apply_rotary_pos_emb``), up to
+    rounding: the fused path computes in fp32 and rounds once, where HF rounds each product.
+    ``R = cos.shape[-1] <= D`` is the rotary dim (partial rotary when ``R < D``); cos/sin may
+    have batch (or sequence) size 1 and broadcast. Uses :class:`RoPEFunction` when the tensors
+    are where Triton runs and cos/sin do not require grad; otherwise the reference (whose
+    autograd gives the exact cos/sin gradients). Raises ValueError for bad shapes/devices and
+    TypeError for dtypes the kernel does not support (float16, bfloat16, float32 are).
+    """
+    _check(q, k, cos, sin)
+    if not use_triton(q, k, cos, sin) or cos.requires_grad or sin.requires_grad:
+        return rope_reference(q, k, cos, sin)
+    _check_dtypes(q, k, cos, sin)
+    return RoPEFunction.apply(q, k, cos, sin)
