@@ -5,8 +5,9 @@
   ``x.pow(2)`` -> ``torch.pow(x, 2)``; other methods become ``torch.Tensor.<name>`` calls.
 - Casts take one spelling, ``torch.Tensor.to(x, dtype)``: ``x.float()``, ``x.half()``,
   ``x.bfloat16()`` and ``x.to(dtype=...)`` included.
-- Keyword arguments given at their default value are dropped (``F.silu(x, inplace=False)`` is
-  ``F.silu(x)``), so a pattern need not spell every default.
+- Python functions get every keyword argument they did not receive filled in at its default
+  (``F.silu(x)`` is ``F.silu(x, inplace=False)``), so a pattern need not spell every default, and
+  a literal in a pattern binds to the default when the graph left it out.
 - A cast to the dtype the value already has is dropped (``x.to(x.dtype)`` returns ``x`` itself, so
   dropping it changes nothing); patterns treat such casts as optional.
 
@@ -52,31 +53,32 @@ def canonicalize_graph(graph: fx.Graph) -> int:
             changed += _canonicalize_method(node)
         if node.op == "call_function" and node.target is CAST:
             changed += _canonicalize_cast(node)
-        elif node.op == "call_function" and node.kwargs:
-            changed += _drop_default_kwargs(node)
+        elif node.op == "call_function":
+            changed += _fill_default_kwargs(node)
     return changed
 
 
-def _drop_default_kwargs(node: fx.Node) -> int:
-    defaults = _defaults(node.target)
-    kept = {k: v for k, v in node.kwargs.items() if not (k in defaults and _same(defaults[k], v))}
-    if len(kept) == len(node.kwargs):
+def _fill_default_kwargs(node: fx.Node) -> int:
+    missing = {
+        name: default
+        for position, name, default in _keyword_defaults(node.target)
+        if position >= len(node.args) and name not in node.kwargs
+    }
+    if not missing:
         return 0
-    node.kwargs = kept
+    node.kwargs = {**node.kwargs, **missing}
     return 1
 
 
 @lru_cache(maxsize=None)
-def _defaults(fn: Any) -> dict[str, Any]:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
-
-def _same(default: Any, value: Any) -> bool:
-    return not isinstance(value, fx.Node) and type(default) is type(value) and default == value
+def _keyword_defaults(fn: Any) -> tuple[tuple[int, str, Any], ...]:
+    """(position, name, default) for each defaulted parameter of a Python function; () for builtins."""
+    if not inspect.isfunction(fn):
+        return ()
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return ()
+    return tuple((i, p.name, p.default) for i, p in enumerate(params) if p.default is not p.empty)
 
 
 def _canonicalize_method(node: fx.Node) -> int:

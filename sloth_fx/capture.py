@@ -85,7 +85,7 @@ def install(model: nn.Module, passes: Sequence[str], report: Report, verify: boo
         for _, module in region.modules:
             _gate(module, backend, region_report)
     if head is not None and decoder is not None:
-        decoder.forward = torch._dynamo.disable(type(decoder).forward.__get__(decoder), recursive=False)
+        decoder.forward = torch._dynamo.disable(type(decoder).forward.__get__(decoder))
 
 
 def uninstall(model: nn.Module) -> None:

@@ -26,10 +26,12 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return path.replace("._modules['", ".").replace("']", "")
+    # Dynamo names the region's root module "L['self']" or, for a compiled bound method, "...__self__"
+    for root in ("__self__", "L['self']"):
+        if root in path:
+            path = path.rsplit(root, 1)[1]
+            break
+    return path.replace("._modules['", ".").replace("']", "").lstrip(".")
 
 
 def replace_with_call(

@@ -38,12 +38,7 @@ def register_pass(name: str, fn: GraphPass | None = None) -> Callable:
 
 
 def get_pass(name: str) -> GraphPass:
-    if name not in _REGISTRY and name in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(_BUILTIN_MODULES[name])
-        except ModuleNotFoundError as err:
-            if err.name != _BUILTIN_MODULES[name]:
-                raise
+    _load_builtin(name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown pass {name!r}; known passes: {available_passes()}")
     return _REGISTRY[name]
@@ -51,14 +46,21 @@ def get_pass(name: str) -> GraphPass:
 
 def available_passes() -> list[str]:
     """Every pass that can run here, in the default order."""
-    names = []
     for name in PASS_ORDER:
-        try:
-            get_pass(name)
-        except ValueError:
-            continue
-        names.append(name)
-    return names
+        _load_builtin(name)
+    return [name for name in PASS_ORDER if name in _REGISTRY]
+
+
+def _load_builtin(name: str) -> None:
+    """Import the built-in pass module that registers ``name``, if there is one."""
+    module = _BUILTIN_MODULES.get(name)
+    if name in _REGISTRY or module is None:
+        return
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
 
 
 def subgraphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:

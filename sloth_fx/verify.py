@@ -49,38 +49,51 @@ def random_inputs(example_inputs: Sequence[Any], seed: int) -> list[Any]:
 
 
 def compare(rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs: Sequence[Any], seed: int = 0) -> Verdict:
-    """Run both graphs on the same random inputs; compare outputs and input gradients."""
+    """Run both graphs on the same random inputs; compare outputs and input gradients.
+
+    An output the rewrite no longer returns (``None`` where the original returned a tensor, such as
+    the logits of the fused loss) is left out of the comparison and gets no cotangent on either side.
+    """
     inputs = random_inputs(example_inputs, seed)
-    new_out, new_grads = _run(rewritten, inputs, seed)
-    ref_out, ref_grads = _run(original, inputs, seed)
+    new_leaves, new_out = _forward(rewritten, inputs, seed)
+    ref_leaves, ref_out = _forward(original, inputs, seed)
+    if len(new_out) != len(ref_out):
+        return Verdict(False, float("inf"), f"{len(new_out)} outputs instead of {len(ref_out)}")
+    kept = [i for i, (a, b) in enumerate(zip(new_out, ref_out)) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)]
+    new_grads = _backward([new_out[i] for i in kept], new_leaves, seed)
+    ref_grads = _backward([ref_out[i] for i in kept], ref_leaves, seed)
     worst, where = 0.0, "-"
-    for label, news, refs in (("output", new_out, ref_out), ("grad", new_grads, ref_grads)):
-        for i, (a, b) in enumerate(zip(news, refs)):
-            if (a is None) != (b is None):
-                return Verdict(False, float("inf"), f"{label} {i}: one side has no value")
-            if a is None:
-                continue
-            err = _relative_error(a, b)
-            if err > TOLERANCE.get(b.dtype, 1e-4) or err != err:
-                return Verdict(False, err, f"{label} {i} ({b.dtype}, {tuple(b.shape)}): relative error {err:.2e}")
-            if err >= worst:
-                worst, where = err, f"{label} {i}"
+    pairs = [(f"output {i}", new_out[i], ref_out[i]) for i in kept]
+    pairs += [(f"grad {i}", a, b) for i, (a, b) in enumerate(zip(new_grads, ref_grads))]
+    for label, a, b in pairs:
+        if (a is None) != (b is None):
+            return Verdict(False, float("inf"), f"{label}: one side has no value")
+        if a is None:
+            continue
+        err = _relative_error(a, b)
+        if err > TOLERANCE.get(b.dtype, 1e-4) or err != err:
+            return Verdict(False, err, f"{label} ({b.dtype}, {tuple(b.shape)}): relative error {err:.2e}")
+        if err >= worst:
+            worst, where = err, label
     return Verdict(True, worst, f"worst relative error {worst:.1e} at {where}")
 
 
-def _run(gm: fx.GraphModule, inputs: list[Any], seed: int) -> tuple[list, list]:
+def _forward(gm: fx.GraphModule, inputs: list[Any], seed: int) -> tuple[list[Any], list[Any]]:
     leaves = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs]
     with torch.random.fork_rng(devices=_devices(leaves)), torch.enable_grad():
         torch.manual_seed(seed)
         outs = gm(*leaves)
-    outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
-    tensors = [o for o in outs if isinstance(o, torch.Tensor)]
-    diff = [o for o in tensors if o.requires_grad and o.is_floating_point()]
+    return leaves, list(outs) if isinstance(outs, (tuple, list)) else [outs]
+
+
+def _backward(outputs: list[torch.Tensor], leaves: list[Any], seed: int) -> list[torch.Tensor | None]:
+    diff = [o for o in outputs if o.requires_grad and o.is_floating_point()]
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen).to(o.dtype).to(o.device) for o in diff]
     wanted = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-    grads = torch.autograd.grad(diff, wanted, cotangents, allow_unused=True) if diff and wanted else []
-    return [o.detach() for o in tensors], list(grads)
+    if not diff or not wanted:
+        return []
+    return list(torch.autograd.grad(diff, wanted, cotangents, allow_unused=True))
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

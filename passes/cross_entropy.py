@@ -1,0 +1,113 @@
+"""Cross-entropy pass: ``lm_head`` + upcast + ``cross_entropy`` -> ``linear_cross_entropy``.
+
+Matches the head-and-loss graph as transformers v5's causal-LM forward spells it: the ``lm_head``
+linear (no bias), the float upcast, optional Gemma-2 logit soft-capping, the flattening, and
+``cross_entropy`` with ``reduction="mean"``, or ``"sum"`` divided by ``num_items_in_batch`` (what
+HF passes under gradient accumulation). The label shift and padding stay as they are: the fused op
+takes the shifted labels. The logits are never built in full.
+
+The head region only runs compiled while training with grad, so the caller is a training loop:
+the logits the graph also returned are returned as ``None`` (as Liger Kernel and Unsloth do); the
+report says so. Evaluation, ``no_grad`` and ``generate()`` run the original forward with logits.
+A match whose logits feed anything but the loss and the returned value is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from sloth_fx.graph_edit import erase_dead, module_path, replace_with_call
+from sloth_fx.kernels.cross_entropy import linear_cross_entropy
+from sloth_fx.pass_manager import register_pass
+from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
+from sloth_fx.report import PassLog
+
+SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+LITERALS = ("vocab", "ignore_index", "reduction", "dtype", "cap")
+
+
+def causal_lm_loss(hidden, weight, labels, vocab, ignore_index, reduction, dtype):
+    logits = F.linear(hidden, weight, None).to(dtype)
+    return F.cross_entropy(logits.view(-1, vocab), labels, ignore_index=ignore_index, reduction=reduction)
+
+
+def softcapped_causal_lm_loss(hidden, weight, labels, vocab, ignore_index, reduction, dtype, cap):
+    logits = torch.tanh(F.linear(hidden, weight, None) / cap) * cap
+    return F.cross_entropy(logits.to(dtype).view(-1, vocab), labels, ignore_index=ignore_index, reduction=reduction)
+
+
+PATTERNS = [trace_pattern(softcapped_causal_lm_loss, LITERALS), trace_pattern(causal_lm_loss, LITERALS[:-1])]
+
+
+def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int,
+                         num_items_in_batch: torch.Tensor | int | None, logit_softcap: float | None) -> torch.Tensor:
+    """The replacement: flatten the tokens and call the fused op."""
+    return linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch, logit_softcap=logit_softcap,
+    )
+
+
+@register_pass("cross_entropy")
+def cross_entropy_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
+    for pattern in PATTERNS:
+        for match in list(find_matches(gm.graph, pattern)):
+            where = module_path(match.inputs["hidden"]) or "lm_head"
+            reason = _refusal(match)
+            if reason:
+                log.refuse(where, f"{pattern.name}: {reason}")
+                continue
+            loss, num_items = _loss_and_divisor(match)
+            if match.literals["reduction"] == "sum" and num_items is None:
+                num_items = 1
+            returned = [n for n in match.nodes if _returned(n)]
+            replace_with_call(
+                gm.graph, [loss], match.nodes + ([match.output] if loss is not match.output else []),
+                fused_causal_lm_loss, (match.inputs["hidden"], match.inputs["weight"], match.inputs["labels"]),
+                {"ignore_index": match.literals["ignore_index"], "num_items_in_batch": num_items,
+                 "logit_softcap": match.literals.get("cap")},
+            )
+            _return_none_for(gm.graph, returned)
+            vocab, dtype = match.literals["vocab"], fake_value(match.inputs["hidden"]).dtype
+            log.rewrite(where, f"{pattern.name}, vocab {vocab}, {dtype}, reduction {match.literals['reduction']}"
+                               + (", logits returned as None" if returned else ""))
+    return gm
+
+
+def _refusal(match: Match) -> str | None:
+    hidden, weight = fake_value(match.inputs["hidden"]), fake_value(match.inputs["weight"])
+    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in SUPPORTED or weight.dtype != hidden.dtype:
+        return "hidden states and lm_head weight must share one dtype of float32, float16, bfloat16"
+    if match.literals["dtype"] not in (None, torch.float32):
+        return f"the loss runs in {match.literals['dtype']}, the fused op in float32"
+    if match.literals["reduction"] not in ("mean", "sum"):
+        return f"reduction {match.literals['reduction']!r} is neither 'mean' nor 'sum'"
+    for node in match.outside_users():
+        if any(u.op != "output" for u in node.users if u not in match.nodes):
+            return f"{node.name} is used by more than the loss (something reads the logits)"
+    return None
+
+
+def _loss_and_divisor(match: Match) -> tuple[fx.Node, object]:
+    """With reduction 'sum', HF divides by ``num_items_in_batch`` right after: fold that in."""
+    users = list(match.output.users)
+    if match.literals["reduction"] == "sum" and len(users) == 1 and users[0].target is torch.div:
+        div = users[0]
+        if div.args[0] is match.output and len(div.args) == 2:
+            return div, div.args[1]
+    return match.output, None
+
+
+def _returned(node: fx.Node) -> bool:
+    return any(u.op == "output" for u in node.users)
+
+
+def _return_none_for(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """The graph's outputs that were these nodes (the logits) become None."""
+    if not nodes:
+        return
+    out = next(n for n in graph.nodes if n.op == "output")
+    out.args = fx.node.map_arg(out.args, lambda n: None if n in nodes else n)
+    erase_dead(graph, nodes)
