@@ -24,7 +24,7 @@ from typing import Any
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, width=160)
 
 
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:

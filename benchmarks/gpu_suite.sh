@@ -59,9 +59,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 # 1. Install the project (editable, no network) and the carried wheels into /tmp/site.
 $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || say "WARNING: editable install failed"
-if ls .whl/*/*.whl .whl/*.whl >/dev/null 2>&1; then
+shopt -s nullglob
+WHEELS=(.whl/*.whl .whl/*/*.whl)
+shopt -u nullglob
+if [ ${#WHEELS[@]} -gt 0 ]; then
+  say "installing ${#WHEELS[@]} carried wheels into /tmp/site"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      $(ls .whl/*/*.whl .whl/*.whl 2>/dev/null) >>"$LOG" 2>&1 || say "WARNING: wheel install failed (see log)"
+      "${WHEELS[@]}" >>"$LOG" 2>&1 || say "WARNING: wheel install failed (see log)"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 $PY - >>"$LOG" 2>&1 <<'PY'
