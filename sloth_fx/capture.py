@@ -4,7 +4,8 @@ transformers v5 has no fx tracer of its own and ``torch.fx.symbolic_trace`` cann
 control flow; Dynamo can. sloth_fx compiles *regions*, not the whole model:
 
 - the decoder layers, grouped by class: layers share one code object, and since Dynamo lifts
-  parameters to graph inputs, one capture serves all 32 layers of a 7B model;
+  parameters to graph inputs, one capture serves all 32 layers of a 7B model (two, where the
+  first layer's input does not require grad);
 - the decoder's other parametrised children (the final norm);
 - the head and loss: the causal-LM module's forward, with the decoder call made opaque
   (``torch._dynamo.disable``), so the graph after that break is ``lm_head`` + loss.
@@ -13,8 +14,10 @@ The backend runs the passes and returns the rewritten ``GraphModule`` itself, wh
 so autograd runs each fused op's own backward. Regions run compiled only when the module is
 training and grad is enabled; evaluation, ``torch.no_grad()`` and ``generate()`` take the original
 eager forward, untouched. Shapes: Dynamo captures static shapes first and, when a size changes,
-recaptures once with dynamic sizes ("automatic dynamic shapes"); after that no recapture happens
-for new batch sizes or sequence lengths (tests/test_capture.py shows it).
+Shapes: batch and sequence sizes are marked dynamic before the first capture, so new sizes never
+recapture; a size of 1 causes one more capture (Dynamo specialises sizes 0 and 1), and the first
+decoder layer, whose input does not require grad under LoRA, gets a graph of its own
+(tests/test_optimize.py shows the bound).
 """
 
 from __future__ import annotations
@@ -79,13 +82,38 @@ def install(model: nn.Module, passes: Sequence[str], report: Report, verify: boo
         report.notes.append(f"{type(model).__name__} has no decoder with layers to capture; nothing to rewrite")
         return
     backend = Backend(passes, verify)
+    _raise_recompile_limit()
     for region in regions:
         region_report = RegionReport(region.name, [path for path, _ in region.modules])
         report.regions[region.name] = region_report
         for _, module in region.modules:
             _gate(module, backend, region_report)
     if head is not None and decoder is not None:
-        decoder.forward = torch._dynamo.disable(type(decoder).forward.__get__(decoder))
+        _make_opaque(decoder)
+
+
+def _make_opaque(decoder: nn.Module) -> None:
+    """Dynamo skips the decoder inside the head region (its layers are regions of their own); the
+    graph after it, lm_head + loss, sees the decoder's outputs with dynamic batch and sequence."""
+    eager = type(decoder).forward.__get__(decoder)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = eager(*args, **kwargs)
+        _mark_batch_and_sequence_dynamic(tuple(out.values()) if hasattr(out, "values") else (out,), {})
+        return out
+
+    decoder.forward = torch._dynamo.disable(forward)
+
+
+def _raise_recompile_limit(at_least: int = 64) -> None:
+    """Every optimized model adds guard sets to the same code objects (all GradientCheckpointingLayer
+    subclasses share one forward wrapper), and past Dynamo's limit (8) a frame silently runs
+    eagerly, unrewritten; a process that optimizes several models needs more room."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), at_least))
+            return
 
 
 def uninstall(model: nn.Module) -> None:
@@ -101,6 +129,7 @@ def _gate(module: nn.Module, backend: "Backend", region: RegionReport) -> None:
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if module.training and torch.is_grad_enabled():
+            _mark_batch_and_sequence_dynamic(args, kwargs)
             token = _REGION.set(region)
             try:
                 return compiled(*args, **kwargs)
@@ -109,6 +138,17 @@ def _gate(module: nn.Module, backend: "Backend", region: RegionReport) -> None:
         return eager(*args, **kwargs)
 
     module.forward = forward
+
+
+def _mark_batch_and_sequence_dynamic(args: tuple, kwargs: dict) -> None:
+    """Capture batch and sequence sizes as symbols from the first call, so that a new size never
+    recaptures (only a size of 1 does, once: Dynamo specialises 0 and 1)."""
+    for value in (*args, *kwargs.values()):
+        tensors = value if isinstance(value, (tuple, list)) else (value,)
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
 
 
 class Backend:
