@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+_START = time.monotonic()  # --budget-s counts from here, imports included
+
 
 def _console() -> Any:
     from rich.console import Console
@@ -79,7 +81,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
 
 def _deadline(budget: float | None) -> Any:
-    end = time.monotonic() + budget if budget else None
+    end = _START + budget if budget else None
     return lambda cap: cap if end is None else min(cap, end - time.monotonic())
 
 

@@ -62,11 +62,15 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)",
     }
-    for mod in ("triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth"):
+    # Versions from the installed metadata, not by importing: importing unsloth alone takes
+    # tens of seconds and patches transformers.
+    from importlib import metadata
+
+    for mod, dist in (("triton", "triton"), ("transformers", "transformers"), ("peft", "peft"),
+                      ("bitsandbytes", "bitsandbytes"), ("liger_kernel", "liger-kernel"), ("unsloth", "unsloth")):
         try:
-            m = __import__(mod)
-            env[mod] = getattr(m, "__version__", "?")
-        except Exception:
+            env[mod] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             env[mod] = None
     return env
 

@@ -17,11 +17,14 @@
 #   --no-tests | --tests-timeout S (default 120)   --no-kernels | --kernels-timeout S (default 150)
 #   --kernel-ops LIST   subset of ops              --maxlen LO:HI:GRAN[:SYSTEMS]  run E6's bisection
 #   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
+#   --fresh             forget earlier results on this (warm) machine; by default rows of earlier
+#                       calls to the same machine stay in /tmp/bench_results and join the report
+#                       (one table can be filled over several calls to one warm machine)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET=540 CONFIGS=E1,E2,E3 SYSTEMS=hf,liger,compile,unsloth,sloth_fx LAYERS="" STEPS=8
-E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" EXTRA=()
+FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift ;;
@@ -37,6 +40,7 @@ while [ $# -gt 0 ]; do
     --kernel-ops) KOPS=$2; shift ;;
     --maxlen) MAXLEN=$2; shift ;;
     --unsloth-offload) EXTRA+=(--unsloth-offload) ;;
+    --fresh) FRESH=1 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -47,6 +51,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
 OUT=${OUT:-/tmp/bench_out}
 RES=/tmp/bench_results
+[ "$FRESH" = 1 ] && rm -rf "$RES"
 mkdir -p "$OUT" "$RES"
 LOG=$OUT/suite.log
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -62,22 +67,25 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || say "
 shopt -s nullglob
 WHEELS=(.whl/*.whl .whl/*/*.whl)
 shopt -u nullglob
-if [ ${#WHEELS[@]} -gt 0 ]; then
+STAMP=$(stat -c "%n %s" "${WHEELS[@]}" 2>/dev/null | md5sum | cut -c1-16)
+if [ ${#WHEELS[@]} -gt 0 ] && [ "$(cat /tmp/site/.stamp 2>/dev/null)" = "$STAMP" ]; then
+  say "carried wheels already installed in /tmp/site (warm machine)"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+elif [ ${#WHEELS[@]} -gt 0 ]; then
   say "installing ${#WHEELS[@]} carried wheels into /tmp/site"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      "${WHEELS[@]}" >>"$LOG" 2>&1 || say "WARNING: wheel install failed (see log)"
+      "${WHEELS[@]}" >>"$LOG" 2>&1 && echo "$STAMP" >/tmp/site/.stamp || say "WARNING: wheel install failed (see log)"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 $PY - >>"$LOG" 2>&1 <<'PY'
-import importlib
-for m in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth", "sloth_fx"):
+from importlib import metadata
+for m in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth", "sloth_fx"):
     try:
-        mod = importlib.import_module(m)
-        print(f"{m}: {getattr(mod, '__version__', '?')}")
-    except Exception as e:
-        print(f"{m}: import failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        print(f"{m}: {metadata.version(m)}")
+    except metadata.PackageNotFoundError:
+        print(f"{m}: not installed")
 PY
-say "installed; $(grep -E '^[a-z_]+: ' "$LOG" | tr '\n' ';')"
+say "installed; $(grep -E '^[a-z_-]+: ' "$LOG" | tr '\n' ';')"
 
 # 2. GPU tests.
 if [ "$TESTS" = 1 ]; then

@@ -31,6 +31,15 @@ class Prepared:
     packed_ok: bool = True
 
 
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 class Unsupported(RuntimeError):
     """A system cannot run a configuration at all (the row says why)."""
 
@@ -56,13 +65,12 @@ def _hf(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepare
 def _liger(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
     """Liger Kernel's rope, rms_norm, swiglu and fused linear cross-entropy, applied to the
     model instance (its norms and MLPs are swapped, its forward replaced) before LoRA goes on."""
-    import liger_kernel
     from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
 
     base = base_model_for(cfg, device, seed)
     apply = {"llama": apply_liger_kernel_to_llama, "mistral": apply_liger_kernel_to_mistral}[cfg.shape.family]
     apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=base)
-    return _finish(add_lora(base, seed), {"liger_kernel": getattr(liger_kernel, "__version__", "?")})
+    return _finish(add_lora(base, seed), {"liger_kernel": _version("liger-kernel")})
 
 
 def _compile(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
@@ -165,4 +173,4 @@ def _unsloth(
         random_state=seed + 1,
     )
     FastLanguageModel.for_training(model)
-    return _finish(model, {"unsloth": getattr(unsloth, "__version__", "?"), "checkpointing": ckpt, "save_s": save_s})
+    return _finish(model, {"unsloth": _version("unsloth"), "checkpointing": ckpt, "save_s": save_s})
