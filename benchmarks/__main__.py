@@ -26,7 +26,7 @@ _START = time.monotonic()  # --budget-s counts from here, imports included
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, width=160)
+    return Console(stderr=True, highlight=False, markup=False, width=160)
 
 
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:

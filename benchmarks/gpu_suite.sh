@@ -77,7 +77,7 @@ elif [ ${#WHEELS[@]} -gt 0 ]; then
       "${WHEELS[@]}" >>"$LOG" 2>&1 && echo "$STAMP" >/tmp/site/.stamp || say "WARNING: wheel install failed (see log)"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-$PY - >>"$LOG" 2>&1 <<'PY'
+$PY - >"$RES/versions.txt" 2>&1 <<'PY'
 from importlib import metadata
 for m in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth", "sloth_fx"):
     try:
@@ -85,7 +85,8 @@ for m in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger-kern
     except metadata.PackageNotFoundError:
         print(f"{m}: not installed")
 PY
-say "installed; $(grep -E '^[a-z_-]+: ' "$LOG" | tr '\n' ';')"
+cat "$RES/versions.txt" >>"$LOG"
+say "installed; $(tr '\n' ';' <"$RES/versions.txt")"
 
 # 2. GPU tests.
 if [ "$TESTS" = 1 ]; then

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,11 @@ def maxlen_table(result: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a configuration id (``R1[layers=2]`` -> ``R1-layers-2-``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
 def plot_results(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """tokens_per_s.png and peak_memory.png (grouped bars: configuration x system; a failed row
     is an empty slot marked 'x'), and loss_<config>.png (loss per step, every system overlaid)."""
@@ -165,7 +171,7 @@ def plot_results(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
         if drawn:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        p = out_dir / f"loss_{c}.png"
+        p = out_dir / f"loss_{safe_name(c)}.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(p)
