@@ -156,4 +156,5 @@ def summarize_row(row: dict[str, Any]) -> str:
         return f"FAILED: {row.get('reason')}"
     peak = row.get("peak_bytes")
     mem = f", peak {peak / 2**30:.2f} GiB" if peak else ""
-    return f"{row['tokens_per_s']:.0f} tokens/s{mem}, first step {row['first_step_s']:.1f} s"
+    tps, first = row.get("tokens_per_s"), row.get("first_step_s")
+    return (f"{tps:.0f} tokens/s" if tps else "ok") + mem + (f", first step {first:.1f} s" if first else "")

@@ -1,0 +1,78 @@
+"""Tables and plots from a fake result set."""
+
+import json
+
+from benchmarks import report
+
+GIB = 1024**3
+
+
+def _fake_rows():
+    ok = lambda system, tps, peak, losses: {
+        "system": system, "config": "E1", "config_desc": "E1 Llama-2-7B bf16 LoRA 8x2048 ckpt", "status": "ok",
+        "tokens_per_s": tps, "real_tokens_per_s": tps, "step_time_s": 16384 / tps, "peak_bytes": peak * GIB,
+        "model_bytes": 13.0 * GIB, "setup_s": 12.0, "first_step_s": 3.0, "mfu": 0.31, "losses": losses,
+        "loss_max_rel_diff_vs_hf": 0.0,
+    }
+    return [
+        ok("hf", 6209.0, 24.15, [11.2, 11.1, 11.0]),
+        ok("liger", 7528.0, 21.84, [11.2, 11.1, 11.01]),
+        {"system": "unsloth", "config": "E1", "status": "failed", "reason": "not installed: ModuleNotFoundError: No module named 'unsloth'"},
+        {"system": "sloth_fx", "config": "E1", "status": "failed", "reason": "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"},
+        dict(ok("hf", 8525.0, 48.28, [11.3, 11.2]), config="E2", config_desc="E2 Llama-2-7B bf16 LoRA 4x1024 no ckpt"),
+        {"system": "compile", "config": "E2", "status": "failed", "reason": "timed out after 240 s"},
+    ]
+
+
+def test_summary_table_has_every_system_number_and_reason():
+    t = report.summary_table(_fake_rows())
+    head = t.splitlines()[0]
+    assert head == "| config | hf | liger | compile | unsloth | sloth_fx |"  # BENCHMARKS.md's column order
+    assert "6209 (24.15)" in t and "7528 (21.84)" in t and "8525 (48.28)" in t
+    assert "failed: not installed: ModuleNotFoundError: No module named 'unsloth'" in t
+    assert "failed: out of memory" in t and "failed: timed out after 240 s" in t
+    assert "not run" in t  # E2 has no liger row at all
+    e1 = next(l for l in t.splitlines() if l.startswith("| E1"))
+    assert e1.count("|") == 7
+
+
+def test_detail_table_rows():
+    t = report.detail_table(_fake_rows())
+    lines = [l for l in t.splitlines() if l.startswith("| E")]
+    assert len(lines) == 6
+    hf = next(l for l in lines if l.startswith("| E1 | hf"))
+    assert "6209" in hf and "24.15" in hf and "31.0" in hf  # tokens/s, peak GiB, MFU %
+
+
+def test_write_report_makes_pngs_and_markdown(tmp_path):
+    for r in _fake_rows():
+        (tmp_path / f"e2e_{r['config']}_{r['system']}.json").write_text(json.dumps(r))
+    (tmp_path / "env.json").write_text(json.dumps({"date": "2026-11-24", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"}))
+    (tmp_path / "kernels.json").write_text(json.dumps({
+        "copy_bandwidth": 3.0e12, "matmul_flops": 7.5e14,
+        "rows": [
+            {"op": "rmsnorm", "shape": "T=16384 H=4096", "impl": "sloth_fx", "status": "ok", "phase": "fwd", "ms": 0.1,
+             "bytes": 268443648, "gbps": 2684.0, "bw_frac": 0.89, "tflops": None, "mm_frac": None},
+            {"op": "rmsnorm", "shape": "T=16384 H=4096", "impl": "liger", "status": "failed", "reason": "not installed: x"},
+        ],
+    }))
+    (tmp_path / "maxlen.json").write_text(json.dumps([
+        {"system": "hf", "max_seq": 28672, "hi": 65536, "probes": [[4096, True], [65536, False]], "status": "ok"},
+        {"system": "liger", "max_seq": None, "status": "failed", "reason": "not installed: y", "probes": []},
+    ]))
+    md = report.write_report(tmp_path).read_text()
+    for png in ("tokens_per_s.png", "peak_memory.png", "loss_E1.png", "loss_E2.png"):
+        p = tmp_path / png
+        assert p.exists() and p.stat().st_size > 1000, png
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "NVIDIA H100 80GB HBM3" in md and "2026-11-24" in md
+    assert "6209 (24.15)" in md and "failed: out of memory" in md
+    assert "| rmsnorm | T=16384 H=4096 | sloth_fx | fwd | 0.100 | 2684 | 89% |" in md
+    assert "failed: not installed: x" in md
+    assert "| hf | 28672 |" in md and "failed: not installed: y" in md
+
+
+def test_safe_plot_names(tmp_path):
+    rows = [dict(r, config="R1[layers=2]") for r in _fake_rows()[:2]]
+    paths = report.plot_results(rows, tmp_path)
+    assert (tmp_path / "loss_R1-layers-2-.png") in paths
