@@ -84,3 +84,20 @@ def test_configs_table():
     assert c.id == "E2[layers=2]" and c.shape.layers == 2 and c.shape.hidden == 4096
     with pytest.raises(ValueError, match="unknown configuration"):
         get_config("E9")
+
+
+def test_nf4_qlora_model_on_cpu():
+    """QLoRA build: every decoder-layer Linear becomes a bnb Linear4bit (nf4) under a PEFT LoRA
+    layer, the head stays a plain Linear, and only the adapters train."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from benchmarks.models import decoder_layers, make_optimizer
+    from benchmarks.systems import prepare
+
+    cfg = get_config("tiny").replace(precision="nf4")
+    p = prepare("hf", cfg, "cpu", seed=0)
+    q = decoder_layers(p.model)[0].self_attn.q_proj
+    assert isinstance(q.base_layer, bnb.nn.Linear4bit) and q.base_layer.weight.quant_type == "nf4"
+    assert hasattr(q, "lora_A") and type(p.model.get_base_model().lm_head) is torch.nn.Linear
+    trainable = {n for n, t in p.model.named_parameters() if t.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(len(g["params"]) for g in make_optimizer(p.model).param_groups) == len(trainable)
