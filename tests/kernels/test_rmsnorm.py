@@ -143,7 +143,9 @@ def check_against_fp64(x: torch.Tensor, w: torch.Tensor, kw: dict, eps: float = 
 def check_against_same_dtype(
     y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, kw: dict, eps: float = EPS
 ) -> None:
-    """Kernel forward vs the reference in the input dtypes (bitwise HF): within one ulp, and,
+    """Kernel forward vs the reference in the input dtypes (bitwise HF): within one ulp per 16-bit
+    rounding on the way (the normalised value, then the output: two on the GPU, where rsqrt is
+    approximate and a last-bit flip in the normalised value can carry into the product), and,
     where a 16-bit rounding is involved, bitwise equal in all but 1% of the elements (flips from
     fp32 last-bit differences in rstd are rare; a misplaced rounding changes far more)."""
     ref = rmsnorm_reference(x.detach(), w.detach(), eps, **kw)
@@ -152,7 +154,7 @@ def check_against_same_dtype(
     if not rounded:
         torch.testing.assert_close(y.detach(), ref, rtol=2e-6, atol=1e-6)
         return
-    ulp = max(ULP[d] for d in rounded)
+    ulp = max(ULP[d] for d in rounded) * len(rounded)
     torch.testing.assert_close(y.detach().float(), ref.float(), rtol=ulp, atol=1e-6)
     mismatch = (y.detach() != ref).float().mean().item()
     assert mismatch <= 0.01, mismatch
