@@ -5,9 +5,10 @@
   ``x.pow(2)`` -> ``torch.pow(x, 2)``; other methods become ``torch.Tensor.<name>`` calls.
 - Casts take one spelling, ``torch.Tensor.to(x, dtype)``: ``x.float()``, ``x.half()``,
   ``x.bfloat16()`` and ``x.to(dtype=...)`` included.
-- Python functions get every keyword argument they did not receive filled in at its default
-  (``F.silu(x)`` is ``F.silu(x, inplace=False)``), so a pattern need not spell every default, and
-  a literal in a pattern binds to the default when the graph left it out.
+- Calls of Python functions are bound to their signature: arguments positional where they can
+  be, every default filled in (``F.silu(x)`` is ``F.silu(x, False)``, and
+  ``F.dropout(x, p=0.1)`` is ``F.dropout(x, 0.1, True, False)``), so a pattern need not spell
+  arguments as the graph did, and a literal binds to the default when the graph left it out.
 - A cast to the dtype the value already has is dropped (``x.to(x.dtype)`` returns ``x`` itself, so
   dropping it changes nothing); patterns treat such casts as optional.
 
@@ -54,31 +55,36 @@ def canonicalize_graph(graph: fx.Graph) -> int:
         if node.op == "call_function" and node.target is CAST:
             changed += _canonicalize_cast(node)
         elif node.op == "call_function":
-            changed += _fill_default_kwargs(node)
+            changed += _normalize_python_call(node)
     return changed
 
 
-def _fill_default_kwargs(node: fx.Node) -> int:
-    missing = {
-        name: default
-        for position, name, default in _keyword_defaults(node.target)
-        if position >= len(node.args) and name not in node.kwargs
-    }
-    if not missing:
+def _normalize_python_call(node: fx.Node) -> int:
+    """Bind a Python function's arguments to its signature: positional-or-keyword ones become
+    positional, keyword-only ones keywords, every default filled in."""
+    sig = _signature(node.target)
+    if sig is None:
         return 0
-    node.kwargs = {**node.kwargs, **missing}
+    try:
+        bound = sig.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return 0
+    bound.apply_defaults()
+    args, kwargs = tuple(bound.args), dict(bound.kwargs)
+    if args == tuple(node.args) and kwargs == dict(node.kwargs):
+        return 0
+    node.args, node.kwargs = args, kwargs
     return 1
 
 
 @lru_cache(maxsize=None)
-def _keyword_defaults(fn: Any) -> tuple[tuple[int, str, Any], ...]:
-    """(position, name, default) for each defaulted parameter of a Python function; () for builtins."""
+def _signature(fn: Any) -> inspect.Signature | None:
     if not inspect.isfunction(fn):
-        return ()
-    params = list(inspect.signature(fn).parameters.values())
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        return ()
-    return tuple((i, p.name, p.default) for i, p in enumerate(params) if p.default is not p.empty)
+        return None
+    sig = inspect.signature(fn)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        return None
+    return sig
 
 
 def _canonicalize_method(node: fx.Node) -> int:

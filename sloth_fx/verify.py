@@ -1,7 +1,7 @@
 """Check a rewritten graph against its original on the same random inputs, forward and backward.
 
-Floating inputs are replaced by fresh random tensors of the same shape and dtype (keeping which of
-them require grad); integer and boolean inputs (token ids, positions, masks) keep their real
+Floating inputs are replaced by fresh random tensors of the same shape, dtype and spread (keeping
+which of them require grad); integer and boolean inputs (token ids, positions, masks) keep their real
 values, since they index. Both graphs run forward, then backward from the same random cotangents;
 outputs and input gradients must agree within the dtype's tolerance, measured as
 ``||a - b|| / ||b||`` (elementwise comparisons are meaningless for sums of many rounded terms).
@@ -39,7 +39,10 @@ def random_inputs(example_inputs: Sequence[Any], seed: int) -> list[Any]:
         if isinstance(x, torch.SymInt):
             out.append(int(x.node.hint))
         elif isinstance(x, torch.Tensor) and x.is_floating_point():
-            r = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype).to(x.device)
+            # at the example's own scale, so that activations stay as large as in real use
+            scale = x.detach().float().std().item() if x.numel() > 1 else 1.0
+            scale = scale if scale == scale and scale > 0 else 1.0
+            r = (torch.randn(x.shape, generator=gen, dtype=torch.float32) * scale).to(x.dtype).to(x.device)
             out.append(r.requires_grad_(x.requires_grad))
         elif isinstance(x, torch.Tensor):
             out.append(x.detach().clone())

@@ -1,0 +1,125 @@
+"""LoRA pass: PEFT's LoRA over ``nn.Linear`` -> ``lora_linear`` / ``lora_linear_group``.
+
+PEFT computes ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``. The pattern is that sum
+with the base a plain linear (with or without bias) and the adapter input ``x`` cast or not to the
+adapters' dtype. Linears that share their input (q, k, v on the attention input; gate and up on
+the MLP input) become one grouped op that reads ``x`` once and accumulates their input gradients
+into one buffer. Refused, with the reason, never half-applied:
+
+- ``lora_dropout > 0``: the dropout mask is the adapters' own input (the pattern sees ``dropout(x)``);
+- a weight that is not a plain 2-D tensor, or an input in another dtype than the base weight.
+
+Adapters in another dtype than the base (PEFT keeps fp32 adapters on a bf16 model) are fused as
+PEFT computes them: the sum comes out in the promoted dtype and the graph's cast back stays.
+
+DoRA, merged adapters and bitsandbytes 4-bit bases have other graphs and do not match.
+Adapters stay PEFT's own parameters: the fused op reads them as graph inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from sloth_fx.cost_model import lora_plan
+from sloth_fx.graph_edit import NotSchedulable, module_path, replace_with_call
+from sloth_fx.kernels.lora import lora_linear, lora_linear_group
+from sloth_fx.pass_manager import register_pass
+from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
+from sloth_fx.report import PassLog
+
+SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def peft_lora(x, weight, lora_a, lora_b, scale, adapter_dtype):
+    result = F.linear(x, weight, None)
+    return result + F.linear(F.linear(x.to(adapter_dtype), lora_a, None), lora_b, None) * scale
+
+
+def peft_lora_with_bias(x, weight, bias, lora_a, lora_b, scale, adapter_dtype):
+    result = F.linear(x, weight, bias)
+    return result + F.linear(F.linear(x.to(adapter_dtype), lora_a, None), lora_b, None) * scale
+
+
+def peft_lora_with_dropout(x, weight, lora_a, lora_b, scale, p, adapter_dtype):
+    result = F.linear(x, weight, None)
+    dropped = F.dropout(x.to(adapter_dtype), p, True, False)
+    return result + F.linear(F.linear(dropped, lora_a, None), lora_b, None) * scale
+
+
+LITERALS = ("scale", "adapter_dtype", "p")
+PATTERNS = [trace_pattern(f, LITERALS[:2]) for f in (peft_lora, peft_lora_with_bias)]
+DROPOUT = trace_pattern(peft_lora_with_dropout, LITERALS)
+
+
+@register_pass("lora")
+def lora_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
+    for match in find_matches(gm.graph, DROPOUT):
+        log.refuse(module_path(match.output), f"lora_dropout p={match.literals['p']}: the adapters see a random mask")
+    groups: dict[fx.Node, list[Match]] = defaultdict(list)
+    for pattern in PATTERNS:
+        for match in find_matches(gm.graph, pattern):
+            reason = _refusal(match)
+            if reason:
+                log.refuse(module_path(match.output), reason)
+            else:
+                groups[match.inputs["x"]].append(match)
+    for x, matches in groups.items():
+        _replace_group(gm.graph, x, matches, log)
+    return gm
+
+
+def _replace_group(graph: fx.Graph, x: fx.Node, matches: list[Match], log: PassLog) -> None:
+    names = [module_path(m.output) for m in matches]
+    args = (
+        x,
+        [m.inputs["weight"] for m in matches],
+        [m.inputs["lora_a"] for m in matches],
+        [m.inputs["lora_b"] for m in matches],
+        [float(m.literals["scale"]) for m in matches],
+        [m.inputs.get("bias") for m in matches],
+    )
+    nodes = [n for m in matches for n in m.nodes]
+    fn = lora_linear_group
+    if len(matches) == 1:  # one output: the single op, which returns a tensor rather than a tuple
+        fn, args = lora_linear, tuple(a[0] if isinstance(a, list) else a for a in args)
+    try:
+        replace_with_call(graph, [m.output for m in matches], nodes, fn, args)
+    except NotSchedulable as err:
+        for name in names:
+            log.refuse(name, str(err))
+        return
+    value = fake_value(x)
+    tokens = math.prod(_hint(d) for d in value.shape[:-1])
+    for m, name in zip(matches, names):
+        w, a = fake_value(m.inputs["weight"]), fake_value(m.inputs["lora_a"])
+        together = f", x read once for {len(matches)} linears" if len(matches) > 1 else ""
+        log.rewrite(name, f"{w.shape[1]}->{w.shape[0]}, r={a.shape[0]}{together}")
+        plan = lora_plan(tokens, w.shape[1], w.shape[0], a.shape[0], value.element_size())
+        costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in plan.predicted.items())
+        log.notes.append(f"cost model at {tokens} tokens for {name}: forward {plan.forward}, dX {plan.backward_dx} ({costs})")
+
+
+def _hint(size: int | torch.SymInt) -> int:
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
+def _refusal(match: Match) -> str | None:
+    x, w = fake_value(match.inputs["x"]), fake_value(match.inputs["weight"])
+    a, b = fake_value(match.inputs["lora_a"]), fake_value(match.inputs["lora_b"])
+    if not all(isinstance(t, torch.Tensor) for t in (x, w, a, b)) or w.dim() != 2:
+        return "the base weight is not a plain 2-D tensor"
+    if x.dtype not in SUPPORTED:
+        return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
+    if x.dtype != w.dtype or a.dtype != b.dtype:
+        return f"input {x.dtype}, base {w.dtype}, adapters {a.dtype}/{b.dtype}: the fused op needs x and W alike, A and B alike"
+    if not isinstance(match.literals["scale"], (int, float)):
+        return "the LoRA scaling is not a constant"
+    shared = match.outside_users()
+    if shared:
+        return f"intermediate {shared[0].name} is also used outside the LoRA sum"
+    return None

@@ -1,0 +1,48 @@
+"""The LoRA pass on tiny models: PEFT's loss and every adapter gradient, siblings grouped, refusals."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import assert_same_training_step, batch, config, tiny_model, twin
+from transformers import AutoModelForCausalLM
+
+import sloth_fx
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_on_all_seven_projections(family, checkpointing):
+    original = tiny_model(family, lora=True, checkpointing=checkpointing)
+    optimized = sloth_fx.optimize(twin(original), passes=["lora"])
+    assert_same_training_step(original, optimized, batch())
+    report = sloth_fx.report(optimized)
+    assert report.count("lora") == 7 * 2
+    text = sloth_fx.explain(optimized)
+    assert "x read once for 3 linears" in text and "x read once for 2 linears" in text
+    assert "cost model at" in text
+
+
+def test_every_pass_together_keeps_loss_and_gradients():
+    original = tiny_model("mistral", lora=True, checkpointing=True)
+    optimized = sloth_fx.optimize(twin(original), verify=True)
+    assert_same_training_step(original, optimized, batch())
+    report = sloth_fx.report(optimized)
+    assert {p: report.count(p) for p in ("lora", "rmsnorm", "rope", "swiglu", "cross_entropy")} == {
+        "lora": 14, "rmsnorm": 5, "rope": 4, "swiglu": 2, "cross_entropy": 1}
+    assert "dropped by verify" not in sloth_fx.explain(optimized)
+
+
+def test_lora_dropout_is_refused_by_name():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config("llama"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    original = twin(model)
+    optimized = sloth_fx.optimize(model, passes=["lora"])
+    torch.manual_seed(3)
+    loss = optimized(**batch()).loss
+    torch.manual_seed(3)
+    assert torch.equal(loss, original(**batch()).loss)
+    report = sloth_fx.report(optimized)
+    assert report.count("lora") == 0
+    assert any("lora_dropout p=0.1" in r.reason for r in report.refusals("lora"))
