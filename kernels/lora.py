@@ -1,146 +1,360 @@
-"""LoRA linears sharing one input, with the backward written out.
+"""LoRA linears (one, or several sharing one input), with the backward written out.
 
 PEFT computes, for each linear ``i`` reading the same ``x`` (q, k, v; or gate, up)::
 
     y_i = x·W_iᵀ (+ b_i) + s_i · (x·A_iᵀ)·B_iᵀ          W_i [out_i, in] frozen, A_i [r_i, in], B_i [out_i, r_i]
 
-The adapters may be in another dtype than the base (PEFT keeps fp32 adapters on a bf16 model):
-then ``x`` is cast to the adapters' dtype for their products and ``y_i`` comes out in the promoted
-dtype, as PEFT's sum does (the graph casts it back after). Forward: ``xa = x·[A_1; A_2; ...]ᵀ``
-in one product (``x`` read once for every adapter), then ``y_i = addmm(x·W_iᵀ, xa_i, B_iᵀ, alpha=s_i)``
-(one rounding for the sum). Saved for backward: ``x`` and ``xa`` (plus the parameters, which cost
-nothing). Backward, with ``g_i = dY_i·B_i``::
+(``result = base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling``, dropout the
+identity). The adapters may be in another dtype than the base (PEFT's ``autocast_adapter_dtype``
+keeps fp32 adapters on a bf16/fp16 model): then PEFT casts ``x`` to the adapters' dtype for their
+products and the sum is formed in the promoted dtype. Over a dense base PEFT casts that sum back
+to the base dtype afterwards (``result.to(torch_result_dtype)``, which stays in the graph: these
+ops return the promoted dtype, like the sum they replace); over a bitsandbytes 4-bit base PEFT
+casts the adapter term to the base dtype before the sum, and these ops return the base dtype.
 
-    dX  = Σ_i dY_i·W_i + Σ_i s_i · g_i·A_i       accumulated in place into one buffer
-    dA_i = s_i · g_iᵀ·x          dB_i = s_i · dY_iᵀ·xa_i          db_i = Σ_rows dY_i
+Forward (``xa = x·[A_1; A_2; …]ᵀ`` in one product, ``x`` read once for every adapter)::
 
-Each product is bracketed the cheaper way for the actual shapes by ``sloth_fx.cost_model``:
-``dY·(W + s·B·A)`` (the adapter folded into the base weight) against ``dY·W + s·(dY·B)·A``, and
-likewise forward. A bitsandbytes 4-bit base weight is dequantized for the product that needs it
-and dropped right after, never kept until backward.
+    factored   y_i = x·W_iᵀ (+ b_i);   y_i += s_i · xa_i·B_iᵀ      (addmm_, one rounding for the sum)
+    merged     W'_i = W_i + s_i·B_i·A_i (one addmm, a temporary);   y_i = x·W'_iᵀ (+ b_i)
+
+Saved for backward: ``x`` (for dA, and dW if the base trains) and ``xa`` (for dB); the
+parameters are saved too and cost no memory. Backward, with ``g_i = s_i · dY_i·B_i`` ([T, r_i],
+computed once, used by dX and dA)::
+
+    dX   = Σ_i dY_i·W_i  +  [g_1 … g_n]·[A_1; …; A_n]        one buffer: the first product writes it,
+                                                             the others accumulate in place (addmm_)
+           (a merged sibling contributes dY_i·W'_i instead of both of its terms)
+    dA_i = g_iᵀ·x            (all siblings in one product: [g_1 … g_n]ᵀ·x)
+    dB_i = s_i · dY_iᵀ·xa_i   db_i = Σ_rows dY_i            dW_i = dY_iᵀ·x (only if W_i trains)
+
+Each linear's form comes from :func:`sloth_fx.cost_model.lora_plan` for the actual shapes
+(cached), or from the ``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
+
+A bitsandbytes 4-bit base weight (``Params4bit``: anything with a ``quant_state``; nf4 or fp4,
+with or without double quantization) is dequantized for the product that needs it — once in
+forward, once again in backward — and never kept alive from one to the other. On CUDA the
+dequantization writes into a reusable scratch buffer per (device, shape, dtype) (bitsandbytes'
+``out=``); it is overwritten by the next 4-bit product of that shape, which is safe because the
+products run in stream order (do not run these ops concurrently from several streams or
+threads). :func:`release_dequant_scratch` frees the buffers. On CPU bitsandbytes has no ``out=``
+kernel, so each dequantization allocates.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from sloth_fx.cost_model import lora_plan
+from sloth_fx.cost_model import LoRAPlan, lora_plan, measure_device_rates
 
-__all__ = ["lora_linear_reference", "lora_linear", "lora_linear_group", "LoRAGroupFunction"]
+__all__ = [
+    "LoRAGroupFunction",
+    "dense_weight",
+    "lora_linear",
+    "lora_linear_group",
+    "lora_linear_group_reference",
+    "lora_linear_reference",
+    "release_dequant_scratch",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                          scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """PEFT's LoRA linear, op for op (without the final cast back to the base dtype)."""
-    result = F.linear(x, dense_weight(weight, x.dtype), bias)
-    return result + F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scale
+# --------------------------------------------------------------------------------------------
+# Base weights: dense or bitsandbytes 4-bit
+# --------------------------------------------------------------------------------------------
 
 
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight as a dense matrix: a bitsandbytes 4-bit weight is dequantized (a temporary)."""
+def _is_4bit(weight: torch.Tensor) -> bool:
+    return getattr(weight, "quant_state", None) is not None
+
+
+def _weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    return tuple(weight.quant_state.shape) if _is_4bit(weight) else tuple(weight.shape)
+
+
+_SCRATCH: dict[tuple[torch.device, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+
+def release_dequant_scratch() -> None:
+    """Free the CUDA scratch buffers that 4-bit base weights are dequantized into."""
+    _SCRATCH.clear()
+
+
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = False) -> torch.Tensor:
+    """The base weight as a dense ``[out, in]`` matrix in ``dtype``.
+
+    A dense weight is returned as is (it must already be ``dtype``'s: callers check). A
+    bitsandbytes 4-bit weight is dequantized with ``bitsandbytes.functional.dequantize_4bit``
+    into its quantization dtype, then cast to ``dtype`` if that differs; with ``scratch`` on CUDA
+    it is written into the reusable buffer of its (device, shape, dtype) — valid only until the
+    next such dequantization.
+    """
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight.data, state).to(dtype)
+    if scratch and weight.device.type == "cuda":
+        key = (weight.device, tuple(state.shape), state.dtype)
+        buf = _SCRATCH.get(key)
+        if buf is None:
+            buf = _SCRATCH[key] = torch.empty(tuple(state.shape), dtype=state.dtype, device=weight.device)
+        dense = bnbf.dequantize_4bit(weight.data, state, out=buf)
+    else:
+        dense = bnbf.dequantize_4bit(weight.data, state)
+    return dense if dense.dtype == dtype else dense.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# References: PEFT, op for op
+# --------------------------------------------------------------------------------------------
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                          scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """PEFT's LoRA linear, op for op, without the final cast back to the base dtype.
+
+    Dense base (``peft.tuners.lora.layer.Linear``)::
+
+        result = F.linear(x, W, b); result + F.linear(F.linear(x.to(A.dtype), A), B) * s
+
+    4-bit base (``peft.tuners.lora.bnb.Linear4bit``, outside autocast), the base product in
+    ``x``'s dtype (bitsandbytes' compute dtype)::
+
+        result = F.linear(x, dequant(W), b); result + (F.linear(F.linear(x.to(A.dtype), A), B) * s).to(result.dtype)
+    """
+    result = F.linear(x, dense_weight(weight, x.dtype), bias)
+    out = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scale
+    if _is_4bit(weight):
+        out = out.to(result.dtype)
+    return result + out
+
+
+def lora_linear_group_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
+                                lora_bs: Sequence[torch.Tensor], scales: Sequence[float],
+                                biases: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
+    """:func:`lora_linear_reference` for each linear of a group."""
+    biases = [None] * len(weights) if biases is None else biases
+    return tuple(lora_linear_reference(x, w, a, b, s, bb) for w, a, b, s, bb in zip(weights, lora_as, lora_bs, scales, biases))
+
+
+# --------------------------------------------------------------------------------------------
+# The autograd Function
+# --------------------------------------------------------------------------------------------
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · a·b`` rounded once: addmm with beta=0 ignores its (0-d) input entirely."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
+
+
+def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+    """``W + s·B·A`` in ``dtype``, one addmm (reads W, writes the temporary)."""
+    return torch.addmm(w.to(dtype), b.to(dtype), a.to(dtype), alpha=s)
 
 
 class LoRAGroupFunction(torch.autograd.Function):
-    """``apply(x, scales, n, *weights, *lora_as, *lora_bs, *biases)`` -> n outputs (see module doc)."""
+    """``apply(x, scales, plans, n, *weights, *lora_as, *lora_bs, *biases)`` -> n outputs.
+
+    Forward and backward formulas, and what is saved, in the module doc. ``plans`` holds one
+    :class:`~sloth_fx.cost_model.LoRAPlan` per linear. Inputs are validated by
+    :func:`lora_linear_group`; call that, not this.
+    """
 
     @staticmethod
-    def forward(ctx, x, scales, n, *params):
+    def forward(ctx, x, scales, plans, n, *params):
         weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
-        x2 = x.reshape(-1, x.shape[-1])
-        adapter_dtype = lora_as[0].dtype
-        xa = x2.to(adapter_dtype) @ torch.cat(lora_as).t()
+        x2 = x.reshape(-1, x.shape[-1])  # a view when x's last dims are contiguous, else a copy
+        cd, ad = x.dtype, lora_as[0].dtype
+        sd = torch.promote_types(cd, ad)
+        xc = x2 if ad == cd else x2.to(ad)
         ranks = [a.shape[0] for a in lora_as]
-        outs, plans = [], []
-        for w, b, lb, bias, s, xa_i in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1)):
-            plan = lora_plan(x2.shape[0], x2.shape[1], lb.shape[0], b.shape[0], x.element_size())
-            dense = dense_weight(w, x.dtype)
+        # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
+        a_cat = lora_as[0] if n == 1 else torch.cat(lora_as)
+        xa = xc @ a_cat.t()
+        outs = []
+        for w, a, b, bias, s, xa_i, plan in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1), plans):
+            dense = dense_weight(w, cd, scratch=True)
             if plan.forward == "merged":
-                merged = dense.to(adapter_dtype) + s * (lb @ b)
-                y = F.linear(x2.to(adapter_dtype), merged, bias)
+                merged = _merged_weight(dense, a, b, s, sd)
+                xs = x2 if sd == cd else x2.to(sd)
+                y = torch.addmm(bias.to(sd), xs, merged.t()) if bias is not None else xs @ merged.t()
+                del merged
             else:
-                y = F.linear(x2, dense, bias)
-                out_dtype = torch.promote_types(y.dtype, adapter_dtype)
-                y = torch.addmm(y.to(out_dtype), xa_i, lb.t(), alpha=s)
-            outs.append(y.reshape(*x.shape[:-1], -1))
-            plans.append(plan)
-        ctx.save_for_backward(x, xa, *params)
-        ctx.scales, ctx.n, ctx.ranks, ctx.plans = scales, n, ranks, plans
+                y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
+                if sd != cd:
+                    y = y.to(sd)
+                y.addmm_(xa_i if ad == sd else xa_i.to(sd), b.t() if ad == sd else b.t().to(sd), alpha=s)
+            del dense
+            if _is_4bit(w) and y.dtype != cd:  # PEFT's bnb layer casts the adapter term before the sum
+                y = y.to(cd)
+            outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+        need = ctx.needs_input_grad
+        need_x = any(need[4 + n + i] or need[4 + i] for i in range(n))  # dA or dW
+        need_xa = any(need[4 + 2 * n + i] for i in range(n))  # dB
+        dense_params = [None if _is_4bit(p) else p for p in params]
+        ctx.save_for_backward(x if need_x else None, xa if need_xa else None, *dense_params)
+        ctx.quantized = {i: w for i, w in enumerate(weights) if _is_4bit(w)}  # frozen leaves: no cycle
+        ctx.dtypes = (cd, ad)
+        ctx.x_shape, ctx.scales, ctx.plans, ctx.n, ctx.ranks = x.shape, scales, plans, n, ranks
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x, xa, *params = ctx.saved_tensors
-        n, scales = ctx.n, ctx.scales
+        n, scales, ranks, plans = ctx.n, ctx.scales, ctx.ranks, ctx.plans
+        for i, w in ctx.quantized.items():
+            params[i] = w
         weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
-        x2 = x.reshape(-1, x.shape[-1])
         need = ctx.needs_input_grad
-        dx = None
+        need_dx = need[0]
+        need_w = [need[4 + i] for i in range(n)]
+        need_a = [need[4 + n + i] for i in range(n)]
+        need_b = [need[4 + 2 * n + i] for i in range(n)]
+        need_bias = [biases[i] is not None and need[4 + 3 * n + i] for i in range(n)]
+        cd, ad = ctx.dtypes
+        sd = torch.promote_types(cd, ad)
+        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
+        xc = None if x2 is None else (x2 if ad == cd else x2.to(ad))
+        xa_split = xa.split(ranks, dim=1) if xa is not None else [None] * n
+
         d_w, d_a, d_b, d_bias = [None] * n, [None] * n, [None] * n, [None] * n
-        for i, (dy, w, a, b, bias, s, xa_i) in enumerate(
-            zip(grads, weights, lora_as, lora_bs, biases, scales, xa.split(ctx.ranks, dim=1))
-        ):
-            if dy is None:
-                continue
-            dy2 = dy.reshape(-1, dy.shape[-1])
-            dy_a = dy2.to(a.dtype)
-            g = dy_a @ b                                            # dY·B, reused by dX and dA
-            if need[0]:
-                dx = _accumulate_dx(dx, dy2, g, w, a, b, s, x2.dtype, ctx.plans[i])
-            if need[3 + n + i]:
-                d_a[i] = s * (g.t() @ x2.to(a.dtype))
-            if need[3 + 2 * n + i]:
-                d_b[i] = s * (dy_a.t() @ xa_i)
-            if need[3 + i]:
-                d_w[i] = (dy2.t() @ x2.to(dy2.dtype)).to(w.dtype)
-            if bias is not None and need[3 + 3 * n + i]:
-                d_bias[i] = dy2.sum(0).to(bias.dtype)
-        dx = dx.reshape(x.shape) if dx is not None else None
-        return (dx, None, None, *d_w, *d_a, *d_b, *d_bias)
+        g_list = []  # s_i · dY_i·B_i, in the adapters' dtype
+        dy_cd = []
+        for i in range(n):
+            dy2 = grads[i].reshape(-1, grads[i].shape[-1])
+            dy_a = dy2 if dy2.dtype == ad else dy2.to(ad)
+            dy_c = dy2 if dy2.dtype == cd else dy2.to(cd)  # exact: dY is an upcast of a cd gradient
+            dy_cd.append(dy_c)
+            g = dy_a @ lora_bs[i] if (need_a[i] or need_dx) else None
+            if g is not None:
+                g.mul_(scales[i])  # [T, r_i]: the cheap place to apply s
+            g_list.append(g)
+            if need_b[i]:
+                d_b[i] = _scaled_mm(dy_a.t(), xa_split[i], scales[i])
+            if need_w[i]:
+                d_w[i] = dy_c.t() @ x2
+            if need_bias[i]:
+                d_bias[i] = dy_c.sum(0).to(biases[i].dtype)
+
+        dx = None
+        if need_dx:
+            for i in range(n):
+                if plans[i].backward_dx == "merged":
+                    merged = _merged_weight(dense_weight(weights[i], cd, scratch=True), lora_as[i], lora_bs[i], scales[i], sd)
+                    dy_s = grads[i].reshape(-1, grads[i].shape[-1])
+                    term_in = dy_s if dy_s.dtype == sd else dy_s.to(sd)
+                    if sd == cd:
+                        dx = term_in @ merged if dx is None else dx.addmm_(term_in, merged)
+                    else:
+                        term = (term_in @ merged).to(cd)
+                        dx = term if dx is None else dx.add_(term)
+                    del merged
+                else:
+                    dense = dense_weight(weights[i], cd, scratch=True)
+                    dx = dy_cd[i] @ dense if dx is None else dx.addmm_(dy_cd[i], dense)
+                    del dense
+            factored = [i for i in range(n) if plans[i].backward_dx == "factored"]
+            if factored:
+                g_f = g_list[factored[0]] if len(factored) == 1 else torch.cat([g_list[i] for i in factored], dim=1)
+                a_f = lora_as[factored[0]] if len(factored) == 1 else torch.cat([lora_as[i] for i in factored])
+                if sd == cd:
+                    dx.addmm_(g_f if g_f.dtype == cd else g_f.to(cd), a_f if a_f.dtype == cd else a_f.to(cd))
+                else:  # the adapters' contribution is summed in the wider dtype, rounded once
+                    dx = dx.to(sd).addmm_(g_f.to(sd), a_f.to(sd)).to(cd)
+        if any(need_a):
+            active = [i for i in range(n) if need_a[i]]
+            g_a = g_list[active[0]] if len(active) == 1 else torch.cat([g_list[i] for i in active], dim=1)
+            d_a_cat = g_a.t() @ xc  # [sum r_i, in]: every dA in one product
+            for i, part in zip(active, d_a_cat.split([ranks[i] for i in active], dim=0)):
+                d_a[i] = part
+        dx = dx.reshape(ctx.x_shape) if dx is not None else None
+        return (dx, None, None, None, *d_w, *d_a, *d_b, *d_bias)
 
 
-def _accumulate_dx(dx, dy2, g, w, a, b, s, x_dtype, plan):
-    """dX += dY·W + s·(dY·B)·A, in place into one buffer (the plan may fold the adapter into W)."""
-    dense = dense_weight(w, x_dtype)
-    if plan.backward_dx == "merged":
-        term = dy2.to(a.dtype) @ (dense.to(a.dtype) + s * (b @ a))
-        return term.to(x_dtype) if dx is None else dx.add_(term.to(x_dtype))
-    base = dy2.to(x_dtype)
-    if dx is None:
-        dx = base @ dense
-    else:
-        dx.addmm_(base, dense)
-    if a.dtype == x_dtype:
-        return dx.addmm_(g, a, alpha=s)
-    return dx.add_((s * (g @ a)).to(x_dtype))
+# --------------------------------------------------------------------------------------------
+# Public ops
+# --------------------------------------------------------------------------------------------
+
+
+def _check_group(x, weights, lora_as, lora_bs, scales, biases) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (its last is the in-features)")
+    in_features = x.shape[-1]
+    adapter_dtypes = {t.dtype for t in (*lora_as, *lora_bs)}
+    if len(adapter_dtypes) != 1:
+        raise TypeError(f"all adapters (A and B) of a group must share one dtype, got {sorted(map(str, adapter_dtypes))}")
+    if next(iter(adapter_dtypes)) not in SUPPORTED_DTYPES:
+        raise TypeError(f"adapters have dtype {next(iter(adapter_dtypes))}; supported: float16, bfloat16, float32, float64")
+    for i, (w, a, b, s, bias) in enumerate(zip(weights, lora_as, lora_bs, scales, biases)):
+        shape = _weight_shape(w)
+        if len(shape) != 2:
+            raise ValueError(f"weight {i} has shape {shape}; the base weight must be 2-D [out, in]")
+        if _is_4bit(w):
+            if w.requires_grad:
+                raise ValueError(f"4-bit weight {i} requires grad; a quantized base cannot be trained")
+        elif w.dtype != x.dtype:
+            raise TypeError(f"weight {i} is {w.dtype} but x is {x.dtype}; the base product needs them alike")
+        out_features, w_in = shape
+        if a.dim() != 2 or b.dim() != 2:
+            raise ValueError(f"linear {i}: A {tuple(a.shape)} and B {tuple(b.shape)} must be 2-D")
+        if w_in != in_features or a.shape[1] != in_features or b.shape[1] != a.shape[0] or b.shape[0] != out_features:
+            raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, W {shape}, A {tuple(a.shape)}, B {tuple(b.shape)}")
+        if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
+            raise ValueError(f"bias {i} must be [{out_features}] in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        for name, t in (("weight", w), ("A", a), ("B", b), ("bias", bias)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"{name} {i} is on {t.device} but x is on {x.device}")
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+            raise ValueError(f"scale {i} must be a finite number, got {s!r}")
+
+
+def _plan_for(x: torch.Tensor, out_features: int, a: torch.Tensor, training: bool) -> LoRAPlan:
+    tokens = max(1, x.numel() // max(1, x.shape[-1]))
+    return lora_plan(tokens, x.shape[-1], out_features, a.shape[0], x.element_size(), measure_device_rates(x.device),
+                     adapter_elem_bytes=a.element_size(), training=training)
 
 
 def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
                       lora_bs: Sequence[torch.Tensor], scales: Sequence[float],
-                      biases: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
-    """The outputs of several LoRA linears that read the same ``x`` (x is read once)."""
+                      biases: Sequence[torch.Tensor | None] | None = None, *,
+                      plans: Sequence[LoRAPlan] | None = None) -> tuple[torch.Tensor, ...]:
+    """The outputs ``y_i = x·W_iᵀ (+ b_i) + s_i·(x·A_iᵀ)·B_iᵀ`` of LoRA linears reading one ``x``.
+
+    ``x [..., in]``; ``weights[i]`` dense ``[out_i, in]`` in x's dtype, or a bitsandbytes 4-bit
+    weight of that shape; ``lora_as[i] [r_i, in]``, ``lora_bs[i] [out_i, r_i]``, all in one dtype;
+    ``biases[i]`` None or ``[out_i]`` in x's dtype; ``scales[i]`` a float. Outputs ``[..., out_i]``
+    in the promoted dtype of x and the adapters (x's dtype over a 4-bit base): see the module
+    doc. ``plans`` (one per linear) fixes the forms; by default each comes from ``lora_plan`` for
+    the actual shapes and the device's measured rates. Bad inputs raise ``TypeError`` (dtypes)
+    or ``ValueError`` (shapes, devices, counts).
+    """
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
-    if not (len(lora_as) == len(lora_bs) == len(scales) == len(biases) == n) or n == 0:
-        raise ValueError("lora_linear_group needs one A, B, scale and bias (or None) per weight")
-    if len({a.dtype for a in lora_as} | {b.dtype for b in lora_bs}) != 1:
-        raise TypeError("all adapters of a group must share one dtype")
-    for w, a, b in zip(weights, lora_as, lora_bs):
-        in_features = a.shape[1]
-        if x.shape[-1] != in_features or b.shape[1] != a.shape[0]:
-            raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, A {tuple(a.shape)}, B {tuple(b.shape)}")
-    return LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), n, *weights, *lora_as, *lora_bs, *biases)
+    if n == 0 or not (len(lora_as) == len(lora_bs) == len(scales) == len(biases) == n):
+        raise ValueError("lora_linear_group needs one A, B, scale and bias (or None) per weight, and at least one weight")
+    _check_group(x, weights, lora_as, lora_bs, scales, biases)
+    if plans is None:
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *lora_as, *lora_bs))
+        plans = [_plan_for(x, _weight_shape(w)[0], a, training) for w, a in zip(weights, lora_as)]
+    else:
+        plans = list(plans)
+        if len(plans) != n or not all(isinstance(p, LoRAPlan) for p in plans):
+            raise ValueError(f"plans must be {n} LoRAPlan objects, one per linear")
+    return LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), tuple(plans), n,
+                                   *weights, *lora_as, *lora_bs, *biases)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One LoRA linear: ``x·Wᵀ (+ b) + s·(x·Aᵀ)·Bᵀ`` with the backward above."""
-    return lora_linear_group(x, [weight], [lora_a], [lora_b], [scale], [bias])[0]
+                bias: torch.Tensor | None = None, *, plan: LoRAPlan | None = None) -> torch.Tensor:
+    """One LoRA linear: ``x·Wᵀ (+ b) + s·(x·Aᵀ)·Bᵀ``; :func:`lora_linear_group` with one member."""
+    return lora_linear_group(x, [weight], [lora_a], [lora_b], [scale], [bias],
+                             plans=None if plan is None else [plan])[0]

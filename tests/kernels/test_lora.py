@@ -1,4 +1,6 @@
-"""Fused LoRA linears against float64 references and against PEFT's own layer."""
+"""Fused LoRA linears against float64 references, against PEFT's own layers (dense and 4-bit)."""
+
+import itertools
 
 import pytest
 import torch
@@ -7,84 +9,309 @@ from torch import nn
 
 import sloth_fx.kernels.lora as lora_mod
 from sloth_fx.cost_model import LoRAPlan
-from sloth_fx.kernels.lora import lora_linear, lora_linear_group, lora_linear_reference
+from sloth_fx.kernels.lora import (
+    dense_weight,
+    lora_linear,
+    lora_linear_group,
+    lora_linear_group_reference,
+    lora_linear_reference,
+)
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+FACTORED, MERGED = LoRAPlan("factored", "factored"), LoRAPlan("merged", "merged")
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def make(t, i, outs, ranks, dtype, seed, bias=False):
+def make(lead, i, outs, ranks, dtype, seed, bias=False, adapter_dtype=None, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, i, generator=g).to(dtype).requires_grad_()
-    ws = [torch.randn(o, i, generator=g).div(i ** 0.5).to(dtype) for o in outs]
-    as_ = [torch.randn(r, i, generator=g).div(i ** 0.5).to(dtype).requires_grad_() for r in ranks]
-    bs = [torch.randn(o, r, generator=g).to(dtype).requires_grad_() for o, r in zip(outs, ranks)]
-    bis = [torch.randn(o, generator=g).to(dtype).requires_grad_() if bias else None for o in outs]
+    ad = adapter_dtype or dtype
+    x = torch.randn(*lead, i, generator=g).to(device, dtype).requires_grad_()
+    ws = [torch.randn(o, i, generator=g).div(i ** 0.5).to(device, dtype) for o in outs]
+    as_ = [torch.randn(r, i, generator=g).div(i ** 0.5).to(device, ad).requires_grad_() for r in ranks]
+    bs = [torch.randn(o, r, generator=g).div(r ** 0.5).to(device, ad).requires_grad_() for o, r in zip(outs, ranks)]
+    bis = [torch.randn(o, generator=g).to(device, dtype).requires_grad_() if bias else None for o in outs]
     return x, ws, as_, bs, bis
 
 
-def check_group(t, i, outs, ranks, scales, dtype, seed, bias=False):
-    x, ws, as_, bs, bis = make(t, i, outs, ranks, dtype, seed, bias)
-    ys = lora_linear_group(x, ws, as_, bs, scales, bis)
-    leaves = [x, *as_, *bs, *[b for b in bis if b is not None]]
+def check_group(lead, i, outs, ranks, scales, dtype, seed, bias=False, plans=None, adapter_dtype=None,
+                train_weights=False, device="cpu"):
+    x, ws, as_, bs, bis = make(lead, i, outs, ranks, dtype, seed, bias, adapter_dtype, device)
+    if train_weights:
+        ws = [w.requires_grad_() for w in ws]
+    ys = lora_linear_group(x, ws, as_, bs, scales, bis, plans=plans)
+    leaves = [x, *(ws if train_weights else []), *as_, *bs, *[b for b in bis if b is not None]]
     g = torch.Generator().manual_seed(seed + 1)
-    dys = [torch.randn(y.shape, generator=g).to(y.dtype) for y in ys]
+    dys = [torch.randn(y.shape, generator=g).to(y.device, y.dtype) for y in ys]
     grads = torch.autograd.grad(ys, leaves, dys)
-    d64 = [t_.detach().double().requires_grad_() for t_ in leaves]
-    x64, rest = d64[0], d64[1:]
-    a64, b64 = rest[: len(outs)], rest[len(outs): 2 * len(outs)]
-    bias64 = rest[2 * len(outs):] if bias else [None] * len(outs)
-    refs = [lora_linear_reference(x64, w.double(), a, b, s, bb) for w, a, b, s, bb in zip(ws, a64, b64, scales, bias64)]
+    d64 = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(d64)
+    x64 = next(it)
+    w64 = [next(it) for _ in outs] if train_weights else [w.double() for w in ws]
+    a64 = [next(it) for _ in outs]
+    b64 = [next(it) for _ in outs]
+    bias64 = [next(it) for _ in outs] if bias else [None] * len(outs)
+    refs = lora_linear_group_reference(x64, w64, a64, b64, scales, bias64)
     ref_grads = torch.autograd.grad(refs, d64, [d.double() for d in dys])
+    expect = torch.promote_types(dtype, adapter_dtype or dtype)
     for y, r in zip(ys, refs):
-        assert torch.isfinite(y).all() and rel(y, r) < TOL[dtype]
-    for gr, r in zip(grads, ref_grads):
-        assert torch.isfinite(gr).all() and rel(gr, r) < TOL[dtype]
+        assert y.dtype == expect and y.shape == r.shape
+        assert torch.isfinite(y).all() and rel(y, r) < TOL[dtype], rel(y, r)
+    for leaf, gr, r in zip(leaves, grads, ref_grads):
+        assert gr.dtype == leaf.dtype and gr.shape == leaf.shape
+        assert torch.isfinite(gr).all() and rel(gr, r) < TOL[dtype], rel(gr, r)
+
+
+SHAPES = [  # (leading dims, in, outs, ranks): T = 1, 7, 33; r > in allowed
+    ((1,), 24, [40], [1]),
+    ((7,), 40, [24, 96], [8, 16]),
+    ((3, 11), 96, [40, 40, 24], [16, 64, 8]),
+    ((1, 7), 24, [96, 24], [64, 1]),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t,i,outs,ranks", [(1, 24, [40], [1]), (7, 40, [24, 96], [8, 16]), (33, 96, [40, 40, 24], [16, 64, 8])])
-def test_group_against_float64(dtype, t, i, outs, ranks):
-    check_group(t, i, outs, ranks, [0.5, 2.0, 1.0][: len(outs)], dtype, seed=t * 7 + i)
+@pytest.mark.parametrize("plan", [FACTORED, MERGED], ids=["factored", "merged"])
+@pytest.mark.parametrize("lead,i,outs,ranks", SHAPES)
+def test_group_against_float64(dtype, plan, lead, i, outs, ranks):
+    seed = hash((lead, i, str(dtype), plan.forward)) % 10_000
+    check_group(lead, i, outs, ranks, [0.5, 2.0, 1.0][: len(outs)], dtype, seed, plans=[plan] * len(outs))
 
 
-def test_bias_and_single():
-    check_group(5, 24, [40], [4], [1.5], torch.float32, seed=3, bias=True)
-    x, ws, as_, bs, _ = make(4, 24, [40], [4], torch.float32, seed=9)
-    torch.testing.assert_close(lora_linear(x, ws[0], as_[0], bs[0], 2.0), lora_linear_reference(x, ws[0], as_[0], bs[0], 2.0))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bias_scales_and_mixed_plans(dtype):
+    for k, scales in enumerate([[1.0, 1.0], [0.125, 4.0], [-2.0, 32.0]]):
+        check_group((5,), 24, [40, 96], [4, 16], scales, dtype, seed=30 + k, bias=True, plans=[FACTORED, MERGED])
+        check_group((5,), 24, [40, 96], [4, 16], scales, dtype, seed=40 + k, bias=True,
+                    plans=[LoRAPlan("merged", "factored"), LoRAPlan("factored", "merged")])
 
 
-def test_merged_plan_gives_the_same_numbers(monkeypatch):
-    monkeypatch.setattr(lora_mod, "lora_plan", lambda *a, **k: LoRAPlan("merged", "merged", {}))
-    check_group(7, 40, [24, 96], [8, 16], [0.5, 2.0], torch.float32, seed=11)
+@pytest.mark.parametrize("plan", [FACTORED, MERGED], ids=["factored", "merged"])
+def test_fp32_adapters_on_a_half_base_against_float64(plan):
+    check_group((7,), 40, [24, 96], [8, 16], [0.5, 2.0], torch.float16, seed=51, bias=True,
+                adapter_dtype=torch.float32, plans=[plan, plan])
 
 
-def test_fp32_adapters_on_a_half_base_match_peft():
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(48, 32, bias=False)).half()
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
+def test_trainable_base_weight_gets_its_gradient():
+    check_group((6,), 24, [40, 24], [4, 8], [1.0, 0.5], torch.float32, seed=61, bias=True, train_weights=True)
+
+
+def test_default_plan_comes_from_the_cost_model():
+    check_group((33,), 96, [40, 24], [16, 8], [2.0, 1.0], torch.float32, seed=71)  # plans=None
+    check_group((33,), 96, [40], [16], [2.0], torch.float16, seed=72)
+
+
+def test_cost_model_consulted_per_linear(monkeypatch):
+    seen = []
+
+    def fake_plan(tokens, in_features, out_features, rank, elem_bytes, rates, **kw):
+        seen.append((tokens, in_features, out_features, rank, elem_bytes, kw["adapter_elem_bytes"], kw["training"]))
+        return MERGED
+
+    monkeypatch.setattr(lora_mod, "lora_plan", fake_plan)
+    check_group((3, 5), 40, [24, 96], [8, 16], [0.5, 2.0], torch.float32, seed=81)
+    assert seen == [(15, 40, 24, 8, 4, 4, True), (15, 40, 96, 16, 4, 4, True)]
+    seen.clear()
+    with torch.no_grad():
+        lora_linear(*[t[0] if isinstance(t, list) else t for t in make((2,), 24, [40], [4], torch.float32, 1)[:4]], 1.0)
+    assert seen[0][-1] is False
+
+
+def test_single_matches_reference_and_group():
+    x, ws, as_, bs, bis = make((4, 3), 24, [40], [4], torch.float32, seed=9, bias=True)
+    for plan in (None, FACTORED, MERGED):
+        out = lora_linear(x, ws[0], as_[0], bs[0], 2.0, bis[0], plan=plan)
+        torch.testing.assert_close(out, lora_linear_reference(x, ws[0], as_[0], bs[0], 2.0, bis[0]))
+
+
+def test_non_contiguous_input():
+    x, ws, as_, bs, _ = make((8,), 48, [40], [8], torch.float32, seed=12)
+    xt = x.detach()[:, ::2].requires_grad_()  # stride 2 in the last dim
+    assert not xt.is_contiguous()
+    out = lora_linear(xt, ws[0][:, :24].contiguous(), as_[0][:, :24].detach().requires_grad_(), bs[0], 1.5)
+    ref = lora_linear_reference(xt.double(), ws[0][:, :24].double(), as_[0][:, :24].double(), bs[0].double(), 1.5)
+    assert rel(out, ref) < 1e-5
+    (g,) = torch.autograd.grad(out.sum(), xt)
+    (g_ref,) = torch.autograd.grad(lora_linear_reference(xt, ws[0][:, :24], as_[0][:, :24], bs[0], 1.5).sum(), xt)
+    assert rel(g, g_ref) < 1e-5
+
+
+def test_only_what_requires_grad_is_computed_and_saved():
+    x, ws, as_, bs, _ = make((5,), 24, [40], [4], torch.float32, seed=13)
+    x = x.detach()  # no dX
+    a = as_[0].detach()  # frozen A: x need not be saved
+    y = lora_linear(x, ws[0], a, bs[0], 1.0)
+    saved = y.grad_fn.saved_tensors
+    assert not any(t is not None and t.shape == x.shape for t in saved)
+    (gb,) = torch.autograd.grad(y.sum(), bs[0])
+    (gb_ref,) = torch.autograd.grad(lora_linear_reference(x, ws[0], a, bs[0], 1.0).sum(), bs[0])
+    assert rel(gb, gb_ref) < 1e-5
+
+
+def test_unused_sibling_output_counts_as_zero_gradient():
+    x, ws, as_, bs, _ = make((6,), 24, [40, 24], [4, 8], torch.float32, seed=14)
+    ys = lora_linear_group(x, ws, as_, bs, [1.0, 2.0])
+    grads = torch.autograd.grad(ys[0].sum(), [x, *as_, *bs], allow_unused=True)
+    refs = lora_linear_group_reference(x, ws, as_, bs, [1.0, 2.0])
+    ref_grads = torch.autograd.grad(refs[0].sum(), [x, *as_, *bs], allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-5, atol=1e-6)
+
+
+# ---- against PEFT's own layers -----------------------------------------------------------------
+
+
+def peft_layer(dtype, bias, autocast_adapter_dtype, seed, in_f=48, out_f=40, r=8, alpha=16):
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(in_f, out_f, bias=bias)).to(dtype)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"]),
+                           autocast_adapter_dtype=autocast_adapter_dtype)
     layer = model.base_model.model[0]
-    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
-    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
-    x = torch.randn(6, 48).half().requires_grad_()
-    ref = layer(x)
-    out = lora_linear(x, layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                      layer.scaling["default"]).to(torch.float16)
-    assert rel(out, ref) < 2e-3
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)  # PEFT starts B at zero
+    return layer
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, True), (torch.float16, True), (torch.float16, False)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_against_peft_linear(dtype, autocast, bias):
+    layer = peft_layer(dtype, bias, autocast, seed=3)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == (torch.float32 if autocast else dtype)
+    x = torch.randn(2, 7, 48).to(dtype).requires_grad_()
+    ref = layer(x)
+    out = lora_linear(x, layer.base_layer.weight, a, b, layer.scaling["default"], layer.base_layer.bias)
+    out = out.to(ref.dtype)  # PEFT's final cast stays in the graph
+    assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype]
     dy = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (x, a, b), dy)
     grads = torch.autograd.grad(out, (x, a, b), dy)
     for g, r in zip(grads, ref_grads):
-        assert g.dtype == r.dtype and rel(g, r) < 3e-3
+        assert g.dtype == r.dtype and torch.isfinite(g).all() and rel(g, r) < 2 * TOL[dtype]
 
 
-def test_bad_groups_are_refused():
-    x, ws, as_, bs, _ = make(3, 24, [40], [4], torch.float32, seed=1)
+# ---- bitsandbytes 4-bit base -------------------------------------------------------------------
+
+
+def bnb_layer(dtype, quant_type, double_quant, bias, seed, in_f=48, out_f=40, r=8, device="cpu"):
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    g = torch.Generator().manual_seed(seed)
+    lin = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=dtype, quant_type=quant_type,
+                            compress_statistics=double_quant)
+    w = torch.randn(out_f, in_f, generator=g).div(in_f ** 0.5).to(dtype)
+    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant)
+    if bias:
+        lin.bias = nn.Parameter(torch.randn(out_f, generator=g).to(dtype), requires_grad=False)
+    lin = lin.to(device)  # quantizes
+    layer = PeftLinear4bit(lin, "default", config=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0), r=r,
+                           lora_alpha=2 * r).to(device)
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("quant_type,double_quant", list(itertools.product(["nf4", "fp4"], [False, True])))
+@pytest.mark.parametrize("bias", [False, True])
+def test_4bit_against_peft_linear4bit(dtype, quant_type, double_quant, bias):
+    layer = bnb_layer(dtype, quant_type, double_quant, bias, seed=5)
+    w = layer.base_layer.weight
+    assert w.quant_state is not None and w.quant_state.nested == double_quant
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, 5, 48).to(dtype).requires_grad_()
+    ref = layer(x)
+    dy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, a, b), dy)
+    for plan in (FACTORED, MERGED):
+        out = lora_linear(x, w, a, b, layer.scaling["default"], layer.base_layer.bias, plan=plan)
+        assert out.dtype == ref.dtype and torch.isfinite(out).all() and rel(out, ref) < TOL[dtype]
+        # the dequantized [out, in] weight is not kept for backward
+        assert not any(t is not None and t.shape == (40, 48) for t in out.grad_fn.saved_tensors)
+        grads = torch.autograd.grad(out, (x, a, b), dy)
+        for g, r in zip(grads, ref_grads):
+            assert g.dtype == r.dtype and torch.isfinite(g).all() and rel(g, r) < 2 * TOL[dtype]
+
+
+def test_4bit_against_float64_of_the_dequantized_weight():
+    layer = bnb_layer(torch.float32, "nf4", True, True, seed=6)
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    dense = dense_weight(w, torch.float64)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(9, 48).requires_grad_()
+    ys = lora_linear_group(x, [w, dense.float()], [a, a], [b, b], [2.0, 2.0], [bias, bias])
+    ref = lora_linear_reference(x.double(), dense, a.double(), b.double(), 2.0, bias.double())
+    for y in ys:
+        assert rel(y, ref) < 1e-5
+
+
+# ---- bad inputs --------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_refused():
+    x, ws, as_, bs, bis = make((3,), 24, [40], [4], torch.float32, seed=1)
     with pytest.raises(ValueError, match="one A, B"):
         lora_linear_group(x, ws, as_, [], [1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        lora_linear_group(x, [], [], [], [])
     with pytest.raises(ValueError, match="do not chain"):
         lora_linear_group(x, ws, [torch.randn(4, 20)], bs, [1.0])
+    with pytest.raises(ValueError, match="do not chain"):
+        lora_linear(x, ws[0], as_[0], torch.randn(41, 4), 1.0)
+    with pytest.raises(ValueError, match="do not chain"):
+        lora_linear(x[:, :20], ws[0], as_[0], bs[0], 1.0)
+    with pytest.raises(TypeError, match="weight 0 is torch.float16"):
+        lora_linear(x, ws[0].half(), as_[0], bs[0], 1.0)
+    with pytest.raises(TypeError, match="share one dtype"):
+        lora_linear(x, ws[0], as_[0], bs[0].double(), 1.0)
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        lora_linear(x.long(), ws[0], as_[0], bs[0], 1.0)
+    with pytest.raises(ValueError, match="bias 0"):
+        lora_linear(x, ws[0], as_[0], bs[0], 1.0, torch.randn(41))
+    with pytest.raises(ValueError, match="bias 0"):
+        lora_linear(x, ws[0], as_[0], bs[0], 1.0, torch.randn(40).double())
+    with pytest.raises(ValueError, match="scale 0"):
+        lora_linear(x, ws[0], as_[0], bs[0], float("nan"))
+    with pytest.raises(ValueError, match="2-D"):
+        lora_linear(x, ws[0][None], as_[0], bs[0], 1.0)
+    with pytest.raises(ValueError, match="plans"):
+        lora_linear_group(x, ws, as_, bs, [1.0], plans=[FACTORED, FACTORED])
+    with pytest.raises(ValueError, match="on meta"):
+        lora_linear(x, ws[0].to("meta"), as_[0], bs[0], 1.0)
+
+
+# ---- GPU: bf16, and the 4-bit scratch buffer -----------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", [FACTORED, MERGED], ids=["factored", "merged"])
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+@pytest.mark.parametrize("lead,i,outs,ranks", SHAPES + [((2, 1000), 512, [512, 128, 128], [16, 16, 16])])
+def test_bf16_on_gpu(plan, adapter_dtype, lead, i, outs, ranks):
+    check_group(lead, i, outs, ranks, [0.5, 2.0, 1.0][: len(outs)], torch.bfloat16, seed=91, bias=True,
+                plans=[plan] * len(outs), adapter_dtype=adapter_dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_4bit_on_gpu_with_poisoned_scratch(dtype, quant_type, double_quant):
+    layer = bnb_layer(dtype, quant_type, double_quant, True, seed=7, in_f=256, out_f=128, r=16, device="cuda")
+    w = layer.base_layer.weight
+    lora_mod.release_dequant_scratch()
+    key = (w.device, tuple(w.quant_state.shape), w.quant_state.dtype)
+    lora_mod._SCRATCH[key] = torch.full(tuple(w.quant_state.shape), float("nan"), dtype=w.quant_state.dtype, device="cuda")
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(4, 33, 256, device="cuda", dtype=dtype, requires_grad=True)
+    ref = layer(x)
+    dy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, a, b), dy)
+    out = lora_linear(x, w, a, b, layer.scaling["default"], layer.base_layer.bias)
+    grads = torch.autograd.grad(out, (x, a, b), dy)
+    assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype]
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all() and rel(g, r) < 2 * TOL[dtype]
+    assert lora_mod._SCRATCH[key].isfinite().all()  # the scratch was written, and reused
+    lora_mod.release_dequant_scratch()
