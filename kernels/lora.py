@@ -5,27 +5,32 @@ PEFT computes, for each linear ``i`` reading the same ``x`` (q, k, v; or gate, u
     y_i = x·W_iᵀ (+ b_i) + s_i · (x·A_iᵀ)·B_iᵀ          W_i [out_i, in] frozen, A_i [r_i, in], B_i [out_i, r_i]
 
 (``result = base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling``, dropout the
-identity). The adapters may be in another dtype than the base (PEFT's ``autocast_adapter_dtype``
-keeps fp32 adapters on a bf16/fp16 model): then PEFT casts ``x`` to the adapters' dtype for their
-products and the sum is formed in the promoted dtype. Over a dense base PEFT casts that sum back
-to the base dtype afterwards (``result.to(torch_result_dtype)``, which stays in the graph: these
-ops return the promoted dtype, like the sum they replace); over a bitsandbytes 4-bit base PEFT
-casts the adapter term to the base dtype before the sum, and these ops return the base dtype.
+identity; then ``result.to(torch_result_dtype)``, back to the base dtype). The adapters may be in
+another dtype than the base (PEFT's ``autocast_adapter_dtype`` keeps fp32 adapters on a bf16/fp16
+model): PEFT then copies ``x`` to fp32 for their products and forms every ``[T, out]`` sum in fp32
+before the cast back. These ops return the base dtype and round once, as PEFT's dense layer
+does, but never materialise a wide copy: every product with the rank as a dimension goes through
+:func:`~sloth_fx.kernels.lowrank_mm.lowrank_mm` (16-bit operands read as they are, fp32
+accumulation, in place on the 16-bit output). Over a bitsandbytes 4-bit base PEFT rounds the
+adapter term to the base dtype before the sum; here it is summed in fp32 and rounded once (one
+rounding fewer, within the dtype's tolerance of PEFT's value).
 
-Forward (``xa = x·[A_1; A_2; …]ᵀ`` in one product, ``x`` read once for every adapter)::
+Forward (``xa = x·[A_1; A_2; …]ᵀ`` in one product, fp32, ``x`` read once for every adapter)::
 
-    factored   y_i = x·W_iᵀ (+ b_i);   y_i += s_i · xa_i·B_iᵀ      (addmm_, one rounding for the sum)
-    merged     W'_i = W_i + s_i·B_i·A_i (one addmm, a temporary);   y_i = x·W'_iᵀ (+ b_i)
+    factored   y_i = x·W_iᵀ (+ b_i);   y_i += s_i · xa_i·B_iᵀ      (in place, one rounding for the sum)
+    merged     W'_i = W_i + s_i·B_i·A_i (fp32 sum, rounded once, a temporary);   y_i = x·W'_iᵀ (+ b_i)
 
-Saved for backward: ``x`` (for dA, and dW if the base trains) and ``xa`` (for dB); the
-parameters are saved too and cost no memory. Backward, with ``g_i = s_i · dY_i·B_i`` ([T, r_i],
-computed once, used by dX and dA)::
+Saved for backward: ``x`` (for dA, and dW if the base trains) and ``xa`` (fp32 ``[T, sum r_i]``,
+for dB); the parameters are saved too and cost no memory. Backward, with ``g_i = s_i · dY_i·B_i``
+(fp32 ``[T, r_i]``, computed once, used by dX and dA)::
 
     dX   = Σ_i dY_i·W_i  +  [g_1 … g_n]·[A_1; …; A_n]        one buffer: the first product writes it,
-                                                             the others accumulate in place (addmm_)
+                                                             the others accumulate in place
            (a merged sibling contributes dY_i·W'_i instead of both of its terms)
     dA_i = g_iᵀ·x            (all siblings in one product: [g_1 … g_n]ᵀ·x)
     dB_i = s_i · dY_iᵀ·xa_i   db_i = Σ_rows dY_i            dW_i = dY_iᵀ·x (only if W_i trains)
+
+dA and dB are accumulated in fp32 and rounded once to the adapters' dtype.
 
 Each linear's form comes from :func:`sloth_fx.cost_model.lora_plan` for the actual shapes
 (cached), or from the ``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
@@ -49,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from sloth_fx.cost_model import LoRAPlan, lora_plan, measure_device_rates
+from sloth_fx.kernels.lowrank_mm import lowrank_mm
 
 __all__ = [
     "LoRAGroupFunction",
@@ -116,11 +122,11 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = Fa
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                           scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """PEFT's LoRA linear, op for op, without the final cast back to the base dtype.
+    """PEFT's LoRA linear, op for op.
 
     Dense base (``peft.tuners.lora.layer.Linear``)::
 
-        result = F.linear(x, W, b); result + F.linear(F.linear(x.to(A.dtype), A), B) * s
+        result = F.linear(x, W, b); (result + F.linear(F.linear(x.to(A.dtype), A), B) * s).to(x.dtype)
 
     4-bit base (``peft.tuners.lora.bnb.Linear4bit``, outside autocast), the base product in
     ``x``'s dtype (bitsandbytes' compute dtype)::
@@ -131,7 +137,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     out = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scale
     if _is_4bit(weight):
         out = out.to(result.dtype)
-    return result + out
+    return (result + out).to(x.dtype)
 
 
 def lora_linear_group_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
@@ -147,14 +153,10 @@ def lora_linear_group_reference(x: torch.Tensor, weights: Sequence[torch.Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · a·b`` rounded once: addmm with beta=0 ignores its (0-d) input entirely."""
-    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
-
-
 def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
-    """``W + s·B·A`` in ``dtype``, one addmm (reads W, writes the temporary)."""
-    return torch.addmm(w.to(dtype), b.to(dtype), a.to(dtype), alpha=s)
+    """``W + s·B·A`` summed in fp32 and rounded once to ``dtype``: a temporary, never kept."""
+    merged = w.clone() if w.dtype == dtype else w.to(dtype)
+    return lowrank_mm(b, a, alpha=s, out=merged, accumulate=True)
 
 
 class LoRAGroupFunction(torch.autograd.Function):
@@ -169,29 +171,19 @@ class LoRAGroupFunction(torch.autograd.Function):
     def forward(ctx, x, scales, plans, n, *params):
         weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
         x2 = x.reshape(-1, x.shape[-1])  # a view when x's last dims are contiguous, else a copy
-        cd, ad = x.dtype, lora_as[0].dtype
-        sd = torch.promote_types(cd, ad)
-        xc = x2 if ad == cd else x2.to(ad)
         ranks = [a.shape[0] for a in lora_as]
         # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
         a_cat = lora_as[0] if n == 1 else torch.cat(lora_as)
-        xa = xc @ a_cat.t()
+        xa = lowrank_mm(x2, a_cat.t())
         outs = []
         for w, a, b, bias, s, xa_i, plan in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1), plans):
-            dense = dense_weight(w, cd, scratch=True)
+            dense = dense_weight(w, x.dtype, scratch=True)
             if plan.forward == "merged":
-                merged = _merged_weight(dense, a, b, s, sd)
-                xs = x2 if sd == cd else x2.to(sd)
-                y = torch.addmm(bias.to(sd), xs, merged.t()) if bias is not None else xs @ merged.t()
-                del merged
-            else:
-                y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
-                if sd != cd:
-                    y = y.to(sd)
-                y.addmm_(xa_i if ad == sd else xa_i.to(sd), b.t() if ad == sd else b.t().to(sd), alpha=s)
+                dense = _merged_weight(dense, a, b, s, x.dtype)
+            y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
             del dense
-            if _is_4bit(w) and y.dtype != cd:  # PEFT's bnb layer casts the adapter term before the sum
-                y = y.to(cd)
+            if plan.forward != "merged":
+                lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True)
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
         need = ctx.needs_input_grad
         need_x = any(need[4 + n + i] or need[4 + i] for i in range(n))  # dA or dW
@@ -199,7 +191,6 @@ class LoRAGroupFunction(torch.autograd.Function):
         dense_params = [None if _is_4bit(p) else p for p in params]
         ctx.save_for_backward(x if need_x else None, xa if need_xa else None, *dense_params)
         ctx.quantized = {i: w for i, w in enumerate(weights) if _is_4bit(w)}  # frozen leaves: no cycle
-        ctx.dtypes = (cd, ad)
         ctx.x_shape, ctx.scales, ctx.plans, ctx.n, ctx.ranks = x.shape, scales, plans, n, ranks
         return tuple(outs)
 
@@ -216,64 +207,56 @@ class LoRAGroupFunction(torch.autograd.Function):
         need_a = [need[4 + n + i] for i in range(n)]
         need_b = [need[4 + 2 * n + i] for i in range(n)]
         need_bias = [biases[i] is not None and need[4 + 3 * n + i] for i in range(n)]
-        cd, ad = ctx.dtypes
-        sd = torch.promote_types(cd, ad)
+        cd = grads[0].dtype
         x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
-        xc = None if x2 is None else (x2 if ad == cd else x2.to(ad))
         xa_split = xa.split(ranks, dim=1) if xa is not None else [None] * n
+        dys = [g.reshape(-1, g.shape[-1]) for g in grads]
 
+        # g = [s_1·dY_1·B_1, …, s_n·dY_n·B_n], fp32 [T, sum r_i]: used by dX and dA
+        offsets = [sum(ranks[:i]) for i in range(n)]
+        need_g = [need_a[i] or (need_dx and plans[i].backward_dx == "factored") for i in range(n)]
+        g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
         d_w, d_a, d_b, d_bias = [None] * n, [None] * n, [None] * n, [None] * n
-        g_list = []  # s_i · dY_i·B_i, in the adapters' dtype
-        dy_cd = []
         for i in range(n):
-            dy2 = grads[i].reshape(-1, grads[i].shape[-1])
-            dy_a = dy2 if dy2.dtype == ad else dy2.to(ad)
-            dy_c = dy2 if dy2.dtype == cd else dy2.to(cd)  # exact: dY is an upcast of a cd gradient
-            dy_cd.append(dy_c)
-            g = dy_a @ lora_bs[i] if (need_a[i] or need_dx) else None
-            if g is not None:
-                g.mul_(scales[i])  # [T, r_i]: the cheap place to apply s
-            g_list.append(g)
+            if need_g[i]:
+                lowrank_mm(dys[i], lora_bs[i], alpha=scales[i], out=g[:, offsets[i]:offsets[i] + ranks[i]])
             if need_b[i]:
-                d_b[i] = _scaled_mm(dy_a.t(), xa_split[i], scales[i])
+                d_b[i] = lowrank_mm(dys[i].t(), xa_split[i], alpha=scales[i]).to(lora_bs[i].dtype)
             if need_w[i]:
-                d_w[i] = dy_c.t() @ x2
+                d_w[i] = dys[i].t() @ x2
             if need_bias[i]:
-                d_bias[i] = dy_c.sum(0).to(biases[i].dtype)
+                d_bias[i] = dys[i].sum(0, dtype=torch.float32).to(biases[i].dtype)
 
         dx = None
         if need_dx:
             for i in range(n):
+                weight = dense_weight(weights[i], cd, scratch=True)
                 if plans[i].backward_dx == "merged":
-                    merged = _merged_weight(dense_weight(weights[i], cd, scratch=True), lora_as[i], lora_bs[i], scales[i], sd)
-                    dy_s = grads[i].reshape(-1, grads[i].shape[-1])
-                    term_in = dy_s if dy_s.dtype == sd else dy_s.to(sd)
-                    if sd == cd:
-                        dx = term_in @ merged if dx is None else dx.addmm_(term_in, merged)
-                    else:
-                        term = (term_in @ merged).to(cd)
-                        dx = term if dx is None else dx.add_(term)
-                    del merged
-                else:
-                    dense = dense_weight(weights[i], cd, scratch=True)
-                    dx = dy_cd[i] @ dense if dx is None else dx.addmm_(dy_cd[i], dense)
-                    del dense
-            factored = [i for i in range(n) if plans[i].backward_dx == "factored"]
-            if factored:
-                g_f = g_list[factored[0]] if len(factored) == 1 else torch.cat([g_list[i] for i in factored], dim=1)
-                a_f = lora_as[factored[0]] if len(factored) == 1 else torch.cat([lora_as[i] for i in factored])
-                if sd == cd:
-                    dx.addmm_(g_f if g_f.dtype == cd else g_f.to(cd), a_f if a_f.dtype == cd else a_f.to(cd))
-                else:  # the adapters' contribution is summed in the wider dtype, rounded once
-                    dx = dx.to(sd).addmm_(g_f.to(sd), a_f.to(sd)).to(cd)
-        if any(need_a):
-            active = [i for i in range(n) if need_a[i]]
-            g_a = g_list[active[0]] if len(active) == 1 else torch.cat([g_list[i] for i in active], dim=1)
-            d_a_cat = g_a.t() @ xc  # [sum r_i, in]: every dA in one product
-            for i, part in zip(active, d_a_cat.split([ranks[i] for i in active], dim=0)):
-                d_a[i] = part
+                    weight = _merged_weight(weight, lora_as[i], lora_bs[i], scales[i], cd)
+                dx = dys[i] @ weight if dx is None else dx.addmm_(dys[i], weight)
+                del weight
+            for lo, hi in _runs([plans[i].backward_dx == "factored" for i in range(n)]):
+                a_run = lora_as[lo] if hi - lo == 1 else torch.cat(lora_as[lo:hi])
+                lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]], a_run, out=dx, accumulate=True)
+        for lo, hi in _runs(need_a):
+            rows = lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]].t(), x2)  # every dA in one product
+            for i, part in zip(range(lo, hi), rows.split(ranks[lo:hi], dim=0)):
+                d_a[i] = part.to(lora_as[i].dtype)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         return (dx, None, None, None, *d_w, *d_a, *d_b, *d_bias)
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """The maximal runs ``[lo, hi)`` of consecutive true flags: the siblings whose slices of
+    ``g`` are adjacent columns and so go into one product."""
+    runs, lo = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and lo is None:
+            lo = i
+        elif not flag and lo is not None:
+            runs.append((lo, i))
+            lo = None
+    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,8 +315,7 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
     ``x [..., in]``; ``weights[i]`` dense ``[out_i, in]`` in x's dtype, or a bitsandbytes 4-bit
     weight of that shape; ``lora_as[i] [r_i, in]``, ``lora_bs[i] [out_i, r_i]``, all in one dtype;
     ``biases[i]`` None or ``[out_i]`` in x's dtype; ``scales[i]`` a float. Outputs ``[..., out_i]``
-    in the promoted dtype of x and the adapters (x's dtype over a 4-bit base): see the module
-    doc. ``plans`` (one per linear) fixes the forms; by default each comes from ``lora_plan`` for
+    in x's dtype: see the module doc for the rounding. ``plans`` (one per linear) fixes the forms; by default each comes from ``lora_plan`` for
     the actual shapes and the device's measured rates. Bad inputs raise ``TypeError`` (dtypes)
     or ``ValueError`` (shapes, devices, counts).
     """

@@ -9,8 +9,10 @@ into one buffer. Refused, with the reason, never half-applied:
 - ``lora_dropout > 0``: the dropout mask is the adapters' own input (the pattern sees ``dropout(x)``);
 - a weight that is not a plain 2-D tensor, or an input in another dtype than the base weight.
 
-Adapters in another dtype than the base (PEFT keeps fp32 adapters on a bf16 model) are fused as
-PEFT computes them: the sum comes out in the promoted dtype and the graph's cast back stays.
+The pattern ends with PEFT's cast back to the base dtype (``result.to(torch_result_dtype)``,
+absent from the graph when adapters and base share a dtype). With fp32 adapters on a bf16 model
+the fused op takes the cast in: it returns the base dtype, rounded once from an fp32 sum, and
+never builds PEFT's fp32 ``[T, out]`` tensors. A wide sum that is not cast back is refused.
 
 DoRA, merged adapters and bitsandbytes 4-bit bases have other graphs and do not match.
 Adapters stay PEFT's own parameters: the fused op reads them as graph inputs.
@@ -35,14 +37,14 @@ from sloth_fx.report import PassLog
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def peft_lora(x, weight, lora_a, lora_b, scale, adapter_dtype):
+def peft_lora(x, weight, lora_a, lora_b, scale, adapter_dtype, result_dtype):
     result = F.linear(x, weight, None)
-    return result + F.linear(F.linear(x.to(adapter_dtype), lora_a, None), lora_b, None) * scale
+    return (result + F.linear(F.linear(x.to(adapter_dtype), lora_a, None), lora_b, None) * scale).to(result_dtype)
 
 
-def peft_lora_with_bias(x, weight, bias, lora_a, lora_b, scale, adapter_dtype):
+def peft_lora_with_bias(x, weight, bias, lora_a, lora_b, scale, adapter_dtype, result_dtype):
     result = F.linear(x, weight, bias)
-    return result + F.linear(F.linear(x.to(adapter_dtype), lora_a, None), lora_b, None) * scale
+    return (result + F.linear(F.linear(x.to(adapter_dtype), lora_a, None), lora_b, None) * scale).to(result_dtype)
 
 
 def peft_lora_with_dropout(x, weight, lora_a, lora_b, scale, p, adapter_dtype):
@@ -51,23 +53,27 @@ def peft_lora_with_dropout(x, weight, lora_a, lora_b, scale, p, adapter_dtype):
     return result + F.linear(F.linear(dropped, lora_a, None), lora_b, None) * scale
 
 
-LITERALS = ("scale", "adapter_dtype", "p")
-PATTERNS = [trace_pattern(f, LITERALS[:2]) for f in (peft_lora, peft_lora_with_bias)]
-DROPOUT = trace_pattern(peft_lora_with_dropout, LITERALS)
+PATTERNS = [trace_pattern(f, ("scale", "adapter_dtype", "result_dtype")) for f in (peft_lora, peft_lora_with_bias)]
+DROPOUT = trace_pattern(peft_lora_with_dropout, ("scale", "adapter_dtype", "p"))
 
 
 @register_pass("lora")
 def lora_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
     for match in find_matches(gm.graph, DROPOUT):
         log.refuse(module_path(match.output), f"lora_dropout p={match.literals['p']}: the adapters see a random mask")
+    matches = [m for pattern in PATTERNS for m in find_matches(gm.graph, pattern)]
+    # With fp32 adapters the pattern matches at the cast back and, cast absent, at the sum it
+    # casts: the larger match (the one that takes the cast) is the rewrite.
+    inner = {n for m in matches for n in m.nodes if n is not m.output}
     groups: dict[fx.Node, list[Match]] = defaultdict(list)
-    for pattern in PATTERNS:
-        for match in find_matches(gm.graph, pattern):
-            reason = _refusal(match)
-            if reason:
-                log.refuse(module_path(match.output), reason)
-            else:
-                groups[match.inputs["x"]].append(match)
+    for match in matches:
+        if match.output in inner:
+            continue
+        reason = _refusal(match)
+        if reason:
+            log.refuse(module_path(match.output), reason)
+        else:
+            groups[match.inputs["x"]].append(match)
     for x, matches in groups.items():
         _replace_group(gm.graph, x, matches, log)
     return gm
@@ -117,6 +123,9 @@ def _refusal(match: Match) -> str | None:
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
     if x.dtype != w.dtype or a.dtype != b.dtype:
         return f"input {x.dtype}, base {w.dtype}, adapters {a.dtype}/{b.dtype}: the fused op needs x and W alike, A and B alike"
+    y = fake_value(match.output)
+    if not isinstance(y, torch.Tensor) or y.dtype != x.dtype:
+        return f"the LoRA sum is used in {getattr(y, 'dtype', '?')}, not cast back to the base's {x.dtype}"
     if not isinstance(match.literals["scale"], (int, float)):
         return "the LoRA scaling is not a constant"
     shared = match.outside_users()

@@ -333,18 +333,21 @@ def lora_plan(tokens: int, in_features: int, out_features: int, rank: int, elem_
     (default the same; PEFT keeps fp32 adapters on a bf16 model). Charged, per form:
 
     forward, common: ``x·Wᵀ`` and ``xa = x·Aᵀ`` (in training; saved for dB);
-      peft     ``xa·Bᵀ`` written out, ``·s`` and ``result + ·`` as element-wise passes;
-      factored ``y += s·xa·Bᵀ`` in place (reads and writes y once more);
+      peft     ``x`` copied to the adapters' dtype when they differ, ``xa·Bᵀ`` written out, ``·s``
+               and ``result + ·`` as element-wise passes, the sum cast back;
+      factored ``y += s·xa·Bᵀ`` in place on the base-dtype output (reads and writes y once more;
+               16-bit operands read as they are, whatever the adapters' dtype: ``lowrank_mm``);
       merged   ``W' = W + s·B·A`` in one ``addmm`` (reads W, writes W'), then ``x·W'ᵀ``; skips
                ``x·Aᵀ`` when not training.
     dX, common: ``dY·W`` (``dY·W'`` when merged);
-      peft     ``dY·s`` over ``[T, out]``, ``(s·dY·B)·A`` written out, then added to ``dY·W``;
+      peft     ``dY`` copied to the adapters' dtype, ``dY·s`` over ``[T, out]``, ``(s·dY·B)·A``
+               written out and cast back, then added to ``dY·W``;
       factored ``(dY·B)·s`` over ``[T, r]``, ``dX += (s·dY·B)·A`` in place;
       merged   ``(dY·B)·s`` and building ``W'`` again (never kept across the step).
 
-    With mixed dtypes the sum is formed in the wider dtype (the conversions are charged) and
-    merged is never chosen: rounding ``W + s·B·A`` to the base dtype would drop the adapter's
-    extra precision. In 16-bit merged is chosen only with ``allow_16bit_merge`` (see module doc).
+    With mixed dtypes merged is never chosen: rounding ``W + s·B·A`` to the base dtype would
+    drop the adapter's extra precision. In 16-bit merged is chosen only with
+    ``allow_16bit_merge`` (see module doc).
     Ties go to factored. Cached per (shapes, element sizes, rates, flags): the same key returns
     the same plan object.
     """
@@ -364,13 +367,13 @@ def lora_plan(tokens: int, in_features: int, out_features: int, rank: int, elem_
         return stream_cost(elements * eb, rates)
 
     base = mm(t, i, o, e)
-    x_a = mm(t, i, r, ea) + (stream(t * i, e + ea) if mixed else ZERO)  # x.to(adapter dtype) first
-    to_sum = stream(t * o, 2 * (e + es)) if es != e else ZERO  # y into the sum dtype and back
-    fold = mm(o, r, i, es, accumulate=True)  # W' = addmm(W, B, A, alpha=s)
+    widen_x = stream(t * i, e + ea) if mixed else ZERO  # PEFT's x.to(adapter dtype)
+    x_a = mm(t, i, r, e)  # x read in its own dtype, fp32 accumulation
+    fold = mm(o, r, i, es, accumulate=True)  # W' = W + s·B·A
     forward = {
-        "peft": base + x_a + mm(t, r, o, ea) + stream(t * o, 2 * ea) + stream(t * o, e + ea + es)
-        + (stream(t * o, es + e) if es != e else ZERO),
-        "factored": base + x_a + mm(t, r, o, es, accumulate=True) + to_sum,
+        "peft": base + widen_x + mm(t, i, r, ea) + mm(t, r, o, ea) + stream(t * o, 2 * ea)
+        + stream(t * o, e + ea + es) + (stream(t * o, es + e) if es != e else ZERO),
+        "factored": base + x_a + mm(t, r, o, e, accumulate=True),
         "merged": fold + base + (x_a if training else ZERO),
     }
     predicted = {f"forward {k}": v.seconds for k, v in forward.items()}
@@ -382,16 +385,16 @@ def lora_plan(tokens: int, in_features: int, out_features: int, rank: int, elem_
         dx_base = mm(t, o, i, e)
         scale_g = stream(t * r, 2 * ea)  # (dY·B)·s, [T, r]
         dx = {
-            "peft": dx_base + stream(t * o, 2 * ea) + mm(t, r, i, ea) + (stream(t * i, ea + e) if mixed else ZERO)
-            + stream(t * i, 3 * e),
-            "factored": dx_base + scale_g + mm(t, r, i, es, accumulate=True) + (stream(t * i, 2 * (e + es)) if es != e else ZERO),
+            "peft": dx_base + (stream(t * o, e + ea) if mixed else ZERO) + stream(t * o, 2 * ea) + mm(t, r, i, ea)
+            + (stream(t * i, ea + e) if mixed else ZERO) + stream(t * i, 3 * e),
+            "factored": dx_base + scale_g + mm(t, r, i, e, accumulate=True),
             "merged": fold + dx_base + scale_g,
         }
         predicted.update({f"dX {k}": v.seconds for k, v in dx.items()})
         bwd = "merged" if merge_ok and dx["merged"].seconds < dx["factored"].seconds else "factored"
         saving += dx["peft"].seconds - dx[bwd].seconds
     if mixed:
-        reason = f"adapters of {ea} bytes over a {e}-byte base: the sum is formed in the wider dtype; never merged"
+        reason = f"adapters of {ea} bytes over a {e}-byte base: fp32 accumulation rounded once to the base dtype; never merged"
     elif not merge_ok:
         reason = f"{e}-byte compute: merging would round W + s·B·A to 16 bits (not PEFT's numbers); factored"
     else:

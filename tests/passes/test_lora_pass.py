@@ -46,3 +46,12 @@ def test_lora_dropout_is_refused_by_name():
     report = sloth_fx.report(optimized)
     assert report.count("lora") == 0
     assert any("lora_dropout p=0.1" in r.reason for r in report.refusals("lora"))
+
+
+def test_fp32_adapters_on_a_half_model_take_the_cast_back_in():
+    original = tiny_model("llama", lora=True, dtype=torch.float16)
+    assert {p.dtype for n, p in original.named_parameters() if "lora_" in n} == {torch.float32}  # PEFT's default
+    optimized = sloth_fx.optimize(twin(original), passes=["lora"])
+    assert_same_training_step(original, optimized, batch(), rtol=2e-2, atol=2e-3)
+    report = sloth_fx.report(optimized)
+    assert report.count("lora") == 14 and not report.refusals("lora")

@@ -1,0 +1,156 @@
+"""The thin products of LoRA, accumulated in fp32 whatever the operands' dtypes, rounded once.
+
+``lowrank_mm(a, b, alpha, out, accumulate)`` computes::
+
+    out = alpha · a·b              a [M, K], b [K, N], any strides, fp16/bf16/fp32 each
+    out = out + alpha · a·b        with accumulate=True (out read, then written once)
+
+with the sum over K accumulated in fp32 and the result rounded once into ``out``'s dtype
+(fp32 when ``out`` is not given). It is not a differentiable op: :mod:`sloth_fx.kernels.lora`
+calls it from its written-out backward. In a LoRA step every product with the rank ``r`` as one
+of its three dimensions goes through it:
+
+    xa  = x·Aᵀ              [T, in]·[in, r]      x in the model's dtype, A often fp32 (PEFT)
+    y  += s·xa·Bᵀ           [T, r]·[r, out]      in place on the 16-bit base output
+    g   = s·dY·B            [T, out]·[out, r]
+    dB  = s·dYᵀ·xa          [out, T]·[T, r]      long K = T: split over K
+    dA  = gᵀ·x              [r, T]·[T, in]       long K = T: split over K
+    dX += g·A               [T, r]·[r, in]       in place on the 16-bit input gradient
+
+Reading a 16-bit operand as it is and converting it in registers is the point: PEFT's
+fp32 adapters otherwise cost an fp32 copy of ``x``, of ``dY`` and of every ``[T, out]`` sum.
+
+Kernel: one program per ``[BLOCK_M, BLOCK_N]`` tile of ``out`` and per slice of K. Two 16-bit
+operands of one dtype go to the tensor cores as they are (products exact in fp32); otherwise
+both are widened to fp32 and multiplied in three TF32 passes (``tf32x3``: the low bits of each
+operand are carried by the second and third pass, accurate to about 2⁻²² relative, fp32's own
+rounding being 2⁻²⁴). When the ``out`` tiles alone cannot fill the GPU (``r`` is one side of
+``out`` and K is long), K is cut into ``split`` slices whose partial products land in an fp32
+buffer ``[split, M, N]`` summed afterwards: deterministic, unlike atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sloth_fx.kernels.dispatch import use_triton
+
+__all__ = ["lowrank_mm", "lowrank_mm_reference"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _lowrank_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
+                       stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
+                       alpha, ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
+        b_mask = (rk[:, None] < k_hi) & (rn[None, :] < N)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask, other=0.0)
+        if WIDEN:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(a, b, acc)
+    acc = acc * alpha
+    c_ptrs = c_ptr + pid_s * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor | None = None,
+                         accumulate: bool = False) -> torch.Tensor:
+    """:func:`lowrank_mm` in plain PyTorch: the product in fp32 (fp64 if an operand is fp64)."""
+    wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    result = (a.to(wide) @ b.to(wide)) * alpha
+    if out is None:
+        return result
+    if accumulate:
+        result += out.to(wide)
+    return out.copy_(result)
+
+
+def _block(size: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(size)))
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """Two waves of programs: enough to keep every SM busy while a slow tile finishes."""
+    if device.type != "cuda":
+        return 1
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"lowrank_mm needs a [M, K] and b [K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise TypeError(f"lowrank_mm needs floating-point operands, got {a.dtype} and {b.dtype}")
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an out tensor to accumulate into")
+        return
+    if out.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the product {(a.shape[0], b.shape[1])}")
+    if out.device != a.device or b.device != a.device:
+        raise ValueError(f"operands on {a.device}, {b.device} and out on {out.device}: one device needed")
+
+
+def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor | None = None,
+               accumulate: bool = False, split_k: int | None = None) -> torch.Tensor:
+    """``out = alpha·a·b`` (``+ out`` with ``accumulate``), fp32 accumulation, one rounding.
+
+    ``a [M, K]`` and ``b [K, N]`` in any strides and float dtypes; ``out [M, N]`` (any strides,
+    written in place and returned) or None for a new fp32 tensor. ``split_k`` fixes the number of
+    K slices (default: from the shape and the GPU's SM count; never split when accumulating or
+    writing a 16-bit ``out``, which must be rounded once). Triton on CUDA, the reference elsewhere.
+    """
+    _check(a, b, out, accumulate)
+    tensors = (a, b) if out is None else (a, b, out)
+    if not use_triton(*tensors) or any(t.dtype not in _TRITON_DTYPES for t in tensors):
+        return lowrank_mm_reference(a, b, alpha=alpha, out=out, accumulate=accumulate)
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty(m, n, device=a.device, dtype=torch.float32)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out if accumulate else out.zero_()
+    widen = a.dtype != b.dtype or a.dtype == torch.float32
+    block_m, block_n = _block(m, 16, 128), _block(n, 16, 128)
+    block_k = _block(k, 16, 32 if widen else 64)
+    tiles_m, tiles_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = 1
+        if not accumulate and out.dtype == torch.float32:
+            split_k = max(1, min(triton.cdiv(_programs_wanted(a.device), tiles_m * tiles_n), k // (8 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    if split_k > 1 and (accumulate or out.dtype != torch.float32):
+        raise ValueError("split_k > 1 writes fp32 partial sums: only for a fresh fp32 out")
+    target = out if split_k == 1 else torch.empty(split_k, m, n, device=a.device, dtype=torch.float32)
+    stride_cs = 0 if split_k == 1 else target.stride(0)
+    stride_cm, stride_cn = target.stride(-2), target.stride(-1)
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    _lowrank_mm_kernel[(tiles_m, tiles_n, split_k)](
+        a, b, target, m, n, k, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        stride_cs, stride_cm, stride_cn, float(alpha), ACCUMULATE=accumulate, WIDEN=widen,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3,
+    )
+    if split_k > 1:
+        torch.sum(target, dim=0, out=out)
+    return out
