@@ -3,6 +3,7 @@
     python -m benchmarks e2e --configs E1,E2,E3 --systems hf,liger,compile,unsloth,sloth_fx --results DIR
     python -m benchmarks kernels --results DIR
     python -m benchmarks maxlen --config E6 --systems hf,sloth_fx --lo 4096 --hi 65536 --results DIR
+    python -m benchmarks profile --config E1 --layers 2 --systems hf,sloth_fx --results DIR
     python -m benchmarks report --results DIR
     python -m benchmarks worker --system hf --config E2 --out row.json     (one run; used by e2e)
 
@@ -150,6 +151,18 @@ def cmd_maxlen(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(a: argparse.Namespace) -> int:
+    from benchmarks.configs import get_config
+    from benchmarks.profile import profile_steps
+
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    for system in a.systems.split(","):
+        out = profile_steps(system, get_config(a.config, **_overrides(a)), res, steps=a.steps, warmup=a.warmup)
+        print(out.read_text())
+    return 0
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from benchmarks.report import write_report
 
@@ -195,12 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--unsloth-offload", action="store_true")
     m.add_argument("--results", default="results/latest")
 
+    f = sub.add_parser("profile", help="CUDA kernels by time over a few steps of each system (GPU)")
+    f.add_argument("--config", required=True)
+    f.add_argument("--systems", default="sloth_fx")
+    f.add_argument("--results", default="results/latest")
+    _add_model_args(f)
+
     r = sub.add_parser("report", help="report.md and plots from a results folder")
     r.add_argument("--results", default="results/latest")
 
     a = p.parse_args(argv)
     return {"worker": cmd_worker, "e2e": cmd_e2e, "kernels": cmd_kernels, "maxlen": cmd_maxlen,
-            "report": cmd_report}[a.cmd](a)
+            "profile": cmd_profile, "report": cmd_report}[a.cmd](a)
 
 
 if __name__ == "__main__":
