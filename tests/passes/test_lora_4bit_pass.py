@@ -1,0 +1,89 @@
+"""The LoRA pass over bitsandbytes 4-bit bases (QLoRA) on a tiny Llama: PEFT's loss and every
+adapter gradient, siblings grouped, every layer's capture rewritten, and refusals by name."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import LORA_TARGETS, assert_same_training_step, batch, config, twin
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import sloth_fx
+
+
+def qlora_model(quant_type: str, double_quant: bool, *, checkpointing: bool = False, dtype: torch.dtype = torch.float32,
+                compute_dtype: torch.dtype | None = None, dropout: float = 0.0, layers: int = 2) -> nn.Module:
+    """A tiny Llama whose decoder linears are bitsandbytes ``Linear4bit`` (as ``load_in_4bit``
+    leaves them), under PEFT LoRA on all seven projections with non-zero B."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config("llama", layers), attn_implementation="sdpa").to(dtype)
+    for layer in model.model.layers:
+        for name, mod in list(layer.named_modules()):
+            if type(mod) is not nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=compute_dtype or dtype,
+                                  compress_statistics=double_quant, quant_type=quant_type, device="meta")
+            q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, compress_statistics=double_quant,
+                                         quant_type=quant_type, module=q)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, q.to("cpu"))  # .to() quantizes
+    model.is_loaded_in_4bit = True  # PEFT puts its bnb LoRA layers on Linear4bit only then
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LORA_TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient is exercised
+            nn.init.normal_(p, std=0.02)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def rewrites_per_capture(model: nn.Module) -> list[int]:
+    """LoRA rewrites in each capture of the decoder layers. Without checkpointing the first layer,
+    whose input needs no grad, has a graph of its own, where bitsandbytes calls its op outside
+    MatMul4Bit for q, k and v; with it, HF makes the embeddings' output require grad: one graph."""
+    region = sloth_fx.report(model).regions["LlamaDecoderLayer"]
+    return [sum(len(log.rewrites) for log in cap.logs if log.pass_name == "lora") for cap in region.captures]
+
+
+# Each value of quant type, double quantization and checkpointing twice, every pair of them once.
+@pytest.mark.parametrize("quant_type,double_quant,checkpointing", [
+    ("nf4", True, False), ("nf4", False, True), ("fp4", True, True), ("fp4", False, False)])
+def test_qlora_on_all_seven_projections(quant_type, double_quant, checkpointing):
+    original = qlora_model(quant_type, double_quant, checkpointing=checkpointing)
+    optimized = sloth_fx.optimize(twin(original), passes=["lora"])
+    assert_same_training_step(original, optimized, batch())
+    report = sloth_fx.report(optimized)
+    assert report.count("lora") == 7 * 2 and report.refusals("lora") == []
+    assert rewrites_per_capture(optimized) == ([7] if checkpointing else [7, 7])
+    text = sloth_fx.explain(optimized)
+    assert "x read once for 3 linears" in text and "x read once for 2 linears" in text
+    assert "64->96, r=4" in text and "96->64, r=4" in text  # the quantized shape, not the packed uint8 one
+
+
+def test_qlora_bf16_with_fp32_adapters():
+    """PEFT keeps fp32 adapters on a bf16 model and casts their term to bf16 before the sum."""
+    original = qlora_model("nf4", True, dtype=torch.bfloat16)
+    assert original.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    optimized = sloth_fx.optimize(twin(original), passes=["lora"])
+    assert_same_training_step(original, optimized, batch(), rtol=2e-2, atol=2e-3)
+    assert sloth_fx.report(optimized).count("lora") == 14 and rewrites_per_capture(optimized) == [7, 7]
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(dropout=0.1), "lora_dropout p=0.1"),
+    (dict(compute_dtype=torch.bfloat16), "bitsandbytes compute dtype torch.bfloat16 is not the input's torch.float32"),
+])
+def test_qlora_refusals_by_name(kwargs, reason):
+    model = qlora_model("nf4", True, layers=1, **kwargs)
+    original = twin(model)
+    optimized = sloth_fx.optimize(model, passes=["lora"])
+    torch.manual_seed(3)
+    loss = optimized(**batch()).loss
+    torch.manual_seed(3)
+    assert torch.equal(loss, original(**batch()).loss)
+    report = sloth_fx.report(optimized)
+    assert report.count("lora") == 0
+    refused = [r for r in report.refusals("lora") if reason in r.reason]
+    assert len(refused) == 7, report.refusals("lora")
