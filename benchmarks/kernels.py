@@ -20,6 +20,12 @@ at the tensors' element sizes; per op (e = 2 bytes for bf16, T tokens):
   lora_linear fwd 2T(HO + Hr + rO), bwd 2T(OH + 2Or + 2rH) (dx through W and the adapters, dA, dB).
 Rates beside the bytes: achieved bandwidth over the copy bandwidth measured in the same run
 (``dst.copy_(src)`` of 1 GiB, counting read + write), FLOP/s over the measured matmul rate.
+
+Peak extra memory (the ``fwd+bwd`` row's ``peak_extra_bytes``): one forward+backward after the
+timing, input gradients cleared first, measured by :func:`peak_extra_bytes` -- the most allocated
+beyond the inputs (and the output gradient) at any moment, the input gradients it writes included.
+For ``linear_cross_entropy`` the ``torch`` implementation is HF's path (``lm_head`` linear,
+``logits.float()``, ``F.cross_entropy(ignore_index=-100)`` mean on already shifted labels).
 """
 
 from __future__ import annotations
@@ -74,6 +80,22 @@ def matmul_rate(device: torch.device, n: int = 8192) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     ms = _bench(lambda: a @ b)
     return 2 * n**3 / (ms / 1e3)
+
+
+def peak_extra_bytes(run: Callable[[], Any], device: torch.device, memory: Any = torch.cuda) -> int:
+    """Bytes allocated at the peak of ``run()`` beyond what was allocated just before it.
+
+    Reads ``memory.memory_allocated`` (the baseline: the inputs), resets the peak counter, runs,
+    synchronises and returns ``max_memory_allocated - baseline``. ``memory`` is ``torch.cuda`` or
+    anything with its ``synchronize``/``memory_allocated``/``reset_peak_memory_stats``/
+    ``max_memory_allocated`` taking a device (tests pass a fake counter).
+    """
+    memory.synchronize(device)
+    before = memory.memory_allocated(device)
+    memory.reset_peak_memory_stats(device)
+    run()
+    memory.synchronize(device)
+    return memory.max_memory_allocated(device) - before
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -265,10 +287,10 @@ def bench_case(case: Case, impl: str, dev: torch.device, copy_bw: float, mm_rate
     try:
         inputs, _ = case.make(dev)
         leaves = [t for t in inputs if t.requires_grad]
-        out = _outputs(fn(*inputs))
-        grads = [torch.randn_like(o) for o in out]
-        if case.op == "linear_cross_entropy":
-            grads = [torch.ones_like(o) for o in out]
+        # The loss's gradient is 1; other ops get random output gradients. Only their shapes are
+        # taken from this call: its graph (HF's: the [T, V] logits) is dropped at once.
+        like = torch.ones_like if case.op == "linear_cross_entropy" else torch.randn_like
+        grads = [like(o) for o in _outputs(fn(*inputs))]
 
         def fwd() -> None:
             fn(*inputs)
@@ -278,13 +300,16 @@ def bench_case(case: Case, impl: str, dev: torch.device, copy_bw: float, mm_rate
 
         ms_f = _bench(fwd)
         ms_fb = _bench(fwd_bwd, grad_to_none=leaves)
+        for t in leaves:
+            t.grad = None
+        peak = peak_extra_bytes(fwd_bwd, dev)
     except Exception as e:  # a missing op, an unsupported shape, OOM: this row says so
         torch.cuda.empty_cache()
         return [dict(base, status="failed", reason=classify_failure(e))]
     rows = []
-    for pas, ms, nbytes, nflops in (
-        ("fwd", ms_f, case.bytes_fwd, case.flops_fwd),
-        ("fwd+bwd", ms_fb, case.bytes_fwd + case.bytes_bwd, case.flops_fwd + case.flops_bwd),
+    for pas, ms, nbytes, nflops, peak_bytes in (
+        ("fwd", ms_f, case.bytes_fwd, case.flops_fwd, None),
+        ("fwd+bwd", ms_fb, case.bytes_fwd + case.bytes_bwd, case.flops_fwd + case.flops_bwd, peak),
     ):
         s = ms / 1e3
         rows.append(
@@ -298,9 +323,10 @@ def bench_case(case: Case, impl: str, dev: torch.device, copy_bw: float, mm_rate
                 bw_frac=nbytes / s / copy_bw,
                 tflops=nflops / s / 1e12 if nflops else None,
                 mm_frac=nflops / s / mm_rate if nflops else None,
+                peak_extra_bytes=peak_bytes,
             )
         )
-    del inputs, out, grads
+    del inputs, grads
     torch.cuda.empty_cache()
     return rows
 

@@ -17,6 +17,7 @@ from typing import Any
 from benchmarks.configs import CONFIGS, SYSTEMS
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 def load_rows(results_dir: str | Path) -> list[dict[str, Any]]:
@@ -83,20 +84,32 @@ def detail_table(rows: list[dict[str, Any]]) -> str:
 
 def kernel_table(result: dict[str, Any]) -> str:
     """Per op, shape, implementation and pass: median ms, GB/s and fraction of the copy bandwidth,
-    TFLOP/s and fraction of the matmul rate for the matmul-bound ops."""
+    TFLOP/s and fraction of the matmul rate for the matmul-bound ops, and on fwd+bwd rows the peak
+    extra memory in MiB with its share of the ``torch`` implementation's at the same op and shape."""
+    torch_peak = {
+        (r["op"], r["shape"]): r["peak_extra_bytes"]
+        for r in result["rows"]
+        if r["impl"] == "torch" and r.get("peak_extra_bytes")
+    }
     lines = [
-        f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s, bf16 matmul {result['matmul_flops'] / 1e12:.0f} TFLOP/s",
+        f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {result['matmul_flops'] / 1e12:.0f} TFLOP/s; "
+        "peak extra: one forward+backward's peak allocation beyond its inputs "
+        "(torch is plain PyTorch; for linear_cross_entropy, HF's path)",
         "",
-        "| op | shape | impl | pass | ms | GB/s | of copy BW | TFLOP/s | of matmul |",
-        "| --- " * 9 + "|",
+        "| op | shape | impl | pass | ms | GB/s | of copy BW | TFLOP/s | of matmul | peak extra MiB |",
+        "| --- " * 10 + "|",
     ]
     for r in result["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | — | failed: {str(r.get('reason'))[:120]} | | | | |")
+            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | — | failed: {str(r.get('reason'))[:120]} | | | | | |")
             continue
+        peak, ref = r.get("peak_extra_bytes"), torch_peak.get((r["op"], r["shape"]))
+        share = f" ({peak / ref:.1%} of torch)" if peak is not None and ref and r["impl"] != "torch" else ""
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['impl']} | {r['phase']} | {r['ms']:.3f} | {r['gbps']:.0f} "
-            f"| {r['bw_frac'] * 100:.0f}% | {_fmt(r.get('tflops'), '.0f')} | {_fmt(r.get('mm_frac'), '.0%')} |"
+            f"| {r['bw_frac'] * 100:.0f}% | {_fmt(r.get('tflops'), '.0f')} | {_fmt(r.get('mm_frac'), '.0%')} "
+            f"| {_fmt(peak, '.0f', 1 / MIB)}{share} |"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""How each row of the table prepares its model: hf, liger, compile, sloth_fx, unsloth.
+"""How each row of the table prepares its model: hf, liger, compile, sloth_fx, sloth_fx_noce, unsloth.
 
 Every system starts from the same random-init weights (configs + seed), gets the same LoRA
 (r=16, alpha=16, dropout 0, seven projections) and the same AdamW over the adapters. Imports of the
@@ -48,9 +48,11 @@ def prepare(system: str, cfg: Config, device: torch.device | str, seed: int, **o
     """Build the model of ``cfg`` the way ``system`` would train it."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
-    return {"hf": _hf, "liger": _liger, "compile": _compile, "sloth_fx": _sloth_fx, "unsloth": _unsloth}[system](
-        cfg, device, seed, **opts
-    )
+    prepare_fn = {
+        "hf": _hf, "liger": _liger, "compile": _compile, "sloth_fx": _sloth_fx, "sloth_fx_noce": _sloth_fx_noce,
+        "unsloth": _unsloth,
+    }[system]
+    return prepare_fn(cfg, device, seed, **opts)
 
 
 def _finish(model: nn.Module, notes: dict[str, Any] | None = None) -> Prepared:
@@ -81,14 +83,17 @@ def _compile(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Pr
     return _finish(model, {"compiled_layers": len(decoder_layers(model))})
 
 
-def _sloth_fx(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
-    """``sloth_fx.optimize(model)`` on the PEFT model; ``sloth_fx.explain`` goes into the notes."""
+def _sloth_fx(
+    cfg: Config, device: torch.device | str, seed: int, passes: list[str] | None = None, **_: Any
+) -> Prepared:
+    """``sloth_fx.optimize(model, passes)`` on the PEFT model (``None``: every available pass); the
+    passes and ``sloth_fx.explain`` go into the notes."""
     import sloth_fx
 
     if not hasattr(sloth_fx, "optimize"):
         raise Unsupported("sloth_fx.optimize does not exist yet in this checkout")
-    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed))
-    notes: dict[str, Any] = {}
+    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed), passes=passes)
+    notes: dict[str, Any] = {"passes": passes if passes is not None else sloth_fx.available_passes()}
     explain = getattr(sloth_fx, "explain", None)
     if explain is not None:
         try:
@@ -96,6 +101,15 @@ def _sloth_fx(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> P
         except Exception as e:  # the report is informative only; training is what is measured
             notes["explain"] = f"explain failed: {type(e).__name__}: {e}"
     return _finish(model, notes)
+
+
+def _sloth_fx_noce(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
+    """sloth_fx with every available pass except ``cross_entropy``: HF's lm_head and loss stay as
+    they are (the before of that pass, beside ``sloth_fx`` as its after)."""
+    import sloth_fx
+
+    passes = [p for p in sloth_fx.available_passes() if p != "cross_entropy"]
+    return _sloth_fx(cfg, device, seed, passes=passes)
 
 
 # ---------------------------------------------------------------------------------------- unsloth
