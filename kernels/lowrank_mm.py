@@ -20,11 +20,19 @@ of its three dimensions goes through it:
 Reading a 16-bit operand as it is and converting it in registers is the point: PEFT's
 fp32 adapters otherwise cost an fp32 copy of ``x``, of ``dY`` and of every ``[T, out]`` sum.
 
-Kernel: one program per ``[BLOCK_M, BLOCK_N]`` tile of ``out`` and per slice of K. Two 16-bit
-operands of one dtype go to the tensor cores as they are (products exact in fp32); otherwise
-both are widened to fp32 and multiplied in three TF32 passes (``tf32x3``: the low bits of each
-operand are carried by the second and third pass, accurate to about 2⁻²² relative, fp32's own
-rounding being 2⁻²⁴). When the ``out`` tiles alone cannot fill the GPU (``r`` is one side of
+Kernel: one program per ``[BLOCK_M, BLOCK_N]`` tile of ``out`` and per slice of K. How a tile
+product is formed depends on the operands' dtypes:
+
+- two 16-bit operands of one dtype go to the tensor cores as they are (products exact in fp32);
+- bf16 against fp32 (the model's activations against PEFT's fp32 adapters): the fp32 tile is cut
+  into three bf16 tiles ``hi + mid + lo`` that hold its 24 significant bits exactly, and three
+  bf16 tensor-core products (each exact in fp32) are accumulated: fp32's own accuracy at bf16's
+  rate, where TF32 would drop 13 bits of the adapter and ``tf32x3`` ran 3x slower (H100);
+- fp32 with fp32 (``xa·Bᵀ``, ``g·A``: K is the rank): both tiles cut so, and the six bf16
+  products of pieces whose weights reach 2⁻¹⁶ accumulated (the three dropped are 2⁻²⁴ and
+  below): fp32 FMA ran these memory-bound updates at a third of the copy bandwidth;
+- fp16 with fp32 (fp16's exponent range cannot hold the pieces): fp32 FMA (``ieee``).
+ When the ``out`` tiles alone cannot fill the GPU (``r`` is one side of
 ``out`` and K is long), K is cut into ``split`` slices whose partial products land in an fp32
 buffer ``[split, M, N]`` summed afterwards: deterministic, unlike atomics.
 """
@@ -35,17 +43,32 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_fx.kernels.dispatch import use_triton
+from sloth_fx.kernels.dispatch import interpreting, use_triton
 
 __all__ = ["lowrank_mm", "lowrank_mm_reference"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# How the tile product is formed (a compile-time constant of the kernel).
+NATIVE, SPLIT_A, SPLIT_B, SPLIT_BOTH, FMA = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _bf16_pieces(t):
+    """fp32 ``t`` as ``hi + mid + lo``, three bf16 tiles of 8 significant bits each: 24 bits,
+    fp32's whole significand (bf16 has fp32's exponent range, so nothing under- or overflows)."""
+    hi = t.to(tl.bfloat16)
+    rest = t - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
 @triton.jit
 def _lowrank_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
                        stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
-                       alpha, ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr,
+                       alpha, ACCUMULATE: tl.constexpr, MODE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,16 +82,42 @@ def _lowrank_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
         b_mask = (rk[:, None] < k_hi) & (rn[None, :] < N)
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=a_mask, other=0.0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask, other=0.0)
-        if WIDEN:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
-        else:
+        if MODE == 0:
             acc = tl.dot(a, b, acc)
+        elif MODE == 1:
+            hi, mid, lo = _bf16_pieces(a)
+            acc = tl.dot(lo, b, tl.dot(mid, b, tl.dot(hi, b, acc)))
+        elif MODE == 2:
+            hi, mid, lo = _bf16_pieces(b)
+            acc = tl.dot(a, lo, tl.dot(a, mid, tl.dot(a, hi, acc)))
+        elif MODE == 3:
+            a_hi, a_mid, a_lo = _bf16_pieces(a)
+            b_hi, b_mid, b_lo = _bf16_pieces(b)
+            # the six cross terms down to 2^-16 relative (mid·lo, lo·mid, lo·lo: 2^-24 and less)
+            acc = tl.dot(a_hi, b_hi, tl.dot(a_hi, b_mid, tl.dot(a_mid, b_hi, acc)))
+            acc = tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, tl.dot(a_mid, b_mid, acc)))
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     acc = acc * alpha
     c_ptrs = c_ptr + pid_s * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = (rm[:, None] < M) & (rn[None, :] < N)
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _mode(a: torch.dtype, b: torch.dtype) -> int:
+    if interpreting():  # NumPy has no bf16: the interpreter gets the pieces wrong (GPU-tested)
+        return NATIVE if a == b and a == torch.float16 else FMA
+    if a == b and a != torch.float32:
+        return NATIVE
+    if (a, b) == (torch.float32, torch.bfloat16):
+        return SPLIT_A
+    if (a, b) == (torch.bfloat16, torch.float32):
+        return SPLIT_B
+    if (a, b) == (torch.float32, torch.float32):
+        return SPLIT_BOTH
+    return FMA
 
 
 def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor | None = None,
@@ -130,9 +179,11 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
         return out
     if k == 0:
         return out if accumulate else out.zero_()
-    widen = a.dtype != b.dtype or a.dtype == torch.float32
-    block_m, block_n = _block(m, 16, 128), _block(n, 16, 128)
-    block_k = _block(k, 16, 32 if widen else 64)
+    # Measured on the H100 at the shapes of a 7B layer: the in-place rank-r update (short K)
+    # streams best in 64x128 tiles, the long-K thin products in 128-row tiles 64 deep.
+    long_k = k > 64
+    block_m, block_n = _block(m, 16, 128 if long_k else 64), _block(n, 16, 64 if long_k else 128)
+    block_k = _block(k, 16, 64)
     tiles_m, tiles_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     if split_k is None:
         split_k = 1
@@ -145,10 +196,10 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
     target = out if split_k == 1 else torch.empty(split_k, m, n, device=a.device, dtype=torch.float32)
     stride_cs = 0 if split_k == 1 else target.stride(0)
     stride_cm, stride_cn = target.stride(-2), target.stride(-1)
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    num_warps = 8 if block_m * block_n > 64 * 128 else 4
     _lowrank_mm_kernel[(tiles_m, tiles_n, split_k)](
         a, b, target, m, n, k, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        stride_cs, stride_cm, stride_cn, float(alpha), ACCUMULATE=accumulate, WIDEN=widen,
+        stride_cs, stride_cm, stride_cn, float(alpha), ACCUMULATE=accumulate, MODE=_mode(a.dtype, b.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3,
     )
     if split_k > 1:

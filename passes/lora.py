@@ -14,7 +14,8 @@ absent from the graph when adapters and base share a dtype). With fp32 adapters 
 the fused op takes the cast in: it returns the base dtype, rounded once from an fp32 sum, and
 never builds PEFT's fp32 ``[T, out]`` tensors. A wide sum that is not cast back is refused.
 
-DoRA, merged adapters and bitsandbytes 4-bit bases have other graphs and do not match.
+PEFT's LoRA over a bitsandbytes 4-bit base (QLoRA) is found by ``passes/lora_4bit.py`` and joins the
+same sibling groups; the fused op dequantizes the base itself. DoRA and merged adapters do not match.
 Adapters stay PEFT's own parameters: the fused op reads them as graph inputs.
 """
 
@@ -31,6 +32,7 @@ from sloth_fx.cost_model import lora_plan
 from sloth_fx.graph_edit import NotSchedulable, module_path, replace_with_call
 from sloth_fx.kernels.lora import lora_linear, lora_linear_group
 from sloth_fx.pass_manager import register_pass
+from sloth_fx.passes.lora_4bit import find_4bit_lora, weight_shape
 from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
 from sloth_fx.report import PassLog
 
@@ -74,6 +76,11 @@ def lora_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
             log.refuse(module_path(match.output), reason)
         else:
             groups[match.inputs["x"]].append(match)
+    for match, reason in find_4bit_lora(gm):
+        if reason:
+            log.refuse(module_path(match.output), reason)
+        else:
+            groups[match.inputs["x"]].append(match)
     for x, matches in groups.items():
         _replace_group(gm.graph, x, matches, log)
     return gm
@@ -102,10 +109,10 @@ def _replace_group(graph: fx.Graph, x: fx.Node, matches: list[Match], log: PassL
     value = fake_value(x)
     tokens = math.prod(_hint(d) for d in value.shape[:-1])
     for m, name in zip(matches, names):
-        w, a = fake_value(m.inputs["weight"]), fake_value(m.inputs["lora_a"])
+        (out_features, in_features), a = weight_shape(m), fake_value(m.inputs["lora_a"])
         together = f", x read once for {len(matches)} linears" if len(matches) > 1 else ""
-        log.rewrite(name, f"{w.shape[1]}->{w.shape[0]}, r={a.shape[0]}{together}")
-        plan = lora_plan(tokens, w.shape[1], w.shape[0], a.shape[0], value.element_size())
+        log.rewrite(name, f"{in_features}->{out_features}, r={a.shape[0]}{together}")
+        plan = lora_plan(tokens, in_features, out_features, a.shape[0], value.element_size())
         costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in plan.predicted.items())
         log.notes.append(f"cost model at {tokens} tokens for {name}: forward {plan.forward}, dX {plan.backward_dx} ({costs})")
 

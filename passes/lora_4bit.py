@@ -13,18 +13,8 @@ call when it does. ``W`` is the ``Params4bit`` parameter itself, a graph input: 
 module's live parameter, ``quant_state`` and all, so the fused op gets it as its weight argument
 and dequantizes with the real state; the lifted quant-state tensors are left unused.
 
-How ``passes/lora.py`` calls it (4-bit matches join the same sibling groups as dense ones, and
-their base shape comes from the quant state, not from the packed uint8 tensor)::
-
-    from sloth_fx.passes.lora_4bit import find_4bit_lora, weight_shape
-
-    for match, reason in find_4bit_lora(gm):              # in lora_pass, before the groups are replaced
-        if reason:
-            log.refuse(module_path(match.output), reason)
-        else:
-            groups[match.inputs["x"]].append(match)
-
-    out_features, in_features = weight_shape(m)           # in _replace_group, for w.shape[0], w.shape[1]
+``passes/lora.py`` puts these matches into the same sibling groups as dense ones; their base
+shape comes from :func:`weight_shape` (the quant state), not from the packed uint8 tensor.
 
 Refused, with the reason: ``lora_dropout > 0``; a compute dtype other than ``x``'s (bitsandbytes
 would compute the product in another precision than the fused op); a bias on the 4-bit base;

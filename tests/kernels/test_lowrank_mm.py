@@ -80,16 +80,17 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="out has shape"):
         lowrank_mm(a, b, out=torch.empty(4, 4))
     with pytest.raises(ValueError, match="only for a fresh fp32 out"):
-        lowrank_mm(torch.randn(4, 64), torch.randn(64, 3), out=torch.empty(4, 3).half(), split_k=2)
+        lowrank_mm(torch.randn(4, 200), torch.randn(200, 3), out=torch.empty(4, 3).half(), split_k=2)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n", SHAPES + [(16384, 4096, 48), (16384, 16, 11008), (4096, 16384, 16), (48, 16384, 4096)])
-@pytest.mark.parametrize("da,db", DTYPES + [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("da,db", DTYPES + [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                            (torch.bfloat16, torch.bfloat16)])
 def test_on_gpu_against_float64(m, k, n, da, db):
     a, b = operands(m, k, n, da, db, seed=m + k + n, device="cuda", transposed=n < 64)
     got = lowrank_mm(a, b, alpha=0.5)
-    assert torch.isfinite(got).all() and rel_err(got, a, b, 0.5) < 2e-5  # tf32x3: about 2^-22 a product
+    assert torch.isfinite(got).all() and rel_err(got, a, b, 0.5) < 1e-5  # bf16 pieces: fp32's accuracy
     out = torch.randn(m, n, device="cuda").to(torch.bfloat16)
     base = out.clone()
     lowrank_mm(a, b, alpha=0.5, out=out, accumulate=True)
