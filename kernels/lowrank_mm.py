@@ -179,11 +179,16 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
         return out
     if k == 0:
         return out if accumulate else out.zero_()
-    # Measured on the H100 at the shapes of a 7B layer: the in-place rank-r update (short K)
-    # streams best in 64x128 tiles, the long-K thin products in 128-row tiles 64 deep.
+    # Tile shapes measured best on the H100 at the shapes of a 7B layer (T = 16384): the in-place
+    # rank-r update streams out in 64x128 tiles, K in steps of 16; a long-K product keeps its
+    # thin side whole and runs 128 wide on the other.
     long_k = k > 64
-    block_m, block_n = _block(m, 16, 128 if long_k else 64), _block(n, 16, 64 if long_k else 128)
-    block_k = _block(k, 16, 64)
+    if not long_k:
+        block_m, block_n, block_k = _block(m, 16, 64), _block(n, 16, 128), 16
+    elif n <= 64:
+        block_m, block_n, block_k = _block(m, 16, 128), _block(n, 16, 64), 64
+    else:
+        block_m, block_n, block_k = _block(m, 16, 64), _block(n, 16, 128), 32
     tiles_m, tiles_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     if split_k is None:
         split_k = 1
@@ -196,11 +201,11 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
     target = out if split_k == 1 else torch.empty(split_k, m, n, device=a.device, dtype=torch.float32)
     stride_cs = 0 if split_k == 1 else target.stride(0)
     stride_cm, stride_cn = target.stride(-2), target.stride(-1)
-    num_warps = 8 if block_m * block_n > 64 * 128 else 4
+    num_warps = 8 if long_k and block_m * block_n >= 128 * 64 else 4
     _lowrank_mm_kernel[(tiles_m, tiles_n, split_k)](
         a, b, target, m, n, k, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         stride_cs, stride_cm, stride_cn, float(alpha), ACCUMULATE=accumulate, MODE=_mode(a.dtype, b.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=4 if long_k else 3,
     )
     if split_k > 1:
         torch.sum(target, dim=0, out=out)
