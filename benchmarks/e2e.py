@@ -130,6 +130,8 @@ def run_e2e(
     row["notes"] = prepared.notes
     res = train_steps(prepared, batches, dev)
     row.update(res)
+    if prepared.after_training is not None:
+        row["notes"].update(prepared.after_training())
     row["first_step_s"] = res["step_times"][0]
     timed = stats.timed_steps(res["step_times"], warmup)
     med = stats.median(timed)

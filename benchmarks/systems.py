@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ class Prepared:
     notes: dict[str, Any] = field(default_factory=dict)
     # Whether the model takes packed input (position_ids restarting per sequence, no mask).
     packed_ok: bool = True
+    # Notes only training can give (sloth_fx captures and rewrites at the first step).
+    after_training: Callable[[], dict[str, Any]] | None = None
 
 
 def _version(dist: str) -> str:
@@ -87,20 +90,19 @@ def _sloth_fx(
     cfg: Config, device: torch.device | str, seed: int, passes: list[str] | None = None, **_: Any
 ) -> Prepared:
     """``sloth_fx.optimize(model, passes)`` on the PEFT model (``None``: every available pass); the
-    passes and ``sloth_fx.explain`` go into the notes."""
+    passes go into the notes, and once trained, the rewrites per pass and ``sloth_fx.explain``."""
     import sloth_fx
 
-    if not hasattr(sloth_fx, "optimize"):
-        raise Unsupported("sloth_fx.optimize does not exist yet in this checkout")
     model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed), passes=passes)
-    notes: dict[str, Any] = {"passes": passes if passes is not None else sloth_fx.available_passes()}
-    explain = getattr(sloth_fx, "explain", None)
-    if explain is not None:
-        try:
-            notes["explain"] = str(explain(model))[:4000]
-        except Exception as e:  # the report is informative only; training is what is measured
-            notes["explain"] = f"explain failed: {type(e).__name__}: {e}"
-    return _finish(model, notes)
+    passes = passes if passes is not None else sloth_fx.available_passes()
+
+    def report() -> dict[str, Any]:
+        rewrites = sloth_fx.report(model)
+        return {"rewrites": {p: rewrites.count(p) for p in passes}, "explain": str(sloth_fx.explain(model))[:4000]}
+
+    prepared = _finish(model, {"passes": passes})
+    prepared.after_training = report
+    return prepared
 
 
 def _sloth_fx_noce(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
