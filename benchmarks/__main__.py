@@ -2,6 +2,7 @@
 
     python -m benchmarks e2e --configs E1,E2,E3 --systems hf,liger,compile,unsloth,sloth_fx --results DIR
     python -m benchmarks kernels --results DIR
+    python -m benchmarks lora-plans --results DIR
     python -m benchmarks maxlen --config E6 --systems hf,sloth_fx --lo 4096 --hi 65536 --results DIR
     python -m benchmarks profile --config E1 --layers 2 --systems hf,sloth_fx --results DIR
     python -m benchmarks report --results DIR
@@ -123,6 +124,17 @@ def cmd_kernels(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lora_plans(a: argparse.Namespace) -> int:
+    from benchmarks.lora_plans import lora_plans_table, run_lora_plans
+
+    rows = run_lora_plans(progress=_console().log)
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "lora_plans.json").write_text(json.dumps(rows, indent=1))
+    print(lora_plans_table(rows))
+    return 0
+
+
 def cmd_maxlen(a: argparse.Namespace) -> int:
     from benchmarks.maxlen import search_system
     from benchmarks.report import maxlen_table
@@ -195,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--ops", default=None, help="comma-separated subset of op names")
     k.add_argument("--results", default="results/latest")
 
+    lp = sub.add_parser("lora-plans", help="per projection: PEFT vs each fused LoRA form, cost model beside (GPU)")
+    lp.add_argument("--results", default="results/latest")
+
     m = sub.add_parser("maxlen", help="E6: longest sequence at batch 1, by bisection")
     m.add_argument("--config", default="E6")
     m.add_argument("--systems", default=",".join(SYSTEMS))
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--results", default="results/latest")
 
     a = p.parse_args(argv)
-    return {"worker": cmd_worker, "e2e": cmd_e2e, "kernels": cmd_kernels, "maxlen": cmd_maxlen,
+    return {"worker": cmd_worker, "e2e": cmd_e2e, "kernels": cmd_kernels, "maxlen": cmd_maxlen, "lora-plans": cmd_lora_plans,
             "profile": cmd_profile, "report": cmd_report}[a.cmd](a)
 
 

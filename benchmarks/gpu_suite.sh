@@ -16,6 +16,7 @@
 #   --e2e-timeout S     per run at most (default 240)
 #   --no-tests | --tests-timeout S (default 120)   --no-kernels | --kernels-timeout S (default 150)
 #   --kernel-ops LIST   subset of ops              --maxlen LO:HI:GRAN[:SYSTEMS]  run E6's bisection
+#   --lora-plans        per projection: PEFT vs each fused LoRA form, with the cost model's prediction
 #   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
 #   --fresh             forget earlier results on this (warm) machine; by default rows of earlier
 #                       calls to the same machine stay in /tmp/bench_results and join the report
@@ -24,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET=540 CONFIGS=E1,E2,E3 SYSTEMS=hf,liger,compile,unsloth,sloth_fx LAYERS="" STEPS=8
-FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" EXTRA=()
+LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift ;;
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
     --kernels-timeout) KERNELS_TIMEOUT=$2; shift ;;
     --kernel-ops) KOPS=$2; shift ;;
     --maxlen) MAXLEN=$2; shift ;;
+    --lora-plans) LORA_PLANS=1 ;;
     --unsloth-offload) EXTRA+=(--unsloth-offload) ;;
     --fresh) FRESH=1 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -114,6 +116,13 @@ if [ "$KERNELS" = 1 ]; then
   else
     say "kernels skipped: budget spent"
   fi
+fi
+
+# 4b. LoRA per projection against the cost model.
+if [ "$LORA_PLANS" = 1 ]; then
+  T=$(( $(left) - 20 ))
+  say "lora-plans (timeout ${T}s)"
+  timeout "$T" $PY -m benchmarks lora-plans --results "$RES" 2>&1 | tee -a "$LOG"
 fi
 
 # 5. E6: longest sequence at batch 1 (optional: it costs a model build per probe).

@@ -212,6 +212,11 @@ def write_report(results_dir: str | Path) -> Path:
         ]
     if (d / "kernels.json").exists():
         parts += ["## Kernels (forward; forward + backward)", "", kernel_table(json.loads((d / "kernels.json").read_text())), ""]
+    if (d / "lora_plans.json").exists():
+        from benchmarks.lora_plans import lora_plans_table
+
+        parts += ["## LoRA per projection: PEFT and each fused form, the cost model beside", "",
+                  lora_plans_table(json.loads((d / "lora_plans.json").read_text())), ""]
     if (d / "maxlen.json").exists():
         parts += ["## E6: longest sequence at batch 1", "", maxlen_table(json.loads((d / "maxlen.json").read_text())), ""]
     out = d / "report.md"
