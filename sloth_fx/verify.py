@@ -2,9 +2,13 @@
 
 Floating inputs are replaced by fresh random tensors of the same shape, dtype and spread (keeping
 which of them require grad); integer and boolean inputs (token ids, positions, masks) keep their real
-values, since they index. Both graphs run forward, then backward from the same random cotangents;
-outputs and input gradients must agree within the dtype's tolerance, measured as
-``||a - b|| / ||b||`` (elementwise comparisons are meaningless for sums of many rounded terms).
+values, since they index. Quantized weights (anything with a ``quant_state``, such as bitsandbytes'
+``Params4bit``) and the tensors of their quant states, which Dynamo lifts to inputs of their own,
+stay the real objects: the original graph dequantizes with the lifted tensors while a rewrite may
+read the weight's own ``quant_state``, so both must describe the same weight. Both graphs run
+forward, then backward from the same random cotangents; outputs and input gradients must agree
+within the dtype's tolerance, measured as ``||a - b|| / ||b||`` (elementwise comparisons are
+meaningless for sums of many rounded terms).
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ def concrete(example_inputs: Sequence[Any]) -> bool:
 
 def random_inputs(example_inputs: Sequence[Any], seed: int) -> list[Any]:
     gen = torch.Generator().manual_seed(seed)
+    quantization = _quantization_tensors(example_inputs)
     out: list[Any] = []
     for x in example_inputs:
-        if isinstance(x, torch.SymInt):
+        if id(x) in quantization:
+            out.append(x)
+        elif isinstance(x, torch.SymInt):
             out.append(int(x.node.hint))
         elif isinstance(x, torch.Tensor) and x.is_floating_point():
             # at the example's own scale, so that activations stay as large as in real use
@@ -49,6 +56,21 @@ def random_inputs(example_inputs: Sequence[Any], seed: int) -> list[Any]:
         else:
             out.append(x)
     return out
+
+
+def _quantization_tensors(example_inputs: Sequence[Any]) -> set[int]:
+    """The ids of the inputs that are quantized weights or tensors of their (nested) quant states."""
+    weights = [x for x in example_inputs if getattr(x, "quant_state", None) is not None]
+    ids = {id(w) for w in weights}
+    states = [w.quant_state for w in weights]
+    while states:
+        state = states.pop()
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                ids.add(id(value))
+            elif type(value) is type(state):  # bitsandbytes' double quantization: state2
+                states.append(value)
+    return ids
 
 
 def compare(rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs: Sequence[Any], seed: int = 0) -> Verdict:
@@ -82,11 +104,17 @@ def compare(rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs:
 
 
 def _forward(gm: fx.GraphModule, inputs: list[Any], seed: int) -> tuple[list[Any], list[Any]]:
-    leaves = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs]
+    # fresh leaves per run, so that neither run sees the other's gradients or in-place writes; a
+    # quantized weight goes in as itself, since a copy would lose its quant_state
+    leaves = [_fresh(x) if isinstance(x, torch.Tensor) and not hasattr(x, "quant_state") else x for x in inputs]
     with torch.random.fork_rng(devices=_devices(leaves)), torch.enable_grad():
         torch.manual_seed(seed)
         outs = gm(*leaves)
     return leaves, list(outs) if isinstance(outs, (tuple, list)) else [outs]
+
+
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(x.requires_grad)
 
 
 def _backward(outputs: list[torch.Tensor], leaves: list[Any], seed: int) -> list[torch.Tensor | None]:

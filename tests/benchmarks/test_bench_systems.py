@@ -11,16 +11,8 @@ from benchmarks.e2e import train_steps
 from benchmarks.systems import prepare
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Dynamo's caches reset afterwards: a bf16 model optimized earlier in the same process leaves
-    a later fp32 model of the same class with no rmsnorm rewrite (tests/test_optimize.py)."""
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("system, ce_sites", [("sloth_fx", 1), ("sloth_fx_noce", 0)])
-def test_noce_runs_every_pass_but_cross_entropy(system, ce_sites, fresh_dynamo):
+def test_noce_runs_every_pass_but_cross_entropy(system, ce_sites):
     cfg = get_config("tiny")
     prepared = prepare(system, cfg, "cpu", 0)
     train_steps(prepared, batches_for(cfg, 1, 0), torch.device("cpu"))

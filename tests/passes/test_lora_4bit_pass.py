@@ -71,6 +71,26 @@ def test_qlora_bf16_with_fp32_adapters():
     assert sloth_fx.report(optimized).count("lora") == 14 and rewrites_per_capture(optimized) == [7, 7]
 
 
+def test_qlora_passes_verify():
+    """verify runs both graphs on the real 4-bit weights and quant states and random activations:
+    the LoRA rewrite is kept, a wrong one after it is still caught, and the model trains as PEFT's."""
+    def wrong_norm(gm, log):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is torch.rsqrt:
+                node.target = torch.sqrt
+                log.rewrite("somewhere", "deliberately wrong")
+        return gm
+
+    sloth_fx.register_pass("wrong_norm_for_qlora_test", wrong_norm)
+    original = qlora_model("nf4", True)
+    optimized = sloth_fx.optimize(twin(original), passes=["lora", "wrong_norm_for_qlora_test"], verify=True)
+    assert_same_training_step(original, optimized, batch())
+    assert sloth_fx.report(optimized).count("lora") == 14
+    text = sloth_fx.explain(optimized)
+    assert "each pass checked on random inputs" in text and "dropped by verify: lora" not in text
+    assert "dropped by verify: wrong_norm_for_qlora_test" in text
+
+
 @pytest.mark.parametrize("kwargs,reason", [
     (dict(dropout=0.1), "lora_dropout p=0.1"),
     (dict(compute_dtype=torch.bfloat16), "bitsandbytes compute dtype torch.bfloat16 is not the input's torch.float32"),
