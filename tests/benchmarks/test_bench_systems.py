@@ -21,6 +21,8 @@ def test_noce_runs_every_pass_but_cross_entropy(system, ce_sites):
     assert rep.count("lora") > 0 and rep.count("rmsnorm") > 0
     expected = [p for p in sloth_fx.available_passes() if ce_sites or p != "cross_entropy"]
     assert prepared.notes["passes"] == expected
+    after = prepared.after_training()  # what run_e2e adds to the row's notes once the steps ran
+    assert after["rewrites"] == {p: rep.count(p) for p in expected} and "captured 1 time" in after["explain"]
 
 
 def test_e5_is_llama3_8b_4x4096_ckpt():
