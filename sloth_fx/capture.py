@@ -13,21 +13,17 @@ control flow; Dynamo can. sloth_fx compiles *regions*, not the whole model:
 The backend runs the passes and returns the rewritten ``GraphModule`` itself, which runs eagerly,
 so autograd runs each fused op's own backward. Regions run compiled only when the module is
 training and grad is enabled; evaluation, ``torch.no_grad()`` and ``generate()`` take the original
-eager forward, untouched. Shapes: batch and sequence sizes are marked dynamic before the first
-capture, so new sizes never recapture; a size of 1 causes one more capture (Dynamo specialises
-sizes 0 and 1), and the first decoder layer, whose input does not require grad under LoRA, gets a
-graph of its own (tests/test_optimize.py shows the bound). Each region of each ``optimize`` call but
-the head is compiled through a code object of its own (``_region_code``), so that models never share
-Dynamo state there.
+eager forward, untouched. Shapes: Dynamo captures static shapes first and, when a size changes,
+Shapes: batch and sequence sizes are marked dynamic before the first capture, so new sizes never
+recapture; a size of 1 causes one more capture (Dynamo specialises sizes 0 and 1), and the first
+decoder layer, whose input does not require grad under LoRA, gets a graph of its own
+(tests/test_optimize.py shows the bound).
 """
 
 from __future__ import annotations
 
 import contextvars
 import copy
-import itertools
-import re
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +37,6 @@ from sloth_fx.report import Capture, RegionReport, Report
 from sloth_fx.verify import compare, concrete
 
 _REGION: contextvars.ContextVar[RegionReport | None] = contextvars.ContextVar("sloth_fx_region", default=None)
-_INSTALLED = itertools.count()
 
 
 @dataclass
@@ -91,11 +86,8 @@ def install(model: nn.Module, passes: Sequence[str], report: Report, verify: boo
     for region in regions:
         region_report = RegionReport(region.name, [path for path, _ in region.modules])
         report.regions[region.name] = region_report
-        # the head's graph starts after a graph break (the opaque decoder) inside the forward, from
-        # where Dynamo compiles the forward's own frames: an entry code of its own would not help
-        code = None if region.modules[0][1] is head else _region_code(region.name)
         for _, module in region.modules:
-            _gate(module, backend, region_report, code)
+            _gate(module, backend, region_report)
     if head is not None and decoder is not None:
         _make_opaque(decoder)
 
@@ -114,9 +106,9 @@ def _make_opaque(decoder: nn.Module) -> None:
 
 
 def _raise_recompile_limit(at_least: int = 64) -> None:
-    """A region can need more captures than Dynamo's limit (8), past which a frame silently runs
-    eagerly, unrewritten: HF's training forward passes a DynamicCache whose guards tell the layers
-    apart (one capture per layer), and sizes of 1 add their own."""
+    """Every optimized model adds guard sets to the same code objects (all GradientCheckpointingLayer
+    subclasses share one forward wrapper), and past Dynamo's limit (8) a frame silently runs
+    eagerly, unrewritten; a process that optimizes several models needs more room."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
@@ -131,39 +123,9 @@ def uninstall(model: nn.Module) -> None:
             del module.forward
 
 
-def _calls(fn: Callable[..., Any]) -> Callable[..., Any]:
-    def region_entry(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    return region_entry
-
-
-def _region_code(name: str) -> types.CodeType:
-    """A code object of its own for one region of one ``optimize`` call, to compile in place of the
-    module's forward (which it calls, inlined into the same graph).
-
-    Dynamo keeps its cache entries, guards, recompile count and record of which sizes and scalars
-    changed on the compiled frame's code object, for the whole process; a class's forward (and
-    transformers' ``forward_with_checkpointing``, shared by every decoder layer class) is one code
-    object for every model. Compiled there, a second model would inherit the first's dynamism (eps
-    as a tensor input, which no pattern matches) and recompile budget, and re-optimizing would pile
-    up entries: each would silently lose its rewrites. Here each model's state is its own.
-    """
-    tag = re.sub(r"\W+", "_", name)
-    return _calls(None).__code__.replace(co_name=f"sloth_fx_{next(_INSTALLED)}_{tag}")
-
-
-def _gate(module: nn.Module, backend: "Backend", region: RegionReport, code: types.CodeType | None) -> None:
-    """Run ``module``'s training forward compiled: through ``code`` (from ``_region_code``) if
-    given, else on the forward's own frames, shared with every model of the class, where
-    ``isolate_recompiles`` at least keeps other models' captures off this one's recompile limit."""
+def _gate(module: nn.Module, backend: "Backend", region: RegionReport) -> None:
     eager = type(module).forward.__get__(module)
-    if code is None:
-        compiled = torch.compile(eager, backend=backend, isolate_recompiles=True)
-    else:
-        entry = _calls(eager)
-        entry.__code__ = code
-        compiled = torch.compile(entry, backend=backend)
+    compiled = torch.compile(eager, backend=backend)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if module.training and torch.is_grad_enabled():

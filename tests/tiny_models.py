@@ -13,24 +13,22 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
 
 
-def config(family: str, layers: int = 2, **overrides):
-    """A tiny config of ``family``; ``overrides`` are further config fields (``rms_norm_eps=...``)."""
-    common = {**COMMON, "num_hidden_layers": layers, **overrides}
+def config(family: str, layers: int = 2):
     if family == "llama":
-        return LlamaConfig(**common, num_key_value_heads=4)
+        return LlamaConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4)
     if family == "mistral":
-        return MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
+        return MistralConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=2, sliding_window=None)
     if family == "gemma":
-        return GemmaConfig(**common, num_key_value_heads=1, head_dim=16)
+        return GemmaConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=1, head_dim=16)
     if family == "phi":
-        return PhiConfig(**common, num_key_value_heads=4)
+        return PhiConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4)
     raise ValueError(family)
 
 
 def tiny_model(family: str = "llama", *, lora: bool = False, checkpointing: bool = False, layers: int = 2,
-               dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> nn.Module:
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(family, layers, **overrides), attn_implementation="sdpa").to(dtype)
+    model = AutoModelForCausalLM.from_config(config(family, layers), attn_implementation="sdpa").to(dtype)
     if lora:
         targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
