@@ -77,6 +77,7 @@ def lora_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
         else:
             groups[match.inputs["x"]].append(match)
     for match, reason in find_4bit_lora(gm):
+        reason = reason or _adapter_refusal(match)
         if reason:
             log.refuse(module_path(match.output), reason)
         else:
@@ -122,15 +123,27 @@ def _hint(size: int | torch.SymInt) -> int:
 
 
 def _refusal(match: Match) -> str | None:
-    x, w = fake_value(match.inputs["x"]), fake_value(match.inputs["weight"])
-    a, b = fake_value(match.inputs["lora_a"]), fake_value(match.inputs["lora_b"])
-    if not all(isinstance(t, torch.Tensor) for t in (x, w, a, b)) or w.dim() != 2:
+    w = fake_value(match.inputs["weight"])
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return "the base weight is not a plain 2-D tensor"
+    reason = _adapter_refusal(match)
+    x = fake_value(match.inputs["x"])
+    if reason is None and x.dtype != w.dtype:
+        reason = f"input {x.dtype}, base {w.dtype}: the fused op needs x and W alike"
+    return reason
+
+
+def _adapter_refusal(match: Match) -> str | None:
+    """What a dense and a 4-bit base have in common: x's dtype, A and B alike, the sum cast back
+    to x's dtype, a constant scale, no intermediate used elsewhere."""
+    x, y = fake_value(match.inputs["x"]), fake_value(match.output)
+    a, b = fake_value(match.inputs["lora_a"]), fake_value(match.inputs["lora_b"])
+    if not all(isinstance(t, torch.Tensor) for t in (x, a, b)):
+        return "an input of the LoRA linear is not a tensor"
     if x.dtype not in SUPPORTED:
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
-    if x.dtype != w.dtype or a.dtype != b.dtype:
-        return f"input {x.dtype}, base {w.dtype}, adapters {a.dtype}/{b.dtype}: the fused op needs x and W alike, A and B alike"
-    y = fake_value(match.output)
+    if a.dtype != b.dtype:
+        return f"adapters {a.dtype}/{b.dtype}: the fused op needs A and B alike"
     if not isinstance(y, torch.Tensor) or y.dtype != x.dtype:
         return f"the LoRA sum is used in {getattr(y, 'dtype', '?')}, not cast back to the base's {x.dtype}"
     if not isinstance(match.literals["scale"], (int, float)):

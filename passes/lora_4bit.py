@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 from sloth_fx.patterns import CAST, Match, fake_value, find_matches, trace_pattern
 
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 VIEWS = ("view", torch.Tensor.view)
 Base4bit = tuple[fx.Node, fx.Node, tuple[int, int], list[fx.Node], "str | None"]  # x, W, [out, in], nodes, reason
 
@@ -63,7 +62,8 @@ class QuantLoRAMatch(Match):
 
 def find_4bit_lora(gm: fx.GraphModule) -> list[tuple[QuantLoRAMatch, str | None]]:
     """Every PEFT LoRA linear over a bitsandbytes 4-bit base in ``gm`` (canonicalized), with the
-    reason it must not be fused, or ``None`` when it may be.
+    4-bit reason it must not be fused, or ``None`` (``passes/lora.py`` then checks the adapters
+    as it does for a dense base).
 
     Each match binds ``inputs`` ``x`` (the layer's input), ``weight`` (the ``Params4bit``),
     ``lora_a``, ``lora_b``; ``literals["scale"]``; ``output`` (the sum); ``nodes`` (the adapter
@@ -85,7 +85,7 @@ def find_4bit_lora(gm: fx.GraphModule) -> list[tuple[QuantLoRAMatch, str | None]
                 reason = f"lora_dropout p={adapter.literals['p']}: the adapters see a random mask"
             elif x is not inputs["x"]:
                 reason = "the 4-bit product and the adapters read different inputs"
-            found.append((match, reason or _refusal(match)))
+            found.append((match, reason))
     return found
 
 
@@ -160,23 +160,6 @@ def _params4bit(gm: fx.GraphModule, packed: Any, operand: dict[fx.Node, Any], no
         packed = packed.args[0]
     ok = isinstance(packed, fx.Node) and packed.op == "placeholder" and packed.graph is gm.graph
     return packed if ok else None
-
-
-def _refusal(match: QuantLoRAMatch) -> str | None:
-    xv, out = fake_value(match.inputs["x"]), fake_value(match.output)
-    a, b = fake_value(match.inputs["lora_a"]), fake_value(match.inputs["lora_b"])
-    if not all(isinstance(t, torch.Tensor) for t in (xv, out, a, b)):
-        return "an input of the LoRA linear is not a tensor"
-    if xv.dtype not in SUPPORTED:
-        return f"dtype {xv.dtype} is not one of float32, float16, bfloat16"
-    if a.dtype != b.dtype or out.dtype != xv.dtype:
-        return f"input {xv.dtype}, sum {out.dtype}, adapters {a.dtype}/{b.dtype}: needs A, B alike and the sum in x's dtype"
-    if not isinstance(match.literals["scale"], (int, float)):
-        return "the LoRA scaling is not a constant"
-    shared = match.outside_users()
-    if shared:
-        return f"intermediate {shared[0].name} is also used outside the LoRA sum"
-    return None
 
 
 def _is_call(node: Any, target: Any) -> bool:
