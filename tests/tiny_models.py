@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, PhiConfig
+
+import sloth_fx
+from sloth_fx.report import Report
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
@@ -26,12 +30,17 @@ def config(family: str, layers: int = 2):
 
 
 def tiny_model(family: str = "llama", *, lora: bool = False, checkpointing: bool = False, layers: int = 2,
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+               dtype: torch.dtype = torch.float32, seed: int = 0,
+               prepare: Callable[[nn.Module], nn.Module] | None = None, lora_dropout: float = 0.0) -> nn.Module:
+    """A random-init model of ``family`` in ``dtype``; ``prepare`` (say, swapping its linears for
+    4-bit ones) runs before PEFT LoRA goes on all seven projections, with non-zero B."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config(family, layers), attn_implementation="sdpa").to(dtype)
+    if prepare is not None:
+        model = prepare(model)
     if lora:
         targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=lora_dropout, target_modules=targets))
         for name, p in model.named_parameters():
             if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient is exercised
                 nn.init.normal_(p, std=0.02)
@@ -39,6 +48,20 @@ def tiny_model(family: str = "llama", *, lora: bool = False, checkpointing: bool
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def assert_refused_unchanged(model: nn.Module, pass_name: str) -> Report:
+    """Optimize ``model`` with one pass that must refuse everywhere: the loss (same random state,
+    for dropout) is the original's bit for bit and nothing is rewritten; the report."""
+    original = twin(model)
+    optimized = sloth_fx.optimize(model, passes=[pass_name])
+    torch.manual_seed(3)
+    loss = optimized(**batch()).loss
+    torch.manual_seed(3)
+    assert torch.equal(loss, original(**batch()).loss)
+    report = sloth_fx.report(optimized)
+    assert report.count(pass_name) == 0
+    return report
 
 
 def batch(vocab: int = 101, b: int = 2, s: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:

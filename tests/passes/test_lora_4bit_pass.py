@@ -4,10 +4,8 @@ adapter gradient, siblings grouped, every layer's capture rewritten, and refusal
 import bitsandbytes as bnb
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from tiny_models import LORA_TARGETS, assert_same_training_step, batch, config, twin
+from tiny_models import assert_refused_unchanged, assert_same_training_step, batch, tiny_model, twin
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 import sloth_fx
 
@@ -16,27 +14,23 @@ def qlora_model(quant_type: str, double_quant: bool, *, checkpointing: bool = Fa
                 compute_dtype: torch.dtype | None = None, dropout: float = 0.0, layers: int = 2) -> nn.Module:
     """A tiny Llama whose decoder linears are bitsandbytes ``Linear4bit`` (as ``load_in_4bit``
     leaves them), under PEFT LoRA on all seven projections with non-zero B."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config("llama", layers), attn_implementation="sdpa").to(dtype)
-    for layer in model.model.layers:
-        for name, mod in list(layer.named_modules()):
-            if type(mod) is not nn.Linear:
-                continue
-            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=compute_dtype or dtype,
-                                  compress_statistics=double_quant, quant_type=quant_type, device="meta")
-            q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, compress_statistics=double_quant,
-                                         quant_type=quant_type, module=q)
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, q.to("cpu"))  # .to() quantizes
-    model.is_loaded_in_4bit = True  # PEFT puts its bnb LoRA layers on Linear4bit only then
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LORA_TARGETS))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient is exercised
-            nn.init.normal_(p, std=0.02)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    return model
+
+    def quantize(model: nn.Module) -> nn.Module:
+        for layer in model.model.layers:
+            for name, mod in list(layer.named_modules()):
+                if type(mod) is not nn.Linear:
+                    continue
+                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=compute_dtype or dtype,
+                                      compress_statistics=double_quant, quant_type=quant_type, device="meta")
+                q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, compress_statistics=double_quant,
+                                             quant_type=quant_type, module=q)
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent), child, q.to("cpu"))  # .to() quantizes
+        model.is_loaded_in_4bit = True  # PEFT puts its bnb LoRA layers on Linear4bit only then
+        return model
+
+    return tiny_model("llama", lora=True, checkpointing=checkpointing, layers=layers, dtype=dtype, prepare=quantize,
+                      lora_dropout=dropout)
 
 
 def rewrites_per_capture(model: nn.Module) -> list[int]:
@@ -96,14 +90,6 @@ def test_qlora_passes_verify():
     (dict(compute_dtype=torch.bfloat16), "bitsandbytes compute dtype torch.bfloat16 is not the input's torch.float32"),
 ])
 def test_qlora_refusals_by_name(kwargs, reason):
-    model = qlora_model("nf4", True, layers=1, **kwargs)
-    original = twin(model)
-    optimized = sloth_fx.optimize(model, passes=["lora"])
-    torch.manual_seed(3)
-    loss = optimized(**batch()).loss
-    torch.manual_seed(3)
-    assert torch.equal(loss, original(**batch()).loss)
-    report = sloth_fx.report(optimized)
-    assert report.count("lora") == 0
+    report = assert_refused_unchanged(qlora_model("nf4", True, layers=1, **kwargs), "lora")
     refused = [r for r in report.refusals("lora") if reason in r.reason]
     assert len(refused) == 7, report.refusals("lora")
