@@ -6,8 +6,7 @@ control flow; Dynamo can. sloth_fx compiles *regions*, not the whole model:
 - the decoder layers, grouped by class: layers share one code object, and since Dynamo lifts
   parameters to graph inputs, under activation checkpointing one capture serves all 32 layers of
   a 7B model; without it HF hands each layer the cache object and Dynamo guards on the layer's
-  entry in it, so each layer is captured once (and the first layer, whose input does not
-  require grad, has a graph of its own either way);
+  entry in it, so each layer is captured once;
 - the decoder's other parametrised children (the final norm);
 - the head and loss: the causal-LM module's forward, with the decoder call made opaque
   (``torch._dynamo.disable``), so the graph after that break is ``lm_head`` + loss.
