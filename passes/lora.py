@@ -67,17 +67,10 @@ def lora_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
     # With fp32 adapters the pattern matches at the cast back and, cast absent, at the sum it
     # casts: the larger match (the one that takes the cast) is the rewrite.
     inner = {n for m in matches for n in m.nodes if n is not m.output}
+    checked = [(m, _refusal(m)) for m in matches if m.output not in inner]
+    checked += [(m, reason or _adapter_refusal(m)) for m, reason in find_4bit_lora(gm)]
     groups: dict[fx.Node, list[Match]] = defaultdict(list)
-    for match in matches:
-        if match.output in inner:
-            continue
-        reason = _refusal(match)
-        if reason:
-            log.refuse(module_path(match.output), reason)
-        else:
-            groups[match.inputs["x"]].append(match)
-    for match, reason in find_4bit_lora(gm):
-        reason = reason or _adapter_refusal(match)
+    for match, reason in checked:
         if reason:
             log.refuse(module_path(match.output), reason)
         else:

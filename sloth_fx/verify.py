@@ -60,7 +60,7 @@ def random_inputs(example_inputs: Sequence[Any], seed: int) -> list[Any]:
 
 def _quantization_tensors(example_inputs: Sequence[Any]) -> set[int]:
     """The ids of the inputs that are quantized weights or tensors of their (nested) quant states."""
-    weights = [x for x in example_inputs if getattr(x, "quant_state", None) is not None]
+    weights = [x for x in example_inputs if _quantized(x)]
     ids = {id(w) for w in weights}
     states = [w.quant_state for w in weights]
     while states:
@@ -106,11 +106,15 @@ def compare(rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs:
 def _forward(gm: fx.GraphModule, inputs: list[Any], seed: int) -> tuple[list[Any], list[Any]]:
     # fresh leaves per run, so that neither run sees the other's gradients or in-place writes; a
     # quantized weight goes in as itself, since a copy would lose its quant_state
-    leaves = [_fresh(x) if isinstance(x, torch.Tensor) and not hasattr(x, "quant_state") else x for x in inputs]
+    leaves = [_fresh(x) if isinstance(x, torch.Tensor) and not _quantized(x) else x for x in inputs]
     with torch.random.fork_rng(devices=_devices(leaves)), torch.enable_grad():
         torch.manual_seed(seed)
         outs = gm(*leaves)
     return leaves, list(outs) if isinstance(outs, (tuple, list)) else [outs]
+
+
+def _quantized(x: Any) -> bool:
+    return getattr(x, "quant_state", None) is not None
 
 
 def _fresh(x: torch.Tensor) -> torch.Tensor:

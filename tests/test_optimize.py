@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import assert_same_training_step, batch, loss_and_grads, tiny_model, twin
+from tiny_models import assert_same_training_step, batch, loss_and_grads, tiny_model, twin, wrong_norm_pass
 
 import sloth_fx
 
@@ -74,14 +74,7 @@ def test_verify_keeps_exact_rewrites():
 
 
 def test_verify_drops_a_wrong_rewrite():
-    def wrong(gm, log):
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is torch.rsqrt:
-                node.target = torch.sqrt
-                log.rewrite("somewhere", "deliberately wrong")
-        return gm
-
-    sloth_fx.register_pass("wrong_for_test", wrong)
+    sloth_fx.register_pass("wrong_for_test", wrong_norm_pass)
     original = tiny_model("llama")
     model = sloth_fx.optimize(twin(original), passes=["wrong_for_test"], verify=True)
     assert_same_training_step(original, model, batch())

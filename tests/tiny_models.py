@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, PhiConfig
 
 import sloth_fx
-from sloth_fx.report import Report
+from sloth_fx.report import PassLog, Report
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
@@ -48,6 +48,15 @@ def tiny_model(family: str = "llama", *, lora: bool = False, checkpointing: bool
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def wrong_norm_pass(gm: torch.fx.GraphModule, log: PassLog) -> torch.fx.GraphModule:
+    """A deliberately wrong rewrite (rsqrt -> sqrt, as in RMSNorm) that verify must drop."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.rsqrt:
+            node.target = torch.sqrt
+            log.rewrite("somewhere", "deliberately wrong")
+    return gm
 
 
 def assert_refused_unchanged(model: nn.Module, pass_name: str) -> Report:

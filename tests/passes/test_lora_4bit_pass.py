@@ -4,7 +4,7 @@ adapter gradient, siblings grouped, every layer's capture rewritten, and refusal
 import bitsandbytes as bnb
 import pytest
 import torch
-from tiny_models import assert_refused_unchanged, assert_same_training_step, batch, tiny_model, twin
+from tiny_models import assert_refused_unchanged, assert_same_training_step, batch, tiny_model, twin, wrong_norm_pass
 from torch import nn
 
 import sloth_fx
@@ -68,14 +68,7 @@ def test_qlora_bf16_with_fp32_adapters():
 def test_qlora_passes_verify():
     """verify runs both graphs on the real 4-bit weights and quant states and random activations:
     the LoRA rewrite is kept, a wrong one after it is still caught, and the model trains as PEFT's."""
-    def wrong_norm(gm, log):
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is torch.rsqrt:
-                node.target = torch.sqrt
-                log.rewrite("somewhere", "deliberately wrong")
-        return gm
-
-    sloth_fx.register_pass("wrong_norm_for_qlora_test", wrong_norm)
+    sloth_fx.register_pass("wrong_norm_for_qlora_test", wrong_norm_pass)
     original = qlora_model("nf4", True)
     optimized = sloth_fx.optimize(twin(original), passes=["lora", "wrong_norm_for_qlora_test"], verify=True)
     assert_same_training_step(original, optimized, batch())
