@@ -14,6 +14,12 @@ absent from the graph when adapters and base share a dtype). With fp32 adapters 
 the fused op takes the cast in: it returns the base dtype, rounded once from an fp32 sum, and
 never builds PEFT's fp32 ``[T, out]`` tensors. A wide sum that is not cast back is refused.
 
+The fused ops return views (of buffers made inside them), and autograd forbids writing into a
+custom Function's view outputs. Where the graph writes into a LoRA output in place (OLMo's
+``query_states.clamp_(-clip_qkv, clip_qkv)``), that one output is copied (``clone``) right after
+the fused op and the copy takes every use of it: the copy is exact, costs one ``[T, out]`` read and
+write, and its backward passes the gradient through unchanged.
+
 PEFT's LoRA over a bitsandbytes 4-bit base (QLoRA) is found by ``passes/lora_4bit.py`` and joins the
 same sibling groups; the fused op dequantizes the base itself. DoRA and merged adapters do not match.
 Adapters stay PEFT's own parameters: the fused op reads them as graph inputs.
@@ -22,7 +28,9 @@ Adapters stay PEFT's own parameters: the fused op reads them as graph inputs.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -91,24 +99,94 @@ def _replace_group(graph: fx.Graph, x: fx.Node, matches: list[Match], log: PassL
         [m.inputs.get("bias") for m in matches],
     )
     nodes = [n for m in matches for n in m.nodes]
+    writers = [in_place_writers(m.output) for m in matches]
     fn = lora_linear_group
     if len(matches) == 1:  # one output: the single op, which returns a tensor rather than a tuple
         fn, args = lora_linear, tuple(a[0] if isinstance(a, list) else a for a in args)
     try:
-        replace_with_call(graph, [m.output for m in matches], nodes, fn, args)
+        call = replace_with_call(graph, [m.output for m in matches], nodes, fn, args)
     except NotSchedulable as err:
         for name in names:
             log.refuse(name, str(err))
         return
+    outputs = [call] if len(matches) == 1 else sorted(call.users, key=lambda item: item.args[1])
+    for output, written in zip(outputs, writers):
+        if written:
+            _copy_for_writes(graph, output)
     value = fake_value(x)
     tokens = math.prod(_hint(d) for d in value.shape[:-1])
-    for m, name in zip(matches, names):
+    for m, name, written in zip(matches, names, writers):
         (out_features, in_features), a = weight_shape(m), fake_value(m.inputs["lora_a"])
         together = f", x read once for {len(matches)} linears" if len(matches) > 1 else ""
-        log.rewrite(name, f"{in_features}->{out_features}, r={a.shape[0]}{together}")
+        ops = ", ".join(dict.fromkeys(_op_name(w) for w in written))
+        copied = f", output copied for the in-place {ops}" if ops else ""
+        log.rewrite(name, f"{in_features}->{out_features}, r={a.shape[0]}{together}{copied}")
         plan = lora_plan(tokens, in_features, out_features, a.shape[0], value.element_size())
         costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in plan.predicted.items())
         log.notes.append(f"cost model at {tokens} tokens for {name}: forward {plan.forward}, dX {plan.backward_dx} ({costs})")
+
+
+def in_place_writers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that write in place into ``node``'s value or into a view of it.
+
+    A view is a node whose example value shares ``node``'s storage (``view``, slicing, ``clamp_``'s
+    own result, ...), followed from user to user; a node writes into the arguments that
+    :func:`written_arguments` names.
+    """
+    storage = _storage(node)
+    if storage is None:
+        return []
+    aliases, todo, writers = {node}, [node], []
+    while todo:
+        for user in todo.pop().users:
+            if any(isinstance(w, fx.Node) and w in aliases for w in written_arguments(user)):
+                writers.append(user)
+            if user not in aliases and _storage(user) == storage:
+                aliases.add(user)
+                todo.append(user)
+    return list(dict.fromkeys(writers))
+
+
+AUGMENTED = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift")
+IN_PLACE_OPERATORS = {getattr(operator, f"i{op}") for op in AUGMENTED} | {operator.setitem}
+IN_PLACE_DUNDERS = {f"__i{op}__" for op in AUGMENTED} | {"__setitem__"}
+
+
+def written_arguments(node: fx.Node) -> list[Any]:
+    """The arguments ``node`` writes into: those its schema marks written for an aten op; ``self``
+    for an in-place method or function (a name ending in ``_``: ``clamp_``, ``add_``; ``x += y``,
+    ``x[i] = y``; ``inplace=True``); ``out=``."""
+    if node.op not in ("call_method", "call_function"):
+        return []
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        arguments = enumerate(target._schema.arguments)
+        return [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+                for i, a in arguments if a.alias_info is not None and a.alias_info.is_write]
+    name = _op_name(node)
+    in_place = (name.endswith("_") and not name.endswith("__")) or name in IN_PLACE_DUNDERS
+    if in_place or target in IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        return list(node.args[:1])
+    return [node.kwargs["out"]] if "out" in node.kwargs else []
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _storage(node: fx.Node) -> int | None:
+    """Which storage ``node``'s example value lives in (its address: the values are all alive)."""
+    value = fake_value(node)
+    return value.untyped_storage()._cdata if isinstance(value, torch.Tensor) else None
+
+
+def _copy_for_writes(graph: fx.Graph, output: fx.Node) -> None:
+    """Give every use of the fused op's ``output`` a copy of it instead, which may be written in
+    place (the output itself is a view that autograd forbids writing into)."""
+    with graph.inserting_after(output):
+        copy = graph.call_function(torch.Tensor.clone, (output,))
+    copy.meta = dict(output.meta)
+    output.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
 
 
 def _hint(size: int | torch.SymInt) -> int:
