@@ -39,13 +39,16 @@ buffer ``[split, M, N]`` summed afterwards: deterministic, unlike atomics.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from sloth_fx.kernels.dispatch import interpreting, use_triton
 
-__all__ = ["lowrank_mm", "lowrank_mm_reference"]
+__all__ = ["lowrank_mm", "lowrank_mm_reference", "split_k_for"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -106,8 +109,9 @@ def _lowrank_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _mode(a: torch.dtype, b: torch.dtype) -> int:
-    if interpreting():  # NumPy has no bf16: the interpreter gets the pieces wrong (GPU-tested)
+@lru_cache(maxsize=None)
+def _mode(a: torch.dtype, b: torch.dtype, interpret: bool) -> int:
+    if interpret:  # NumPy has no bf16: the interpreter gets the pieces wrong (GPU-tested)
         return NATIVE if a == b and a == torch.float16 else FMA
     if a == b and a != torch.float32:
         return NATIVE
@@ -136,11 +140,59 @@ def _block(size: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(size)))
 
 
+@lru_cache(maxsize=None)
 def _programs_wanted(device: torch.device) -> int:
     """Two waves of programs: enough to keep every SM busy while a slow tile finishes."""
     if device.type != "cuda":
         return 1
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class _Launch(NamedTuple):
+    """Everything about a launch that depends only on the shapes: decided once per shape."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    grid: tuple[int, int, int]  # (tiles of M, tiles of N, slices of K)
+    k_per_split: int
+    num_warps: int
+    num_stages: int
+
+
+@lru_cache(maxsize=4096)
+def _launch(m: int, n: int, k: int, fresh_fp32: bool, split_k: int | None, device: torch.device) -> _Launch:
+    """The tiles, grid and K split of ``[m, k]·[k, n]``; ``fresh_fp32``: ``out`` is a new fp32
+    result (not accumulated), the only case that may be split over K by default."""
+    # Tile shapes measured best on the H100 at the shapes of a 7B layer (T = 16384): the in-place
+    # rank-r update streams out in 64x128 tiles, K in steps of 16; a long-K product keeps its
+    # thin side whole and runs 128 wide on the other.
+    long_k = k > 64
+    if not long_k:
+        block_m, block_n, block_k = _block(m, 16, 64), _block(n, 16, 128), 16
+    elif n <= 64:
+        block_m, block_n, block_k = _block(m, 16, 128), _block(n, 16, 64), 64
+    else:
+        block_m, block_n, block_k = _block(m, 16, 64), _block(n, 16, 128), 32
+    tiles_m, tiles_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = 1
+        if fresh_fp32:
+            split_k = max(1, min(triton.cdiv(_programs_wanted(device), tiles_m * tiles_n), k // (8 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    num_warps = 8 if long_k and block_m * block_n >= 128 * 64 else 4
+    return _Launch(block_m, block_n, block_k, (tiles_m, tiles_n, split_k), k_per_split, num_warps,
+                   4 if long_k else 3)
+
+
+def split_k_for(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many K slices :func:`lowrank_mm` cuts ``a·b`` into for a fresh fp32 result by default
+    (1 off the Triton path): the leading size of a ``partials`` buffer for that product."""
+    if not use_triton(a, b) or any(t.dtype not in _TRITON_DTYPES for t in (a, b)):
+        return 1
+    m, k = a.shape
+    return _launch(m, b.shape[1], k, True, None, a.device).grid[2] if m and b.shape[1] and k else 1
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> None:
@@ -159,54 +211,56 @@ def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, accumulat
 
 
 def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor | None = None,
-               accumulate: bool = False, split_k: int | None = None) -> torch.Tensor:
+               accumulate: bool = False, split_k: int | None = None,
+               partials: torch.Tensor | None = None) -> torch.Tensor:
     """``out = alpha·a·b`` (``+ out`` with ``accumulate``), fp32 accumulation, one rounding.
 
     ``a [M, K]`` and ``b [K, N]`` in any strides and float dtypes; ``out [M, N]`` (any strides,
     written in place and returned) or None for a new fp32 tensor. ``split_k`` fixes the number of
     K slices (default: from the shape and the GPU's SM count; never split when accumulating or
     writing a 16-bit ``out``, which must be rounded once). Triton on CUDA, the reference elsewhere.
+
+    ``partials`` (instead of ``out``): an fp32 ``[S, M, N]`` buffer, any strides, with ``S`` the
+    number of K slices (:func:`split_k_for`, or ``split_k``'s): slice ``s`` of the product is
+    written to ``partials[s]`` and nothing is summed, so that several products (LoRA's siblings,
+    side by side in one buffer) are summed in one pass; ``partials.sum(0)`` is then bit for bit
+    the result with ``out=None``. Returned. Triton path only.
     """
     _check(a, b, out, accumulate)
     tensors = (a, b) if out is None else (a, b, out)
-    if not use_triton(*tensors) or any(t.dtype not in _TRITON_DTYPES for t in tensors):
+    if partials is not None:
+        if out is not None or accumulate or partials.dim() != 3 or partials.shape[1:] != (a.shape[0], b.shape[1]) \
+                or partials.dtype != torch.float32 or not use_triton(a, b, partials):
+            raise ValueError(f"partials must be an fp32 [S, {a.shape[0]}, {b.shape[1]}] buffer on the Triton path, "
+                             "with neither out nor accumulate")
+    elif not use_triton(*tensors) or any(t.dtype not in _TRITON_DTYPES for t in tensors):
         return lowrank_mm_reference(a, b, alpha=alpha, out=out, accumulate=accumulate)
     m, k = a.shape
     n = b.shape[1]
-    if out is None:
+    if out is None and partials is None:
         out = torch.empty(m, n, device=a.device, dtype=torch.float32)
+    result = out if partials is None else partials
     if m == 0 or n == 0:
-        return out
+        return result
     if k == 0:
-        return out if accumulate else out.zero_()
-    # Tile shapes measured best on the H100 at the shapes of a 7B layer (T = 16384): the in-place
-    # rank-r update streams out in 64x128 tiles, K in steps of 16; a long-K product keeps its
-    # thin side whole and runs 128 wide on the other.
-    long_k = k > 64
-    if not long_k:
-        block_m, block_n, block_k = _block(m, 16, 64), _block(n, 16, 128), 16
-    elif n <= 64:
-        block_m, block_n, block_k = _block(m, 16, 128), _block(n, 16, 64), 64
-    else:
-        block_m, block_n, block_k = _block(m, 16, 64), _block(n, 16, 128), 32
-    tiles_m, tiles_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    if split_k is None:
-        split_k = 1
-        if not accumulate and out.dtype == torch.float32:
-            split_k = max(1, min(triton.cdiv(_programs_wanted(a.device), tiles_m * tiles_n), k // (8 * block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
-    if split_k > 1 and (accumulate or out.dtype != torch.float32):
+        return result if accumulate else result.zero_()
+    fresh_fp32 = not accumulate and (partials is not None or out.dtype == torch.float32)
+    launch = _launch(m, n, k, fresh_fp32, split_k, a.device)
+    splits = launch.grid[2]
+    if splits > 1 and not fresh_fp32:
         raise ValueError("split_k > 1 writes fp32 partial sums: only for a fresh fp32 out")
-    target = out if split_k == 1 else torch.empty(split_k, m, n, device=a.device, dtype=torch.float32)
-    stride_cs = 0 if split_k == 1 else target.stride(0)
-    stride_cm, stride_cn = target.stride(-2), target.stride(-1)
-    num_warps = 8 if long_k and block_m * block_n >= 128 * 64 else 4
-    _lowrank_mm_kernel[(tiles_m, tiles_n, split_k)](
-        a, b, target, m, n, k, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        stride_cs, stride_cm, stride_cn, float(alpha), ACCUMULATE=accumulate, MODE=_mode(a.dtype, b.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=4 if long_k else 3,
+    if partials is not None and partials.shape[0] != splits:
+        raise ValueError(f"partials has {partials.shape[0]} slices, this product is cut into {splits}")
+    if partials is None and splits > 1:
+        partials = torch.empty(splits, m, n, device=a.device, dtype=torch.float32)
+    target = out if partials is None else partials
+    stride_cs = 0 if partials is None else target.stride(0)
+    _lowrank_mm_kernel[launch.grid](
+        a, b, target, m, n, k, launch.k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        stride_cs, target.stride(-2), target.stride(-1), float(alpha), ACCUMULATE=accumulate,
+        MODE=_mode(a.dtype, b.dtype, interpreting()), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+        BLOCK_K=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    if split_k > 1:
-        torch.sum(target, dim=0, out=out)
-    return out
+    if out is not None and partials is not None:  # split here: sum the slices into out
+        torch.sum(partials, dim=0, out=out)
+    return result

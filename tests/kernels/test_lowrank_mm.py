@@ -95,3 +95,19 @@ def test_on_gpu_against_float64(m, k, n, da, db):
     base = out.clone()
     lowrank_mm(a, b, alpha=0.5, out=out, accumulate=True)
     assert torch.isfinite(out).all() and rel_err(out, a, b, 0.5, base) < TOL[torch.bfloat16]
+
+
+def test_partials_side_by_side_sum_to_each_product():
+    """Two products' K-slice partials in one buffer (columns side by side), summed in one pass:
+    bit for bit each product with its own split and sum."""
+    (a1, b1), (a2, b2) = operands(20, 333, 5, torch.float16, torch.float32, 6), operands(20, 333, 7, torch.float32, torch.float32, 7)
+    partials = torch.full((3, 20, 12), float("nan"))
+    lowrank_mm(a1, b1, alpha=0.5, split_k=3, partials=partials[:, :, :5])
+    lowrank_mm(a2, b2, alpha=2.0, split_k=3, partials=partials[:, :, 5:])
+    both = partials.sum(0)
+    assert torch.equal(both[:, :5], lowrank_mm(a1, b1, alpha=0.5, split_k=3))
+    assert torch.equal(both[:, 5:], lowrank_mm(a2, b2, alpha=2.0, split_k=3))
+    with pytest.raises(ValueError, match="partials has 2 slices"):
+        lowrank_mm(a1, b1, split_k=3, partials=partials[:2, :, :5])
+    with pytest.raises(ValueError, match="partials must be"):
+        lowrank_mm(a1, b1, out=torch.empty(20, 5), partials=partials[:, :, :5])
