@@ -49,12 +49,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from sloth_fx.cost_model import LoRAPlan, lora_plan, measure_device_rates
-from sloth_fx.kernels.lowrank_mm import lowrank_mm
+from sloth_fx.kernels.lowrank_mm import lowrank_mm, split_k_for
 
 __all__ = [
     "LoRAGroupFunction",
@@ -74,8 +75,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # --------------------------------------------------------------------------------------------
 
 
+_DENSE_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _is_4bit(weight: torch.Tensor) -> bool:
-    return getattr(weight, "quant_state", None) is not None
+    # a plain tensor or parameter has no quant_state: skip the (raising) attribute lookup
+    return type(weight) not in _DENSE_TYPES and getattr(weight, "quant_state", None) is not None
 
 
 def _weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
@@ -99,9 +104,9 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = Fa
     it is written into the reusable buffer of its (device, shape, dtype) — valid only until the
     next such dequantization.
     """
-    state = getattr(weight, "quant_state", None)
-    if state is None:
+    if not _is_4bit(weight):
         return weight
+    state = weight.quant_state
     import bitsandbytes.functional as bnbf
 
     if scratch and weight.device.type == "cuda":
@@ -216,12 +221,15 @@ class LoRAGroupFunction(torch.autograd.Function):
         offsets = [sum(ranks[:i]) for i in range(n)]
         need_g = [need_a[i] or (need_dx and plans[i].backward_dx == "factored") for i in range(n)]
         g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
+        for lo, hi in _runs(need_g):
+            _thin_products([(dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1,
+                           g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]])
         d_w, d_a, d_b, d_bias = [None] * n, [None] * n, [None] * n, [None] * n
+        for lo, hi in _runs(need_b):
+            parts = _thin_products([(dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0)
+            for i, part in zip(range(lo, hi), parts):
+                d_b[i] = part.to(lora_bs[i].dtype)
         for i in range(n):
-            if need_g[i]:
-                lowrank_mm(dys[i], lora_bs[i], alpha=scales[i], out=g[:, offsets[i]:offsets[i] + ranks[i]])
-            if need_b[i]:
-                d_b[i] = lowrank_mm(dys[i].t(), xa_split[i], alpha=scales[i]).to(lora_bs[i].dtype)
             if need_w[i]:
                 d_w[i] = dys[i].t() @ x2
             if need_bias[i]:
@@ -244,6 +252,36 @@ class LoRAGroupFunction(torch.autograd.Function):
                 d_a[i] = part.to(lora_as[i].dtype)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         return (dx, None, None, None, *d_w, *d_a, *d_b, *d_bias)
+
+
+def _thin_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dim: int,
+                   out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``alpha_i·a_i·b_i`` for each product: into consecutive slices of the fp32 ``out`` along
+    ``dim`` (0: rows, 1: columns), or without ``out`` as fresh results; returned.
+
+    When the products are cut into the same number of K slices (and, without ``out``, stack as
+    rows of equal width), their partial sums share one buffer and are summed in one pass instead
+    of one pass each: the same additions in the same order (``lowrank_mm``'s ``partials``), fewer
+    launches. The fresh results are then rows of one tensor.
+    """
+    splits = {split_k_for(a, b) for a, b, _ in products}
+    split = splits.pop() if len(splits) == 1 else 1
+    if out is None and split > 1 and dim == 0 and len({b.shape[1] for _, b, _ in products}) == 1:
+        a0, b0, _ = products[0]
+        out = torch.empty(sum(a.shape[0] for a, _, _ in products), b0.shape[1], device=a0.device, dtype=torch.float32)
+    if out is None:
+        return [lowrank_mm(a, b, alpha=alpha) for a, b, alpha in products]
+    sizes = [a.shape[0] if dim == 0 else b.shape[1] for a, b, _ in products]
+    parts = out.split(sizes, dim=dim)
+    if split > 1:
+        partials = torch.empty(split, *out.shape, device=out.device, dtype=torch.float32)
+        for (a, b, alpha), part in zip(products, partials.split(sizes, dim=dim + 1)):
+            lowrank_mm(a, b, alpha=alpha, partials=part)
+        torch.sum(partials, dim=0, out=out)
+    else:
+        for (a, b, alpha), part in zip(products, parts):
+            lowrank_mm(a, b, alpha=alpha, out=part)
+    return list(parts)
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
@@ -300,10 +338,44 @@ def _check_group(x, weights, lora_as, lora_bs, scales, biases) -> None:
             raise ValueError(f"scale {i} must be a finite number, got {s!r}")
 
 
-def _plan_for(x: torch.Tensor, out_features: int, a: torch.Tensor, training: bool) -> LoRAPlan:
-    tokens = max(1, x.numel() // max(1, x.shape[-1]))
-    return lora_plan(tokens, x.shape[-1], out_features, a.shape[0], x.element_size(), measure_device_rates(x.device),
-                     adapter_elem_bytes=a.element_size(), training=training)
+# Argument signatures that passed _check_group, which reads nothing else of its arguments: a
+# signature seen before skips the checks. No token count in it (only x's last dim), so ragged
+# batches add no entries; cleared if it ever grows large.
+_VALID: set[tuple] = set()
+
+
+def _signature(x, weights, lora_as, lora_bs, scales, biases) -> tuple:
+    return (type(x), x.dtype, x.shape[-1:], x.device,
+            *[(type(w), _weight_shape(w), w.dtype, w.device, w.requires_grad) for w in weights],
+            *[(type(t), t.shape, t.dtype, t.device) for t in (*lora_as, *lora_bs)],
+            *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in biases],
+            *[(type(s), s) for s in scales])
+
+
+def _validate(x, weights, lora_as, lora_bs, scales, biases) -> None:
+    """:func:`_check_group`, once per signature of the arguments."""
+    try:
+        key = _signature(x, weights, lora_as, lora_bs, scales, biases)
+        hash(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: let the checks say what
+        key = None
+    if key is not None and key in _VALID:
+        return
+    _check_group(x, weights, lora_as, lora_bs, scales, biases)
+    if key is not None:
+        if len(_VALID) >= 4096:
+            _VALID.clear()
+        _VALID.add(key)
+
+
+@lru_cache(maxsize=4096)
+def _group_plans(tokens: int, in_features: int, outs: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype,
+                 adapter_dtype: torch.dtype, device: torch.device, training: bool) -> tuple[LoRAPlan, ...]:
+    """The cost model's plan of each linear of a group: decided once per (shapes, dtypes, device,
+    training), then one dictionary look-up per call."""
+    rates = measure_device_rates(device)
+    return tuple(lora_plan(tokens, in_features, o, r, dtype.itemsize, rates, adapter_elem_bytes=adapter_dtype.itemsize,
+                           training=training) for o, r in zip(outs, ranks))
 
 
 def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
@@ -318,20 +390,26 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
     in x's dtype: see the module doc for the rounding. ``plans`` (one per linear) fixes the forms; by default each comes from ``lora_plan`` for
     the actual shapes and the device's measured rates. Bad inputs raise ``TypeError`` (dtypes)
     or ``ValueError`` (shapes, devices, counts).
+
+    Host cost: the checks run once per signature of the arguments (dtypes, shapes but the token
+    count, devices, scales) and the plans once per (token count, shapes, dtypes, device,
+    training); nothing is cached of the tensors' values.
     """
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
     if n == 0 or not (len(lora_as) == len(lora_bs) == len(scales) == len(biases) == n):
         raise ValueError("lora_linear_group needs one A, B, scale and bias (or None) per weight, and at least one weight")
-    _check_group(x, weights, lora_as, lora_bs, scales, biases)
+    _validate(x, weights, lora_as, lora_bs, scales, biases)
     if plans is None:
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *lora_as, *lora_bs))
-        plans = [_plan_for(x, _weight_shape(w)[0], a, training) for w, a in zip(weights, lora_as)]
+        tokens = max(1, x.numel() // max(1, x.shape[-1]))
+        plans = _group_plans(tokens, x.shape[-1], tuple(_weight_shape(w)[0] for w in weights),
+                             tuple(a.shape[0] for a in lora_as), x.dtype, lora_as[0].dtype, x.device, training)
     else:
-        plans = list(plans)
+        plans = tuple(plans)
         if len(plans) != n or not all(isinstance(p, LoRAPlan) for p in plans):
             raise ValueError(f"plans must be {n} LoRAPlan objects, one per linear")
-    return LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), tuple(plans), n,
+    return LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), plans, n,
                                    *weights, *lora_as, *lora_bs, *biases)
 
 

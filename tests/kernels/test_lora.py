@@ -110,12 +110,14 @@ def test_cost_model_consulted_per_linear(monkeypatch):
         return MERGED
 
     monkeypatch.setattr(lora_mod, "lora_plan", fake_plan)
+    lora_mod._group_plans.cache_clear()  # plans are cached per shape: start from none
     check_group((3, 5), 40, [24, 96], [8, 16], [0.5, 2.0], torch.float32, seed=81)
     assert seen == [(15, 40, 24, 8, 4, 4, True), (15, 40, 96, 16, 4, 4, True)]
     seen.clear()
     with torch.no_grad():
         lora_linear(*[t[0] if isinstance(t, list) else t for t in make((2,), 24, [40], [4], torch.float32, 1)[:4]], 1.0)
     assert seen[0][-1] is False
+    lora_mod._group_plans.cache_clear()  # forget the fake plans
 
 
 def test_single_matches_reference_and_group():
@@ -313,3 +315,51 @@ def test_4bit_on_gpu_with_poisoned_scratch(dtype, quant_type, double_quant):
         assert torch.isfinite(g).all() and rel(g, r) < 2 * TOL[dtype]
     assert lora_mod._SCRATCH[key].isfinite().all()  # the scratch was written, and reused
     lora_mod.release_dequant_scratch()
+
+
+# ---- host-side caching ---------------------------------------------------------------------------
+
+
+def test_caches_never_change_a_result_when_shapes_change(monkeypatch):
+    """T = 5, 17, 5 through one op: each call against float64, a plan decided per token count
+    (and reused, not re-decided, when T comes back), the checks run once per signature."""
+    calls = []
+    real_plan = lora_mod.lora_plan
+
+    def spy(tokens, *args, **kw):
+        calls.append(tokens)
+        return real_plan(tokens, *args, **kw)
+
+    monkeypatch.setattr(lora_mod, "lora_plan", spy)
+    lora_mod._group_plans.cache_clear()
+    for t in (5, 17, 5):
+        check_group((t,), 40, [24, 96, 24], [8, 8, 8], [0.5, 2.0, 1.0], torch.float32, seed=100 + t, bias=True)
+    assert calls == [5, 5, 5, 17, 17, 17]  # one plan per linear per new token count
+    lora_mod._group_plans.cache_clear()
+
+
+def test_grouped_split_k_partials_match_one_product_each(monkeypatch):
+    """With K split (as on a GPU), the siblings' g and dB partial sums share one buffer: the
+    result is that of one lowrank_mm per product."""
+    import sloth_fx.kernels.lowrank_mm as mm_mod
+
+    monkeypatch.setattr(mm_mod, "_programs_wanted", lambda device: 64)
+    mm_mod._launch.cache_clear()
+    try:
+        x, ws, as_, bs, _ = make((1056,), 24, [1040, 1100], [4, 4], torch.float32, seed=15)  # K >= 1024: split
+        ys = lora_linear_group(x, ws, as_, bs, [1.0, 0.5], plans=[FACTORED, FACTORED])
+        dys = [torch.randn_like(y) for y in ys]
+        grads = torch.autograd.grad(ys, [x, *as_, *bs], dys)
+        assert mm_mod.split_k_for(dys[0], bs[0]) > 1 and mm_mod.split_k_for(dys[0].t(), torch.empty(1056, 4)) > 1
+        g = [mm_mod.lowrank_mm(dy, b, alpha=s) for dy, b, s in zip(dys, bs, [1.0, 0.5])]
+        xa = [mm_mod.lowrank_mm(x.detach(), a.detach().t()) for a in as_]
+        for db, dy, xa_i, s in zip(grads[3:], dys, xa, [1.0, 0.5]):
+            assert torch.equal(db, mm_mod.lowrank_mm(dy.t(), xa_i, alpha=s))
+        assert torch.equal(grads[1], mm_mod.lowrank_mm(g[0].t(), x.detach()))
+        refs = lora_linear_group_reference(*[[t.double() for t in v] if isinstance(v, list) else v.double()
+                                             for v in (x, ws, as_, bs)], [1.0, 0.5])
+        ref_grads = torch.autograd.grad(refs, [x, *as_, *bs], [d.double() for d in dys])
+        for got, ref in zip(grads, ref_grads):
+            assert rel(got, ref) < 1e-5
+    finally:
+        mm_mod._launch.cache_clear()
