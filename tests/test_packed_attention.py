@@ -8,7 +8,8 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
-from sloth_fx.packed_attention import NAME, install_packed_attention, packed_attention_forward, uninstall_packed_attention
+from sloth_fx.packed_attention import (NAME, install_packed_attention, packed_attention_forward,
+                                      uninstall_packed_attention)
 from sloth_fx.padding_free import plan
 from tiny_models import loss_and_grads, tiny_model, twin
 
