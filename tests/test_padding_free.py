@@ -157,3 +157,16 @@ def test_left_padding_refused_when_a_pad_token_predicts() -> None:
     inputs = _batch(LEFT, left=True)
     inputs["labels"][0, 3] = inputs["input_ids"][0, 3]
     assert "left padding: the last pad token predicts" in plan(inputs)
+
+
+def test_no_dense_mask_reaches_the_layers() -> None:
+    """The padding-free call's mask creation returns None: attention gets boundaries, no [T×T] mask."""
+    model = tiny_model("llama", lora=True)
+    assert install_packed_attention(model) is None
+    seen = []
+    attention = model.get_base_model().model.layers[0].self_attn
+    attention.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    for inputs in (_batch(RIGHT), _batch(LEFT, left=True)):
+        model(**plan(inputs).kwargs)
+    assert [k["attention_mask"] for k in seen] == [None, None]
+    assert all(k["cu_seq_lens_q"] is not None for k in seen)
