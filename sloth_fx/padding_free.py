@@ -73,7 +73,7 @@ class PaddingFree:
 def plan(kwargs: dict[str, Any]) -> PaddingFree | str:
     """The padding-free form of a causal LM's training call, or why there is none.
 
-    Reasons (the call is then made as it is): no padding; boundaries already given; a cache or
+    Reasons (the call is then made as it is): no padding; boundaries given with a mask; a cache or
     ``past_key_values`` (generation); ``logits_to_keep``; ``output_attentions``;
     ``return_dict=False``; an attention mask that is not 2-D, not 0/1, or not one contiguous run
     per row; labels (or ``shift_labels``) not -100 at padding; a left-padded row whose first real
@@ -83,6 +83,11 @@ def plan(kwargs: dict[str, Any]) -> PaddingFree | str:
         return reason
     tokens = _tokens(kwargs)
     mask = kwargs.get("attention_mask")
+    if any(kwargs.get(k) is not None for k in _BOUNDARIES):
+        if mask is not None:
+            return "sequence boundaries already given, with an attention mask"
+        # the collator's own boundaries: only spare HF its dense packed mask
+        return PaddingFree({**kwargs, "attention_mask": _all_ones(tokens, torch.long)}, "packed row with boundaries")
     if mask is None:
         return _packed_row(kwargs, tokens)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -93,8 +98,6 @@ def plan(kwargs: dict[str, Any]) -> PaddingFree | str:
 
 
 def _unsupported(kwargs: dict[str, Any]) -> str | None:
-    if any(kwargs.get(k) is not None for k in _BOUNDARIES):
-        return "sequence boundaries already given"
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return "a cache is given (cached generation)"
     if not isinstance(kwargs.get("logits_to_keep", 0), int) or kwargs.get("logits_to_keep", 0) != 0:

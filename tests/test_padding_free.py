@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DataCollatorWithFlattening, DynamicCache
 
 from sloth_fx.packed_attention import install_packed_attention
 from sloth_fx.padding_free import PaddingFree, plan
@@ -112,6 +112,15 @@ def test_packed_row_only_gains_boundaries() -> None:
     torch.testing.assert_close(loss, hf(**inputs, use_cache=False).loss, rtol=1e-6, atol=1e-6)
 
 
+def test_collator_boundaries_are_kept() -> None:
+    """A row that comes with its boundaries (return_flash_attn_kwargs=True) keeps them and only
+    gains the mask with nothing masked."""
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
+    p = plan(dict(batch))
+    assert p.kwargs["cu_seq_lens_q"] is batch["cu_seq_lens_q"] and p.kwargs["attention_mask"].tolist() == [[1] * 5]
+    assert p.restore("output") == "output"
+
+
 def test_packed_labels_and_count() -> None:
     """Each sequence's first label is -100 in the packed row; as many labels are counted as the
     padded run counts (its shifted labels that are not -100)."""
@@ -142,7 +151,7 @@ def test_a_fully_padded_row_is_dropped() -> None:
     (lambda b: b.update(logits_to_keep=1), "logits_to_keep"),
     (lambda b: b.update(output_attentions=True), "output_attentions"),
     (lambda b: b.update(return_dict=False), "return_dict=False"),
-    (lambda b: b.update(cu_seq_lens_q=torch.tensor([0, 9])), "boundaries already given"),
+    (lambda b: b.update(cu_seq_lens_q=torch.tensor([0, 9])), "boundaries already given, with an attention mask"),
 ])
 def test_refusals(change: Any, reason: str) -> None:
     inputs = _batch(RIGHT)
