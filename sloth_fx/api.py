@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sloth_fx.capture import install, uninstall
+from sloth_fx.capture import Installation, RegionGate, install, uninstall
 from sloth_fx.pass_manager import available_passes, get_pass
 from sloth_fx.report import Report
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ATTR = "_sloth_fx_report"
+_ATTR = "_sloth_fx"
 
 
 def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool = False) -> nn.Module:
@@ -21,8 +21,9 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     Nothing is traced yet: each region is captured at its first training forward, rewritten by
     ``passes`` (default: every available pass, in order) and run from then on. With ``verify``,
     each pass's rewrite of each captured graph is checked against the original on random inputs
-    (outputs and gradients) and dropped, with a note in the report, if they differ beyond the
-    dtype's tolerance. Calling it again replaces the earlier set-up. Returns ``model`` itself.
+    (outputs and gradients) and dropped, with a note in the report, if it is further from a
+    float64 run than the original is. Calling it again replaces the earlier set-up. Returns
+    ``model`` itself; its sloth_fx state lives on it (copied by ``deepcopy``, saved by pickling).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -30,19 +31,24 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     for name in names:
         get_pass(name)
     _check_parameters(model)
-    uninstall(model)
-    rep = Report()
-    install(model, names, rep, verify)
-    setattr(model, _ATTR, rep)
+    previous = getattr(model, _ATTR, None)
+    if isinstance(previous, Installation):
+        uninstall(previous)
+    setattr(model, _ATTR, install(model, names, verify))
     return model
 
 
 def report(model: nn.Module) -> Report:
-    """The structured report of what ``optimize`` did to ``model``."""
-    rep = getattr(model, _ATTR, None)
-    if rep is None:
-        raise ValueError("this model has not been through sloth_fx.optimize")
-    return rep
+    """The structured report of what ``optimize`` did to ``model`` (or to the model it came from,
+    for a module of it, or what ``merge_and_unload`` returned)."""
+    installation = getattr(model, _ATTR, None)
+    if isinstance(installation, Installation):
+        return installation.report
+    for module in model.modules() if isinstance(model, nn.Module) else ():
+        gate = module.__dict__.get("forward")
+        if isinstance(gate, RegionGate):
+            return gate.runtime.owner
+    raise ValueError("this model has not been through sloth_fx.optimize")
 
 
 def explain(model: nn.Module) -> str:
@@ -54,5 +60,8 @@ def _check_parameters(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"parameter {name} is {p.dtype}; sloth_fx supports float32, float16 and bfloat16 models")
-        if p.device.type not in ("cuda", "cpu", "meta"):
+        if p.device.type == "meta":
+            raise ValueError(f"parameter {name} is on the meta device (it has no values yet): load or materialise "
+                             "the weights before sloth_fx.optimize")
+        if p.device.type not in ("cuda", "cpu"):
             raise ValueError(f"parameter {name} is on {p.device}; sloth_fx runs on CUDA (and on CPU through references)")

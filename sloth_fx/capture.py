@@ -3,28 +3,35 @@
 transformers v5 has no fx tracer of its own and ``torch.fx.symbolic_trace`` cannot follow its
 control flow; Dynamo can. sloth_fx compiles *regions*, not the whole model:
 
-- the decoder layers, grouped by class: layers share one code object, and since Dynamo lifts
-  parameters to graph inputs, under activation checkpointing one capture serves all 32 layers of
-  a 7B model; without it HF hands each layer the cache object and Dynamo guards on the layer's
-  entry in it, so each layer is captured once;
+- the decoder layers, grouped by class: Dynamo lifts parameters to graph inputs, so under
+  activation checkpointing one capture serves every layer of a class; without it HF hands each
+  layer the cache object and Dynamo guards on the layer's entry in it, so each layer is captured
+  once;
 - the decoder's other parametrised children (the final norm);
 - the head and loss: the causal-LM module's forward, with the decoder call made opaque
   (``torch._dynamo.disable``), so the graph after that break is ``lm_head`` + loss.
 
-The backend runs the passes and returns the rewritten ``GraphModule`` itself, which runs eagerly,
-so autograd runs each fused op's own backward. Regions run compiled only when the module is
-training and grad is enabled; evaluation, ``torch.no_grad()`` and ``generate()`` take the original
-eager forward, untouched. Shapes: Dynamo captures static shapes first and, when a size changes,
-Shapes: batch and sequence sizes are marked dynamic before the first capture, so new sizes never
-recapture; a size of 1 causes one more capture (Dynamo specialises sizes 0 and 1), and the first
-decoder layer, whose input does not require grad under LoRA, gets a graph of its own
-(tests/test_optimize.py shows the bound).
+The backend runs the passes and returns the rewritten ``GraphModule``, which runs eagerly, so
+autograd runs each fused op's own backward. Regions run compiled only when the module is training
+and grad is enabled; evaluation, ``torch.no_grad()`` and ``generate()`` take the original eager
+forward. Batch and sequence sizes are marked dynamic before the first capture, so new sizes never
+recapture; a size of 1 causes one more capture (Dynamo specialises sizes 0 and 1).
+
+Dynamo keeps its state (cache entries, guards, recompile counts, which floats and sizes it saw
+change) on code objects, for the whole process, and a class's forward is one code object for every
+model of the class (transformers' ``forward_with_checkpointing`` is one for every layer class). So
+each region of each ``optimize`` call compiles its own copy of the forward (:mod:`sloth_fx.isolation`):
+a second model, a ``deepcopy`` or a reloaded pickle never sees another's captures, its eps and
+scales stay the constants they are, and each has its own recompile budget, raised only inside its
+own calls. All of sloth_fx's state lives in the gate objects installed as the modules' ``forward``
+(picklable, copied with the model; a copy compiles afresh).
 """
 
 from __future__ import annotations
 
 import contextvars
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +40,23 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sloth_fx.pass_manager import run_pass
+from sloth_fx.checkpoint import replay_rng_in_checkpoints
+from sloth_fx.isolation import isolated
+from sloth_fx.pass_manager import run_pass, subgraphs
 from sloth_fx.report import Capture, RegionReport, Report
 from sloth_fx.verify import compare, concrete
 
-_REGION: contextvars.ContextVar[RegionReport | None] = contextvars.ContextVar("sloth_fx_region", default=None)
+
+@dataclass
+class _Run:
+    """The module whose gate is running, and whether a capture ran for it."""
+
+    module: str
+    ran: bool = False
+
+
+_RUNNING: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("sloth_fx_running", default=None)
+_LIMITS = [name for name in ("recompile_limit", "accumulated_recompile_limit") if hasattr(torch._dynamo.config, name)]
 
 
 @dataclass
@@ -76,97 +95,24 @@ def find_regions(model: nn.Module) -> tuple[list[Region], nn.Module | None, nn.M
     return regions, decoder, head
 
 
-def install(model: nn.Module, passes: Sequence[str], report: Report, verify: bool) -> None:
-    """Route every region's training forward through Dynamo and the sloth_fx backend."""
-    regions, decoder, head = find_regions(model)
-    if not regions:
-        report.notes.append(f"{type(model).__name__} has no decoder with layers to capture; nothing to rewrite")
-        return
-    backend = Backend(passes, verify)
-    _raise_recompile_limit()
-    for region in regions:
-        region_report = RegionReport(region.name, [path for path, _ in region.modules])
-        report.regions[region.name] = region_report
-        for _, module in region.modules:
-            _gate(module, backend, region_report)
-    if head is not None and decoder is not None:
-        _make_opaque(decoder)
-
-
-def _make_opaque(decoder: nn.Module) -> None:
-    """Dynamo skips the decoder inside the head region (its layers are regions of their own); the
-    graph after it, lm_head + loss, sees the decoder's outputs with dynamic batch and sequence."""
-    eager = type(decoder).forward.__get__(decoder)
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        out = eager(*args, **kwargs)
-        _mark_batch_and_sequence_dynamic(tuple(out.values()) if hasattr(out, "values") else (out,), {})
-        return out
-
-    decoder.forward = torch._dynamo.disable(forward)
-
-
-def _raise_recompile_limit(at_least: int = 64) -> None:
-    """Every optimized model adds guard sets to the same code objects (all GradientCheckpointingLayer
-    subclasses share one forward wrapper), and past Dynamo's limit (8) a frame silently runs
-    eagerly, unrewritten; a process that optimizes several models needs more room."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), at_least))
-            return
-
-
-def uninstall(model: nn.Module) -> None:
-    """Give every module its own forward back."""
-    for module in model.modules():
-        if "forward" in module.__dict__:
-            del module.forward
-
-
-def _gate(module: nn.Module, backend: "Backend", region: RegionReport) -> None:
-    eager = type(module).forward.__get__(module)
-    compiled = torch.compile(eager, backend=backend)
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if module.training and torch.is_grad_enabled():
-            _mark_batch_and_sequence_dynamic(args, kwargs)
-            token = _REGION.set(region)
-            try:
-                return compiled(*args, **kwargs)
-            finally:
-                _REGION.reset(token)
-        return eager(*args, **kwargs)
-
-    module.forward = forward
-
-
-def _mark_batch_and_sequence_dynamic(args: tuple, kwargs: dict) -> None:
-    """Capture batch and sequence sizes as symbols from the first call, so that a new size never
-    recaptures (only a size of 1 does, once: Dynamo specialises 0 and 1)."""
-    for value in (*args, *kwargs.values()):
-        tensors = value if isinstance(value, (tuple, list)) else (value,)
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= 2:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 1)
-
-
 class Backend:
-    """The Dynamo backend: passes over the captured graph, optional verification, eager run."""
+    """The Dynamo backend of one region: passes over each captured graph, optional verification.
 
-    def __init__(self, passes: Sequence[str], verify: bool) -> None:
+    Every checkpointed body first gets RNG replay (:mod:`sloth_fx.checkpoint`), so that both the
+    rewrite and its verification see the recompute draw the forward's random numbers.
+    """
+
+    def __init__(self, passes: Sequence[str], verify: bool, region: RegionReport) -> None:
         self.passes = list(passes)
         self.verify = verify
+        self.region = region
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        region = _REGION.get()
-        capture = Capture(
-            nodes=len(gm.graph.nodes),
-            dynamic=any(isinstance(x, torch.SymInt) for x in example_inputs),
-        )
-        if region is not None:
-            region.captures.append(capture)
+        capture = Capture(nodes=len(gm.graph.nodes), dynamic=any(isinstance(x, torch.SymInt) for x in example_inputs))
+        self.region.captures.append(capture)
+        replayed = sum(replay_rng_in_checkpoints(g) for _, g in subgraphs(gm))
+        if replayed:
+            capture.notes.append(f"{replayed} activation checkpoint(s) replay the forward's RNG in the recompute")
         check = self.verify and concrete(example_inputs)
         for name in self.passes:
             before = copy.deepcopy(gm) if check else None
@@ -181,7 +127,184 @@ class Backend:
                 gm = before
         if self.verify:
             capture.verified = "each pass checked on random inputs" if check else "skipped: example inputs were fake"
-        return gm
+        return CaptureRunner(gm, self.region, len(self.region.captures) - 1)
+
+
+class CaptureRunner:
+    """Runs one rewritten graph and records, for the report, which module ran it."""
+
+    def __init__(self, gm: fx.GraphModule, region: RegionReport, index: int) -> None:
+        self.gm, self.region, self.index = gm, region, index
+
+    def __call__(self, *args: Any) -> Any:
+        run = _RUNNING.get()
+        if run is not None:
+            run.ran = True
+            self.region.ran(run.module, self.index)
+        return self.gm(*args)
+
+
+class RegionRuntime:
+    """One region of one ``optimize`` call: its report, its passes and its own compiled entry."""
+
+    def __init__(self, name: str, report: RegionReport, owner: Report, passes: Sequence[str], verify: bool) -> None:
+        self.name, self.report, self.owner, self.passes, self.verify = name, report, owner, list(passes), verify
+        self._entry: Callable[..., Any] | None = None
+
+    def entry(self, module: nn.Module) -> Callable[..., Any]:
+        """The region's private copy of the forward (made at first use, and afresh after a copy)."""
+        if self._entry is None:
+            self._entry = isolated(type(module).forward, self.name)
+        return self._entry
+
+    def limits(self) -> dict[str, int]:
+        """Room for every module's captures (one per layer without checkpointing, sizes of 1 twice that)."""
+        return {name: 4 * len(self.report.modules) + 8 for name in _LIMITS}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_entry": None}
+
+
+class RegionGate:
+    """Installed as a module's ``forward``: the training forward runs through the region's capture."""
+
+    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime) -> None:
+        self.module, self.path, self.runtime = module, path, runtime
+        self._compiled: Callable[..., Any] | None = None
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.eager)
+
+    @property
+    def eager(self) -> Callable[..., Any]:
+        return type(self.module).forward.__get__(self.module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.module.training and torch.is_grad_enabled()):
+            return self.eager(*args, **kwargs)
+        self.check(args, kwargs)
+        _mark_batch_and_sequence_dynamic(args, kwargs)
+        if self._compiled is None:
+            backend = Backend(self.runtime.passes, self.runtime.verify, self.runtime.report)
+            self._compiled = torch.compile(self.runtime.entry(self.module).__get__(self.module), backend=backend)
+        run = _Run(self.path)
+        token = _RUNNING.set(run)
+        try:
+            with torch._dynamo.config.patch(self.runtime.limits()):
+                out = self._compiled(*args, **kwargs)
+        finally:
+            _RUNNING.reset(token)
+        if not run.ran:
+            self.runtime.report.ran_eagerly(self.path, "Dynamo ran no capture for it (a frame it skips or a guard it cannot meet)")
+        return out
+
+    def check(self, args: tuple, kwargs: dict) -> None:
+        """Reject bad input before any capture (a region without a contract of its own checks nothing)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_compiled": None}
+
+
+class HeadGate(RegionGate):
+    """The causal-LM module's gate: labels are checked as HF would, before Dynamo sees them."""
+
+    def check(self, args: tuple, kwargs: dict) -> None:
+        labels = kwargs.get("labels")
+        if labels is None:
+            return
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        expected = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else None
+        if expected is None and isinstance(embeds, torch.Tensor):
+            expected = tuple(embeds.shape[:-1])
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be a tensor of integer token ids, got {_describe(labels)}")
+        if expected is not None and tuple(labels.shape) != expected:
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but the inputs have {expected}: a causal LM "
+                             "takes one label per input token (-100 where nothing is predicted)")
+
+
+class OpaqueDecoder:
+    """Installed as the decoder's ``forward``: Dynamo treats the call as opaque (its layers are
+    regions of their own) and the head's graph after it sees dynamic batch and sequence sizes."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        self.decoder = decoder
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.decoder).forward.__get__(self.decoder))
+
+    @torch._dynamo.disable
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = type(self.decoder).forward(self.decoder, *args, **kwargs)
+        _mark_batch_and_sequence_dynamic(tuple(out.values()) if hasattr(out, "values") else (out,), {})
+        return out
+
+
+@dataclass
+class Installation:
+    """What ``install`` changed on a model, so that ``uninstall`` restores exactly that."""
+
+    report: Report
+    replaced: list[tuple[nn.Module, Any]]  # (module, its instance-level forward before, or None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (deepcopy, pickle) compiles afresh: what the original captured does not run in it
+        self.__dict__.update(state)
+        for region in self.report.regions.values():
+            region.forget()
+
+
+def install(model: nn.Module, passes: Sequence[str], verify: bool) -> Installation:
+    """Route every region's training forward through Dynamo and the sloth_fx backend."""
+    report = Report()
+    installation = Installation(report, [])
+    regions, decoder, head = find_regions(model)
+    if not regions:
+        report.notes.append(f"{type(model).__name__} has no decoder with layers to capture; nothing to rewrite")
+        return installation
+    for region in regions:
+        region_report = RegionReport(region.name, [path for path, _ in region.modules])
+        report.regions[region.name] = region_report
+        runtime = RegionRuntime(region.name, region_report, report, passes, verify)
+        for path, module in region.modules:
+            gate = HeadGate if module is head else RegionGate
+            _replace_forward(installation, module, gate(module, path, runtime))
+    if head is not None and decoder is not None:
+        _replace_forward(installation, decoder, OpaqueDecoder(decoder))
+    return installation
+
+
+def uninstall(installation: Installation) -> None:
+    """Put back every ``forward`` that ``install`` replaced, as it was."""
+    for module, previous in reversed(installation.replaced):
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+    installation.replaced.clear()
+
+
+def _replace_forward(installation: Installation, module: nn.Module, forward: Any) -> None:
+    installation.replaced.append((module, module.__dict__.get("forward")))
+    module.forward = forward
+
+
+def _mark_batch_and_sequence_dynamic(args: tuple, kwargs: dict) -> None:
+    """Capture batch and sequence sizes as symbols from the first call, so that a new size never
+    recaptures (only a size of 1 does, once: Dynamo specialises 0 and 1)."""
+    for value in (*args, *kwargs.values()):
+        tensors = value if isinstance(value, (tuple, list)) else (value,)
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+
+
+def _describe(value: Any) -> str:
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _prefix_of(root: nn.Module, target: nn.Module) -> str:

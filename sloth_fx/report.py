@@ -1,14 +1,15 @@
 """What sloth_fx did to a model: regions captured, rewrites made, rewrites refused and why.
 
 A region (the decoder layers of one class, the final norm, the head and loss) is captured once per
-distinct guard set (a first static capture, then at most a few more, e.g. one with dynamic shapes).
-Every layer of a region runs the same rewritten graph, so a rewrite found once in a layer graph is
-made at that place in every layer: ``sites`` counts it once per module.
+distinct guard set: a first capture, then a few more (sizes of 1, the first layer whose input needs
+no grad, one per layer where Dynamo guards on the layer). Each capture records the modules that ran
+it; each module runs the capture it ran last, or runs eagerly when Dynamo handed it no capture
+(``eager``, with the reason). The counts are of what runs: a rewrite is a site in the model once
+for every module whose current capture holds it.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -44,13 +45,18 @@ class PassLog:
 
 @dataclass
 class Capture:
-    """One graph Dynamo handed to the backend for a region."""
+    """One graph Dynamo handed to the backend for a region, and who has run it."""
 
     nodes: int
     dynamic: bool
     logs: list[PassLog] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     verified: str = "not run"
+    notes: list[str] = field(default_factory=list)
+    modules: dict[str, int] = field(default_factory=dict)  # module path -> calls
+
+    def rewrites(self) -> list[Rewrite]:
+        return [rw for log in self.logs for rw in log.rewrites]
 
 
 @dataclass
@@ -58,10 +64,25 @@ class RegionReport:
     name: str
     modules: list[str]
     captures: list[Capture] = field(default_factory=list)
+    current: dict[str, int] = field(default_factory=dict)  # module path -> index of the capture it ran last
+    eager: dict[str, str] = field(default_factory=dict)  # module path -> why it last ran without a capture
 
-    @property
-    def latest(self) -> Capture | None:
-        return self.captures[-1] if self.captures else None
+    def ran(self, module: str, index: int) -> None:
+        """``module`` ran capture ``index`` (called by the capture's runner, once per call)."""
+        capture = self.captures[index]
+        capture.modules[module] = capture.modules.get(module, 0) + 1
+        self.current[module] = index
+        self.eager.pop(module, None)
+
+    def ran_eagerly(self, module: str, reason: str) -> None:
+        self.current.pop(module, None)
+        self.eager[module] = reason
+
+    def forget(self) -> None:
+        """Start over (a copy of the model recaptures everything for itself)."""
+        self.captures.clear()
+        self.current.clear()
+        self.eager.clear()
 
 
 @dataclass
@@ -70,26 +91,23 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def sites(self, pass_name: str) -> list[str]:
-        """Module paths rewritten by ``pass_name`` in the latest capture of every region."""
+        """Module paths where ``pass_name``'s rewrites run: each module's current capture's rewrites."""
         out = []
         for region in self.regions.values():
-            if region.latest is None:
-                continue
-            for log in region.latest.logs:
-                for rw in log.rewrites:
-                    if rw.pass_name == pass_name:
-                        out += [_join(m, rw.location) for m in region.modules]
+            for module, index in region.current.items():
+                out += [_join(module, rw.location) for rw in region.captures[index].rewrites() if rw.pass_name == pass_name]
         return out
 
     def count(self, pass_name: str) -> int:
         return len(self.sites(pass_name))
 
     def refusals(self, pass_name: str | None = None) -> list[Refusal]:
+        """The refusals in the captures that modules run now."""
         return [
             rf
             for region in self.regions.values()
-            if region.latest is not None
-            for log in region.latest.logs
+            for index in sorted(set(region.current.values()))
+            for log in region.captures[index].logs
             for rf in log.refusals
             if pass_name in (None, rf.pass_name)
         ]
@@ -97,27 +115,19 @@ class Report:
     def render(self) -> str:
         lines = ["sloth_fx report"]
         lines += [f"  note: {n}" for n in self.notes]
-        if not any(r.captures for r in self.regions.values()):
+        if not any(r.captures or r.eager for r in self.regions.values()):
             lines.append("  nothing captured yet: regions are captured at the first training forward")
-        totals: Counter[str] = Counter()
         for region in self.regions.values():
             lines.append(_region_header(region))
-            cap = region.latest
-            if cap is None:
-                continue
-            lines.append(f"    verify: {cap.verified}")
-            lines += [f"    dropped by verify: {d}" for d in cap.dropped]
-            for log in cap.logs:
-                for rw in log.rewrites:
-                    totals[rw.pass_name] += len(region.modules)
-                    detail = f"  ({rw.detail})" if rw.detail else ""
-                    lines.append(f"    {log.pass_name}: rewrote {rw.location}{detail}")
-                for rf in log.refusals:
-                    lines.append(f"    {log.pass_name}: refused {rf.location}: {rf.reason}")
-                lines += [f"    {log.pass_name}: {note}" for note in log.notes]
+            for i, cap in enumerate(region.captures):
+                lines += _capture_lines(i, cap)
+            for module, reason in region.eager.items():
+                lines.append(f"    {module} runs unrewritten: {reason}")
+        names = sorted({rw.pass_name for r in self.regions.values() for c in r.captures for rw in c.rewrites()})
+        totals = {name: n for name in names if (n := self.count(name))}
         if totals:
-            summary = ", ".join(f"{name} {n}" for name, n in sorted(totals.items()))
-            lines.append(f"  rewrite sites in the model: {summary}")
+            summary = ", ".join(f"{name} {n}" for name, n in totals.items())
+            lines.append(f"  rewrite sites running in the model: {summary}")
         elif any(r.captures for r in self.regions.values()):
             lines.append("  no rewrite applied: the model runs as it was")
         return "\n".join(lines)
@@ -127,8 +137,26 @@ def _region_header(region: RegionReport) -> str:
     n = len(region.modules)
     where = region.modules[0] if n == 1 else f"{region.modules[0]} .. {region.modules[-1]} ({n} modules)"
     caps = len(region.captures)
-    dyn = " (last with dynamic shapes)" if caps and region.captures[-1].dynamic else ""
-    return f"  region {region.name}: {where}; captured {caps} time{'s' if caps != 1 else ''}{dyn}"
+    return f"  region {region.name}: {where}; captured {caps} time{'s' if caps != 1 else ''}"
+
+
+def _capture_lines(index: int, cap: Capture) -> list[str]:
+    users = len(cap.modules)
+    shapes = "dynamic shapes" if cap.dynamic else "static shapes"
+    lines = [f"    capture {index}: {cap.nodes} nodes, {shapes}; run by {users} module{'s' if users != 1 else ''}"
+             f" ({sum(cap.modules.values())} calls)"]
+    if cap.verified != "not run":
+        lines.append(f"      verify: {cap.verified}")
+    lines += [f"      dropped by verify: {d}" for d in cap.dropped]
+    lines += [f"      note: {n}" for n in cap.notes]
+    for log in cap.logs:
+        for rw in log.rewrites:
+            detail = f"  ({rw.detail})" if rw.detail else ""
+            lines.append(f"      {log.pass_name}: rewrote {rw.location}{detail}")
+        for rf in log.refusals:
+            lines.append(f"      {log.pass_name}: refused {rf.location}: {rf.reason}")
+        lines += [f"      {log.pass_name}: {note}" for note in log.notes]
+    return lines
 
 
 def _join(module: str, location: str) -> str:
