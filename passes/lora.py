@@ -200,7 +200,7 @@ def _refusal(match: Match) -> str | None:
     reason = _adapter_refusal(match)
     x = fake_value(match.inputs["x"])
     if reason is None and x.dtype != w.dtype:
-        reason = f"input {x.dtype}, base {w.dtype}: the fused op needs x and W alike"
+        reason = f"input {x.dtype}, base {w.dtype}: the fused op needs x and W alike" + _autocast_hint(x, w.dtype)
     return reason
 
 
@@ -216,10 +216,23 @@ def _adapter_refusal(match: Match) -> str | None:
     if a.dtype != b.dtype:
         return f"adapters {a.dtype}/{b.dtype}: the fused op needs A and B alike"
     if not isinstance(y, torch.Tensor) or y.dtype != x.dtype:
-        return f"the LoRA sum is used in {getattr(y, 'dtype', '?')}, not cast back to the base's {x.dtype}"
+        return (f"the LoRA sum is used in {getattr(y, 'dtype', '?')}, not cast back to the base's {x.dtype}"
+                + _autocast_hint(x, x.dtype))
     if not isinstance(match.literals["scale"], (int, float)):
         return "the LoRA scaling is not a constant"
     shared = match.outside_users()
     if shared:
         return f"intermediate {shared[0].name} is also used outside the LoRA sum"
     return None
+
+
+def _autocast_hint(x: torch.Tensor, base: torch.dtype) -> str:
+    """What to set when autocast made the dtypes differ: Trainer's ``bf16=True``/``fp16=True``
+    (SFTConfig's and DPOConfig's default) runs a float32 base's linears in the narrow dtype, and
+    the fused op, which keeps one dtype from x to the sum, would not round as autocast does."""
+    device = x.device.type
+    if base != torch.float32 or not torch.is_autocast_enabled(device):
+        return ""
+    dtype = torch.get_autocast_dtype(device)
+    flag = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return f" (autocast runs this float32 base in {dtype}: load the base in {dtype} to fuse it, or set {flag}=False)"
