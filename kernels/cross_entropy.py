@@ -4,6 +4,7 @@ What it replaces (Hugging Face's causal-LM loss, transformers v5 ``ForCausalLMLo
 ``fixed_cross_entropy``, on already shifted and flattened tokens)::
 
     logits = hidden @ weight.T (+ bias)            # [N, V] in the model dtype
+    logits = logits * m   or   logits / d          # only with a logit scale (Cohere, Granite), model dtype
     logits = logits.float()
     logits = cap * tanh(logits / cap)              # only with a Gemma-2 style logit soft-cap
     loss   = cross_entropy(logits, labels, ignore_index, reduction="mean")        # or:
@@ -12,11 +13,14 @@ What it replaces (Hugging Face's causal-LM loss, transformers v5 ``ForCausalLMLo
 How the fused op computes it: the N token rows are processed in chunks of C rows. For each chunk
 
 1. ``logits_c = hidden_c @ weight.T (+ bias)`` in the model dtype with ``torch.mm`` / ``torch.addmm``
-   (the same cuBLAS call ``F.linear`` makes, so the same rounding as HF), into one reused [C, V] buffer;
+   (the same cuBLAS call ``F.linear`` makes, so the same rounding as HF), into one reused [C, V] buffer,
+   scaled there in place by the same model-dtype operation as HF's (``* m`` or ``/ d``);
 2. one Triton program per row reads the row (upcast to fp32, soft-capped if asked), computes
    ``lse = log(sum_j exp(z_j))`` with an online max/sum over vocab blocks, the row's loss
    ``lse - z[label]`` (0 for an ignored label), and overwrites the row IN PLACE with the gradient of
-   the loss with respect to the pre-cap logits (see :class:`LinearCrossEntropyFunction`);
+   the loss with respect to the pre-cap logits (see :class:`LinearCrossEntropyFunction`), which
+   the same scaling, applied again in the model dtype, turns into the gradient before the scale
+   (what autograd computes for HF's ``* m`` and ``/ d``);
 3. ``d_hidden_c = dlogits_c @ weight`` and ``d_weight += dlogits_c.T @ hidden_c``,
    ``d_bias += sum_rows(dlogits_c)`` (the last two accumulated in fp32, cast at the end).
 
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +50,7 @@ from .dispatch import use_triton
 
 __all__ = [
     "LinearCrossEntropyFunction",
+    "LogitScale",
     "chunk_rows",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
@@ -56,6 +63,26 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # spill. Vocabularies larger than this (32000, 128256) are covered by the online loop. Tests lower it
 # to exercise the loop on small vocabularies.
 _MAX_BLOCK_V = 4096
+
+
+@dataclass(frozen=True)
+class LogitScale:
+    """A constant the logits are multiplied (``op="mul"``, Cohere's ``logit_scale``) or divided
+    (``op="div"``, Granite's ``logits_scaling``) by, in the model dtype, before the upcast.
+
+    Multiplying by ``m`` and dividing by ``1/m`` round differently, so the op is kept as written.
+    The gradient before the scale is the same op on the gradient after it: ``d(x*m) = dy*m``,
+    ``d(x/d) = dy/d``.
+    """
+
+    op: Literal["mul", "div"]
+    value: float
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t * self.value if self.op == "mul" else t / self.value
+
+    def apply_(self, t: Tensor) -> Tensor:
+        return t.mul_(self.value) if self.op == "mul" else t.div_(self.value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,17 +99,20 @@ def linear_cross_entropy_reference(
     ignore_index: int = -100,
     num_items_in_batch: Tensor | int | None = None,
     logit_softcap: float | None = None,
+    logit_scale: LogitScale | None = None,
 ) -> Tensor:
     """HF's causal-LM loss on flattened tokens, in plain PyTorch (what the pass traces its pattern from).
 
     ``hidden`` [N, H], ``weight`` [V, H], ``labels`` [N] int64, ``bias`` [V] or None.
-    Exactly HF's computation: ``logits = F.linear(hidden, weight, bias)`` in the model dtype, then
-    ``logits.float()``, then (if ``logit_softcap``) ``cap * tanh(logits / cap)``, then
+    Exactly HF's computation: ``logits = F.linear(hidden, weight, bias)`` in the model dtype, scaled
+    there by ``logit_scale`` if given, then ``logits.float()``, then (if ``logit_softcap``) ``cap * tanh(logits / cap)``, then
     ``F.cross_entropy(..., ignore_index, reduction="mean")``, or with ``num_items_in_batch`` given,
     ``reduction="sum"`` divided by ``num_items_in_batch``. Returns an fp32 scalar. All labels ignored
     gives nan for the mean (0/0, as HF) and 0 for the sum.
     """
     logits = F.linear(hidden, weight, bias)
+    if logit_scale is not None:
+        logits = logit_scale(logits)
     logits = logits.float()
     if logit_softcap is not None:
         logits = logits / logit_softcap
@@ -281,6 +311,7 @@ def _chunked_loss_and_grads(
     ignore_index: int,
     num_items_in_batch: Tensor | int | float | None,
     logit_softcap: float | None,
+    logit_scale: LogitScale | None,
     chunk: int,
     need_d_hidden: bool,
     need_d_weight: bool,
@@ -314,6 +345,8 @@ def _chunked_loss_and_grads(
             torch.mm(h_c, weight_t, out=logits_c)
         else:
             torch.addmm(bias, h_c, weight_t, out=logits_c)
+        if logit_scale is not None:
+            logit_scale.apply_(logits_c)
         _ce_rows_kernel[(stop - start,)](
             logits_c,
             logits_c.stride(0),
@@ -329,6 +362,8 @@ def _chunked_loss_and_grads(
             num_warps=num_warps,
         )
         dlogits_c = logits_c  # overwritten in place by the kernel
+        if logit_scale is not None and compute_grad:
+            logit_scale.apply_(dlogits_c)
         if need_d_hidden:
             torch.mm(dlogits_c, weight, out=d_hidden[start:stop])
         if need_d_weight:
@@ -380,10 +415,10 @@ def _scale_by(t: Tensor, g: Tensor, chunk: int) -> Tensor:
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Fused ``cross_entropy(softcap(float(hidden @ weight.T + bias)), labels)``, chunked over rows.
 
-    ``apply(hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, chunk)``.
+    ``apply(hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, logit_scale, chunk)``.
 
     Forward, per token row i with pre-cap logits ``x_i = hidden_i @ weight.T + bias`` (model dtype,
-    upcast to fp32) and ``z_i = cap * tanh(x_i / cap)`` (or ``z_i = x_i`` without a cap)::
+    scaled there by the logit scale if any, then upcast to fp32) and ``z_i = cap * tanh(x_i / cap)`` (or ``z_i = x_i`` without a cap)::
 
         lse_i  = log sum_j exp(z_ij)                         (online max/sum over vocab blocks)
         loss_i = lse_i - z_i[label_i]     (0 where label_i == ignore_index)
@@ -395,7 +430,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
         dx_ij    = (softmax(z_i)_j - [j == label_i]) * s * (1 - tanh^2(x_ij / cap))   (no last factor
                    without a cap); s = 1/n_valid or 1/num_items_in_batch; dx_i = 0 on ignored rows;
-                   rounded once to the model dtype (as HF's ``.float()`` backward does)
+                   rounded once to the model dtype (as HF's ``.float()`` backward does), then
+                   scaled as the logits were (in the model dtype, as autograd's ``* m`` / ``/ d``)
         d_hidden = dx @ weight                          (model dtype, per chunk)
         d_weight = sum_chunks dx_c.T @ hidden_c         (fp32 accumulation, cast at the end)
         d_bias   = sum_i dx_i                           (fp32 accumulation, cast at the end)
@@ -416,11 +452,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index: int,
         num_items_in_batch: Tensor | int | float | None,
         logit_softcap: float | None,
+        logit_scale: LogitScale | None,
         chunk: int,
     ) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         loss, d_hidden, d_weight, d_bias = _chunked_loss_and_grads(
-            hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, chunk,
+            hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, logit_scale, chunk,
             need_d_hidden=need_h, need_d_weight=need_w, need_d_bias=need_b and bias is not None,
         )
         ctx.chunk = chunk
@@ -435,7 +472,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # loss has one element (0-dim, or [1] when num_items_in_batch is a [1] tensor).
         g = grad_output.reshape(()).to(torch.float32)
         grads = [None if t is None else _scale_by(t, g, ctx.chunk) for t in grads]
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +488,7 @@ def _check_inputs(
     ignore_index: int,
     num_items_in_batch: Tensor | int | float | None,
     logit_softcap: float | None,
+    logit_scale: LogitScale | None,
 ) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not torch.is_tensor(t):
@@ -503,6 +541,11 @@ def _check_inputs(
             raise TypeError(f"linear_cross_entropy: logit_softcap must be a float or None, got {type(logit_softcap).__name__}")
         if not (math.isfinite(logit_softcap) and logit_softcap > 0):
             raise ValueError(f"linear_cross_entropy: logit_softcap must be finite and > 0, got {logit_softcap}")
+    if logit_scale is not None:
+        if not isinstance(logit_scale, LogitScale) or logit_scale.op not in ("mul", "div"):
+            raise TypeError(f"linear_cross_entropy: logit_scale must be a LogitScale or None, got {logit_scale!r}")
+        if not math.isfinite(logit_scale.value) or (logit_scale.op == "div" and logit_scale.value == 0):
+            raise ValueError(f"linear_cross_entropy: logit scale {logit_scale.op} {logit_scale.value} is not finite")
 
 
 def linear_cross_entropy(
@@ -514,12 +557,13 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     num_items_in_batch: Tensor | int | None = None,
     logit_softcap: float | None = None,
+    logit_scale: LogitScale | None = None,
     memory_budget_bytes: int | None = None,
 ) -> Tensor:
     """HF's causal-LM loss of ``hidden @ weight.T (+ bias)`` on flattened, already shifted tokens.
 
     Same contract as :func:`linear_cross_entropy_reference` (fp32 scalar; mean over non-ignored
-    labels, or sum / ``num_items_in_batch``; optional soft-cap). On CUDA tensors (or CPU tensors
+    labels, or sum / ``num_items_in_batch``; optional logit scale and soft-cap). On CUDA tensors (or CPU tensors
     under the Triton interpreter) runs :class:`LinearCrossEntropyFunction` in chunks of
     :func:`chunk_rows` rows (``memory_budget_bytes`` bounds the logits buffer; default: the bytes of
     ``hidden``), never materialising [N, V]; elsewhere runs the reference.
@@ -528,23 +572,23 @@ def linear_cross_entropy(
     labels int64) and ValueError for bad shapes, mixed devices, a non-positive soft-cap or budget,
     and (Triton path) labels outside [0, V) that are not ``ignore_index``.
     """
-    _check_inputs(hidden, weight, labels, bias, ignore_index, num_items_in_batch, logit_softcap)
+    _check_inputs(hidden, weight, labels, bias, ignore_index, num_items_in_batch, logit_softcap, logit_scale)
     tensors = [hidden, weight, labels] + ([bias] if bias is not None else [])
     n_tokens, hidden_size = hidden.shape
     chunk = chunk_rows(n_tokens, weight.shape[0], hidden_size, hidden.dtype, memory_budget_bytes)
     if not use_triton(*tensors):
         return linear_cross_entropy_reference(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-            num_items_in_batch=num_items_in_batch, logit_softcap=logit_softcap,
+            num_items_in_batch=num_items_in_batch, logit_softcap=logit_softcap, logit_scale=logit_scale,
         )
     differentiable = [hidden, weight] + ([bias] if bias is not None else [])
     if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
         return LinearCrossEntropyFunction.apply(
-            hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, chunk
+            hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, logit_scale, chunk
         )
     # No gradient wanted: the same kernel, without its gradient pass and without the matmuls.
     loss, _, _, _ = _chunked_loss_and_grads(
-        hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, chunk,
+        hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, logit_scale, chunk,
         need_d_hidden=False, need_d_weight=False, need_d_bias=False,
     )
     return loss

@@ -1,7 +1,9 @@
 """Cross-entropy pass: ``lm_head`` + upcast + ``cross_entropy`` -> ``linear_cross_entropy``.
 
 Matches the head-and-loss graph as transformers v5's causal-LM forward spells it: the ``lm_head``
-linear (no bias), the float upcast, optional Gemma-2 logit soft-capping, the flattening, and
+linear (no bias), an optional logit scale in the model dtype (Cohere's ``logits * logit_scale``,
+Granite's ``logits / logits_scaling``: multiply and divide are kept apart, as they round apart), the
+float upcast, optional Gemma-2 logit soft-capping, the flattening, and
 ``cross_entropy`` with ``reduction="mean"``, or ``"sum"`` divided by ``num_items_in_batch`` (what
 HF passes under gradient accumulation). The label shift and padding stay as they are: the fused op
 takes the shifted labels. The logits are never built in full.
@@ -14,18 +16,20 @@ A match whose logits feed anything but the loss and the returned value is refuse
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from sloth_fx.graph_edit import erase_dead, module_path, replace_with_call
-from sloth_fx.kernels.cross_entropy import linear_cross_entropy
+from sloth_fx.kernels.cross_entropy import LogitScale, linear_cross_entropy
 from sloth_fx.pass_manager import register_pass
 from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
 from sloth_fx.report import PassLog
 
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-LITERALS = ("vocab", "ignore_index", "reduction", "dtype", "cap")
+LITERALS = ("vocab", "ignore_index", "reduction", "dtype")
 
 
 def causal_lm_loss(hidden, weight, labels, vocab, ignore_index, reduction, dtype):
@@ -38,15 +42,33 @@ def softcapped_causal_lm_loss(hidden, weight, labels, vocab, ignore_index, reduc
     return F.cross_entropy(logits.to(dtype).view(-1, vocab), labels, ignore_index=ignore_index, reduction=reduction)
 
 
-PATTERNS = [trace_pattern(softcapped_causal_lm_loss, LITERALS), trace_pattern(causal_lm_loss, LITERALS[:-1])]
+def multiplied_causal_lm_loss(hidden, weight, labels, vocab, ignore_index, reduction, dtype, multiplier):
+    logits = (F.linear(hidden, weight, None) * multiplier).to(dtype)
+    return F.cross_entropy(logits.view(-1, vocab), labels, ignore_index=ignore_index, reduction=reduction)
+
+
+def divided_causal_lm_loss(hidden, weight, labels, vocab, ignore_index, reduction, dtype, divisor):
+    logits = (F.linear(hidden, weight, None) / divisor).to(dtype)
+    return F.cross_entropy(logits.view(-1, vocab), labels, ignore_index=ignore_index, reduction=reduction)
+
+
+PATTERNS = [
+    trace_pattern(softcapped_causal_lm_loss, (*LITERALS, "cap")),
+    trace_pattern(multiplied_causal_lm_loss, (*LITERALS, "multiplier")),
+    trace_pattern(divided_causal_lm_loss, (*LITERALS, "divisor")),
+    trace_pattern(causal_lm_loss, LITERALS),
+]
 
 
 def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int,
-                         num_items_in_batch: torch.Tensor | int | None, logit_softcap: float | None) -> torch.Tensor:
-    """The replacement: flatten the tokens and call the fused op."""
+                         num_items_in_batch: torch.Tensor | int | None, logit_softcap: float | None,
+                         scale_op: str | None = None, scale: float = 1.0) -> torch.Tensor:
+    """The replacement: flatten the tokens and call the fused op (the logit scale travels as plain
+    literals, which the graph's generated code can spell)."""
     return linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch, logit_softcap=logit_softcap,
+        logit_scale=LogitScale(scale_op, scale) if scale_op else None,
     )
 
 
@@ -63,15 +85,17 @@ def cross_entropy_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
             if match.literals["reduction"] == "sum" and num_items is None:
                 num_items = 1
             returned = [n for n in match.nodes if _returned(n)]
+            scale = _logit_scale(match)
             replace_with_call(
                 gm.graph, [loss], match.nodes + ([match.output] if loss is not match.output else []),
                 fused_causal_lm_loss, (match.inputs["hidden"], match.inputs["weight"], match.inputs["labels"]),
                 {"ignore_index": match.literals["ignore_index"], "num_items_in_batch": num_items,
-                 "logit_softcap": match.literals.get("cap")},
+                 "logit_softcap": match.literals.get("cap"), **_scale_kwargs(scale)},
             )
             _return_none_for(gm.graph, returned)
             vocab, dtype = match.literals["vocab"], fake_value(match.inputs["hidden"]).dtype
-            log.rewrite(where, f"{pattern.name}, vocab {vocab}, {dtype}, reduction {match.literals['reduction']}"
+            scaled = f", logits {'*' if scale.op == 'mul' else '/'} {scale.value}" if scale else ""
+            log.rewrite(where, f"{pattern.name}{scaled}, vocab {vocab}, {dtype}, reduction {match.literals['reduction']}"
                                + (", logits returned as None" if returned else ""))
     return gm
 
@@ -82,12 +106,28 @@ def _refusal(match: Match) -> str | None:
         return "hidden states and lm_head weight must share one dtype of float32, float16, bfloat16"
     if match.literals["dtype"] not in (None, torch.float32):
         return f"the loss runs in {match.literals['dtype']}, the fused op in float32"
+    for name in ("multiplier", "divisor"):
+        value = match.literals.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+            return f"the logit {name} is {value!r}, not a finite non-zero constant"
     if match.literals["reduction"] not in ("mean", "sum"):
         return f"reduction {match.literals['reduction']!r} is neither 'mean' nor 'sum'"
     for node in match.outside_users():
         if any(u.op != "output" for u in node.users if u not in match.nodes):
             return f"{node.name} is used by more than the loss (something reads the logits)"
     return None
+
+
+def _logit_scale(match: Match) -> LogitScale | None:
+    if "multiplier" in match.literals:
+        return LogitScale("mul", float(match.literals["multiplier"]))
+    if "divisor" in match.literals:
+        return LogitScale("div", float(match.literals["divisor"]))
+    return None
+
+
+def _scale_kwargs(scale: LogitScale | None) -> dict[str, object]:
+    return {"scale_op": scale.op, "scale": scale.value} if scale else {}
 
 
 def _loss_and_divisor(match: Match) -> tuple[fx.Node, object]:
