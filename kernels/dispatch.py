@@ -16,4 +16,7 @@ def interpreting() -> bool:
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when every tensor lives where the Triton kernels can run."""
-    return all(t.is_cuda or (interpreting() and t.device.type == "cpu") for t in tensors)
+    for t in tensors:  # a plain loop: no generator per call, and CUDA tensors never read the environment
+        if not t.is_cuda and not (t.device.type == "cpu" and interpreting()):
+            return False
+    return True
