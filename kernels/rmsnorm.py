@@ -37,8 +37,8 @@ reduction over that buffer gives ``dw``.
 
 from __future__ import annotations
 
-import contextlib
-import functools
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import triton
@@ -46,6 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import use_triton
+from .launch import cdiv, device_guard, multi_processor_count, next_power_of_2, validate
 
 __all__ = ["rmsnorm", "rmsnorm_reference", "RMSNormFunction"]
 
@@ -251,35 +252,45 @@ def _as_rows(t: Tensor) -> Tensor:
 
 def _block_config(n: int, elem_size: int) -> tuple[int, bool, int]:
     """(BLOCK, SINGLE_TILE, num_warps) for rows of n elements of elem_size bytes."""
-    max_block = max(1, _MAX_TILE_BYTES // elem_size)
-    block = min(triton.next_power_of_2(n), max_block)
+    return _tiles(n, elem_size, _MAX_TILE_BYTES)
+
+
+@lru_cache(maxsize=None)
+def _tiles(n: int, elem_size: int, max_tile_bytes: int) -> tuple[int, bool, int]:
+    # The tile limit is an argument so that tests which lower it get entries of their own.
+    max_block = max(1, max_tile_bytes // elem_size)
+    block = min(next_power_of_2(n), max_block)
     # ~256 elements per warp (8 fp32 values per thread and per live array, as in the Triton
     # layer-norm tutorial); up to 16 warps so that 8K-16K rows do not spill registers.
     num_warps = min(max(block // 256, 1), 16)
     return block, block >= n, num_warps
 
 
-@functools.lru_cache(maxsize=None)
 def _programs_in_flight(device: torch.device) -> int:
     """How many backward programs (= dw partial rows) to aim for on a device."""
     if device.type == "cuda":
         # A few resident programs per SM keep every SM busy; more would only grow the partial
         # buffer (and the final reduction) without adding parallelism.
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * multi_processor_count(device)
     # The interpreter runs programs one after another: a few programs (each over several rows)
     # exercise the same code paths as the GPU.
     return 4
 
 
-def _round_code(normed_dtype: torch.dtype | None) -> int:
-    if normed_dtype is None or normed_dtype == torch.float32:
-        return _ROUND_NONE
-    return {torch.float16: _ROUND_FP16, torch.bfloat16: _ROUND_BF16}[normed_dtype]
+class _BackwardGrid(NamedTuple):
+    rows_per_program: int
+    programs: int  # = dw partial rows; every program gets >= 1 row
 
 
-def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
-    """Launch on the tensor's GPU, not whatever device is current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+@lru_cache(maxsize=4096)
+def _backward_grid(m: int, device: torch.device) -> _BackwardGrid:
+    """How the backward splits m > 0 rows between programs: decided once per (rows, device)."""
+    rows_per_program = cdiv(m, min(m, _programs_in_flight(device)))
+    return _BackwardGrid(rows_per_program, cdiv(m, rows_per_program))
+
+
+_ROUND_CODES = {None: _ROUND_NONE, torch.float32: _ROUND_NONE, torch.float16: _ROUND_FP16,
+                torch.bfloat16: _ROUND_BF16}
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -316,12 +327,12 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = _empty((m,), torch.float32, x.device)
         if m > 0:
             block, single, num_warps = _block_config(n, x.element_size())
-            with _device_guard(x):
+            with device_guard(x):
                 _rmsnorm_fwd_kernel[(m,)](
                     x2, w, y, rstd,
                     x2.stride(0), y.stride(0),
                     n, float(eps), float(weight_offset),
-                    HAS_OFFSET=weight_offset != 0.0, ROUND=_round_code(normed_dtype),
+                    HAS_OFFSET=weight_offset != 0.0, ROUND=_ROUND_CODES[normed_dtype],
                     BLOCK=block, SINGLE_TILE=single, num_warps=num_warps,
                 )
         ctx.save_for_backward(x, weight, rstd)
@@ -347,19 +358,18 @@ class RMSNormFunction(torch.autograd.Function):
                 dw = torch.zeros_like(weight)
             return (dx.view(x.shape) if need_dx else None), dw, None, None, None, None
 
-        rows_per_program = triton.cdiv(m, min(m, _programs_in_flight(x.device)))
-        num_partials = triton.cdiv(m, rows_per_program)  # every program gets >= 1 row
+        rows_per_program, num_partials = _backward_grid(m, x.device)
         dw_part = _empty((num_partials, n), torch.float32, x.device) if need_dw else None
         block, single, num_warps = _block_config(n, x.element_size())
         # Pointers of buffers a constexpr flag switches off are never dereferenced.
         dx_arg = dx if need_dx else x2
         dw_arg = dw_part if need_dw else rstd
-        with _device_guard(x):
+        with device_guard(x):
             _rmsnorm_bwd_kernel[(num_partials,)](
                 dy2, x2, w, rstd, dx_arg, dw_arg,
                 dy2.stride(0), x2.stride(0), dx_arg.stride(0),
                 m, n, rows_per_program, ctx.weight_offset,
-                HAS_OFFSET=ctx.weight_offset != 0.0, ROUND=_round_code(ctx.normed_dtype),
+                HAS_OFFSET=ctx.weight_offset != 0.0, ROUND=_ROUND_CODES[ctx.normed_dtype],
                 BLOCK=block, SINGLE_TILE=single,
                 COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, num_warps=num_warps,
             )
@@ -377,6 +387,38 @@ def _check_dtype(what: str, dtype: torch.dtype | None, allow_none: bool = False)
             f"rmsnorm: {what} must be one of float32, float16, bfloat16"
             f"{' or None' if allow_none else ''}, got {dtype}"
         )
+
+
+def _check(x: Tensor, weight: Tensor, eps: float, normed_dtype: torch.dtype | None,
+           out_dtype: torch.dtype | None) -> None:
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("rmsnorm: x and weight must be tensors")
+    if x.device != weight.device:
+        raise ValueError(f"rmsnorm: x is on {x.device} but weight is on {weight.device}")
+    _check_dtype("x.dtype", x.dtype)
+    _check_dtype("weight.dtype", weight.dtype)
+    _check_dtype("normed_dtype", normed_dtype, allow_none=True)
+    _check_dtype("out_dtype", out_dtype, allow_none=True)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"rmsnorm: x needs a non-empty last dim to normalise, got shape {tuple(x.shape)}")
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(
+            f"rmsnorm: weight.shape must be ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if not eps >= 0.0:
+        raise ValueError(f"rmsnorm: eps must be >= 0, got {eps}")
+
+
+def _signature(x: Tensor, weight: Tensor, eps: float, normed_dtype: torch.dtype | None,
+               out_dtype: torch.dtype | None) -> tuple:
+    """Everything :func:`_check` reads but the token count (ragged batches add no entries)."""
+    return (type(x), type(weight), x.device, weight.device, x.dtype, weight.dtype, normed_dtype, out_dtype,
+            x.shape[-1:], weight.shape, type(eps), eps)
+
+
+# Argument signatures that passed _check.
+_VALID: set[tuple] = set()
 
 
 def rmsnorm(
@@ -398,23 +440,7 @@ def rmsnorm(
     ``ValueError`` for a 0-dim or zero-width x, ``weight.shape != (x.shape[-1],)``, x and weight
     on different devices, or a negative eps.
     """
-    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("rmsnorm: x and weight must be tensors")
-    if x.device != weight.device:
-        raise ValueError(f"rmsnorm: x is on {x.device} but weight is on {weight.device}")
-    _check_dtype("x.dtype", x.dtype)
-    _check_dtype("weight.dtype", weight.dtype)
-    _check_dtype("normed_dtype", normed_dtype, allow_none=True)
-    _check_dtype("out_dtype", out_dtype, allow_none=True)
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"rmsnorm: x needs a non-empty last dim to normalise, got shape {tuple(x.shape)}")
-    if tuple(weight.shape) != (x.shape[-1],):
-        raise ValueError(
-            f"rmsnorm: weight.shape must be ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if not eps >= 0.0:
-        raise ValueError(f"rmsnorm: eps must be >= 0, got {eps}")
+    validate(_VALID, _signature, _check, x, weight, eps, normed_dtype, out_dtype)
     if out_dtype is None:
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
     if use_triton(x, weight):

@@ -498,3 +498,22 @@ def test_gpu_bf16_matches_hf_llama() -> None:
     assert y.dtype == ref.dtype
     torch.testing.assert_close(y, ref, rtol=ULP[torch.bfloat16], atol=1e-6)
     assert (y != ref).float().mean().item() <= 0.01
+
+
+@pytest.mark.parametrize("variant", ["llama", "qlora"])
+def test_token_count_changing_between_calls(variant, device) -> None:
+    """Launch grids are cached per row count: T = 5, 17, 5 each match float64, and the second
+    T = 5 call (a cached grid after another shape) repeats the first bit for bit."""
+    w_dtype, kw = variant_args(variant, torch.float16)
+    w = make_weight(96, w_dtype, device, variant)
+    x5 = make_x((5, 96), torch.float16, device).requires_grad_()
+    x17 = make_x((17, 96), torch.float16, device).requires_grad_()
+    runs = []
+    for x in (x5, x17, x5):
+        check_against_same_dtype(check_against_fp64(x, w, kw), x, w, kw)
+        y = rmsnorm(x, w, EPS, **kw)
+        torch.manual_seed(x.shape[0])  # the same dy for the same T
+        dy = torch.randn(y.shape, device=device).to(y.dtype)
+        runs.append((y, *torch.autograd.grad(y, (x, w), dy)))
+    for first, again in zip(runs[0], runs[2]):
+        assert torch.equal(first, again)
