@@ -28,11 +28,15 @@ grad, :func:`rope` uses :func:`rope_reference` (plain autograd), which is exact.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from sloth_fx.kernels.dispatch import use_triton
+from sloth_fx.kernels.launch import next_power_of_2, validate
 
 __all__ = ["rope_reference", "rope", "RoPEFunction"]
 
@@ -195,6 +199,12 @@ def _bshd_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return sb, ss, sh, sd
 
 
+def _table_strides(t: torch.Tensor, bsz: int, seq: int) -> tuple[int, int, int]:
+    """Strides of ``t.expand(bsz, seq, R)`` without making the view: 0 where a size 1 broadcasts."""
+    (tb, ts, _), (sb, ss, sd) = t.shape, t.stride()
+    return (0 if tb != bsz else sb), (0 if ts != seq else ss), sd
+
+
 def _empty_bhsd(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A new [B, H, S, D] tensor laid out as [B, S, H, D] in memory (the transposed view).
 
@@ -202,7 +212,26 @@ def _empty_bhsd(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> 
     (elementwise ops keep their input's layout), so attention sees the same strides either way.
     """
     b, h, s, d = shape
-    return torch.empty((b, s, h, d), dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty_strided((b, h, s, d), (s * h * d, d, h * d, 1), dtype=dtype, device=device)
+
+
+class _Blocks(NamedTuple):
+    half: int
+    block_half: int
+    block_tail: int
+    block_hq: int
+    block_hk: int
+
+
+@lru_cache(maxsize=None)
+def _blocks(hq: int, hk: int, head_dim: int, rotary_dim: int) -> _Blocks:
+    """The kernel's tile sizes for a head layout: decided once per (heads, head_dim, rotary_dim)."""
+    half = rotary_dim // 2
+    block_half = next_power_of_2(half)
+    tail = head_dim - rotary_dim
+    heads_per_step = max(1, _MAX_TILE // block_half)
+    return _Blocks(half, block_half, next_power_of_2(tail) if tail > 0 else 0,
+                   min(next_power_of_2(hq), heads_per_step), min(next_power_of_2(hk), heads_per_step))
 
 
 def _launch(
@@ -216,31 +245,22 @@ def _launch(
 ) -> None:
     """Launch the rotation kernel once for q and k together, writing into q_out/k_out.
 
-    q/k/q_out/k_out: [B, H, S, D] with any strides; cos/sin: [B, S, R] with any strides (an
-    expanded batch dimension of stride 0 is fine). ``backward=True`` applies the transpose.
+    q/k/q_out/k_out: [B, H, S, D] with any strides; cos/sin: [B, S, R] or broadcastable to it
+    (size 1 in batch or sequence), any strides. ``backward=True`` applies the transpose.
     """
     bsz, hq, seq, head_dim = q.shape
-    hk = k.shape[1]
-    rotary_dim = cos.shape[-1]
-    half = rotary_dim // 2
-    block_half = triton.next_power_of_2(half)
-    tail = head_dim - rotary_dim
-    block_tail = triton.next_power_of_2(tail) if tail > 0 else 0
-    heads_per_step = max(1, _MAX_TILE // block_half)
-    block_hq = min(triton.next_power_of_2(hq), heads_per_step)
-    block_hk = min(triton.next_power_of_2(hk), heads_per_step)
     if bsz * seq == 0:
         return  # nothing to rotate; a zero-size grid is not a valid launch on CUDA
-    grid = (bsz * seq,)
-    _rope_kernel[grid](
+    blocks = _blocks(hq, k.shape[1], head_dim, cos.shape[-1])
+    _rope_kernel[(bsz * seq,)](
         q, k, cos, sin, q_out, k_out,
-        seq, hq, hk, half, head_dim,
+        seq, hq, k.shape[1], blocks.half, head_dim,
         *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(q_out), *_bshd_strides(k_out),
-        *cos.stride(), *sin.stride(),
-        BLOCK_HQ=block_hq,
-        BLOCK_HK=block_hk,
-        BLOCK_HALF=block_half,
-        BLOCK_TAIL=block_tail,
+        *_table_strides(cos, bsz, seq), *_table_strides(sin, bsz, seq),
+        BLOCK_HQ=blocks.block_hq,
+        BLOCK_HK=blocks.block_hk,
+        BLOCK_HALF=blocks.block_half,
+        BLOCK_TAIL=blocks.block_tail,
         BACKWARD=backward,
     )
 
@@ -291,13 +311,10 @@ class RoPEFunction(torch.autograd.Function):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        bsz, _, seq, _ = q.shape
-        cos_e = cos.expand(bsz, seq, cos.shape[-1])
-        sin_e = sin.expand(bsz, seq, sin.shape[-1])
         out_dtype = torch.promote_types(q.dtype, cos.dtype)
         q_out = _empty_bhsd(q.shape, out_dtype, q.device)
         k_out = _empty_bhsd(k.shape, out_dtype, k.device)
-        _launch(q, k, cos_e, sin_e, q_out, k_out, backward=False)
+        _launch(q, k, cos, sin, q_out, k_out, backward=False)
         ctx.save_for_backward(cos, sin)
         ctx.q_dtype = q.dtype
         return q_out, k_out
@@ -307,14 +324,11 @@ class RoPEFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, dq_out: torch.Tensor, dk_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         cos, sin = ctx.saved_tensors
-        bsz, _, seq, _ = dq_out.shape
-        cos_e = cos.expand(bsz, seq, cos.shape[-1])
-        sin_e = sin.expand(bsz, seq, sin.shape[-1])
         # Gradients get the same [B, S, H, D] memory layout, so that the backward of the
         # projection's view/transpose is a free reshape.
         dq = _empty_bhsd(dq_out.shape, ctx.q_dtype, dq_out.device)
         dk = _empty_bhsd(dk_out.shape, ctx.q_dtype, dk_out.device)
-        _launch(dq_out, dk_out, cos_e, sin_e, dq, dk, backward=True)
+        _launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
         return (
             dq if ctx.needs_input_grad[0] else None,
             dk if ctx.needs_input_grad[1] else None,
@@ -372,6 +386,21 @@ def _check_dtypes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
             )
 
 
+def _signature(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """Everything :func:`_check` reads."""
+    return (type(q), type(k), type(cos), type(sin), q.shape, k.shape, cos.shape, sin.shape,
+            q.device, k.device, cos.device, sin.device)
+
+
+def _dtypes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    return q.dtype, k.dtype, cos.dtype, sin.dtype
+
+
+# Argument signatures that passed _check, and dtype combinations that passed _check_dtypes.
+_VALID: set[tuple] = set()
+_VALID_DTYPES: set[tuple] = set()
+
+
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,8 +414,8 @@ def rope(
     autograd gives the exact cos/sin gradients). Raises ValueError for bad shapes/devices and
     TypeError for dtypes the kernel does not support (float16, bfloat16, float32 are).
     """
-    _check(q, k, cos, sin)
+    validate(_VALID, _signature, _check, q, k, cos, sin)
     if not use_triton(q, k, cos, sin) or cos.requires_grad or sin.requires_grad:
         return rope_reference(q, k, cos, sin)
-    _check_dtypes(q, k, cos, sin)
+    validate(_VALID_DTYPES, _dtypes, _check_dtypes, q, k, cos, sin)
     return RoPEFunction.apply(q, k, cos, sin)

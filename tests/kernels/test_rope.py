@@ -354,3 +354,26 @@ def test_dispatch_off_triton_is_hf_exactly(monkeypatch: pytest.MonkeyPatch) -> N
     for ours, theirs in zip(rope(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
         assert ours.grad_fn is None
         assert torch.equal(ours, theirs)
+
+
+def test_token_count_changing_between_calls(device: torch.device) -> None:
+    """Tile sizes are cached per head layout and table strides computed per call: S = 5, 17, 5
+    (the tables broadcast over the batch) each match float64, and the second S = 5 call repeats
+    the first bit for bit."""
+    gen = fresh_generator()
+    inputs = {}
+    for s in (5, 17):
+        q, k = make_qk(2, s, 4, 2, 64, torch.float16, device, gen)
+        cos, sin = random_tables(1, s, 64, torch.float16, device, gen)
+        gq = torch.randn(2, s, 4, 64, generator=gen).to(device, torch.float16).transpose(1, 2)
+        gk = torch.randn(2, s, 2, 64, generator=gen).to(device, torch.float16).transpose(1, 2)
+        inputs[s] = (q, k, cos, sin, gq, gk)
+    runs = []
+    for s in (5, 17, 5):
+        q, k, cos, sin, gq, gk = inputs[s]
+        check_against_reference(q, k, cos, sin, gen)
+        q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+        qo, ko = rope(q, k, cos, sin)
+        runs.append((qo, ko, *torch.autograd.grad((qo, ko), (q, k), (gq, gk))))
+    for first, again in zip(runs[0], runs[2]):
+        assert torch.equal(first, again)
