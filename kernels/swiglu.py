@@ -20,12 +20,15 @@ Gradients: ``dg = dy * u * a'(g)``, ``du = dy * a(g)``.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from sloth_fx.kernels.dispatch import use_triton
+from sloth_fx.kernels.launch import cdiv, next_power_of_2, validate
 
 __all__ = ["gated_mlp_reference", "gated_mlp", "GatedMLPFunction", "ACTIVATIONS"]
 
@@ -136,8 +139,11 @@ def _gated_bwd_kernel(
     tl.store(du_ptr + offs, (dy * a).to(du_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(n: int) -> int:
-    return min(_MAX_BLOCK, triton.next_power_of_2(max(n, 1)))
+@lru_cache(maxsize=4096)
+def _tiles(n: int) -> tuple[int, int]:
+    """(BLOCK, programs) for n > 0 elements: decided once per size."""
+    block = min(_MAX_BLOCK, next_power_of_2(n))
+    return block, cdiv(n, block)
 
 
 def _launch_fwd(g: torch.Tensor, u: torch.Tensor, y: torch.Tensor, act: int) -> None:
@@ -145,8 +151,8 @@ def _launch_fwd(g: torch.Tensor, u: torch.Tensor, y: torch.Tensor, act: int) -> 
     n = g.numel()
     if n == 0:
         return  # a zero-size grid is not a valid launch on CUDA
-    block = _block(n)
-    _gated_fwd_kernel[(triton.cdiv(n, block),)](g, u, y, n, ACT=act, BLOCK=block)
+    block, programs = _tiles(n)
+    _gated_fwd_kernel[(programs,)](g, u, y, n, ACT=act, BLOCK=block)
 
 
 def _launch_bwd(
@@ -156,8 +162,8 @@ def _launch_bwd(
     n = g.numel()
     if n == 0:
         return
-    block = _block(n)
-    _gated_bwd_kernel[(triton.cdiv(n, block),)](dy, g, u, dg, du, n, ACT=act, BLOCK=block)
+    block, programs = _tiles(n)
+    _gated_bwd_kernel[(programs,)](dy, g, u, dg, du, n, ACT=act, BLOCK=block)
 
 
 class GatedMLPFunction(torch.autograd.Function):
@@ -239,6 +245,20 @@ def _check_dtypes(gate: torch.Tensor, up: torch.Tensor) -> None:
         )
 
 
+def _signature(gate: torch.Tensor, up: torch.Tensor) -> tuple:
+    """Everything :func:`_check` reads."""
+    return type(gate), type(up), gate.shape, up.shape, gate.device, up.device
+
+
+def _dtypes(gate: torch.Tensor, up: torch.Tensor) -> tuple:
+    return gate.dtype, up.dtype
+
+
+# Argument signatures that passed _check, and dtype pairs that passed _check_dtypes.
+_VALID: set[tuple] = set()
+_VALID_DTYPES: set[tuple] = set()
+
+
 def gated_mlp(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """``act(gate) * up`` for ``gate``, ``up`` of one shape [..., I] and dtype.
 
@@ -248,8 +268,8 @@ def gated_mlp(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") ->
     mismatched or unsupported dtypes on the Triton path (float16, bfloat16, float32 are).
     """
     _activation_id(activation)
-    _check(gate, up)
+    validate(_VALID, _signature, _check, gate, up)
     if not use_triton(gate, up):
         return gated_mlp_reference(gate, up, activation)
-    _check_dtypes(gate, up)
+    validate(_VALID_DTYPES, _dtypes, _check_dtypes, gate, up)
     return GatedMLPFunction.apply(gate, up, activation)

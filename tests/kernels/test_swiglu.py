@@ -229,3 +229,21 @@ def test_dispatch_off_triton_is_hf_exactly(activation: str, monkeypatch: pytest.
     gen = fresh_generator()
     g, u = make_inputs((3, 41), torch.float16, torch.device("cpu"), gen)
     assert torch.equal(gated_mlp(g, u, activation), ACT2FN[HF_NAMES[activation]](g) * u)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_token_count_changing_between_calls(activation: str, device: torch.device) -> None:
+    """Grids are cached per element count: T = 5, 17, 5 rows of 1100 (several tiles and a masked
+    tail) each match float64, and the second T = 5 call repeats the first bit for bit."""
+    gen = fresh_generator()
+    inputs = {t: (*make_inputs((t, 1100), torch.float16, device, gen),
+                  torch.randn(t, 1100, generator=gen).to(device, torch.float16)) for t in (5, 17)}
+    runs = []
+    for t in (5, 17, 5):
+        g, u, dy = inputs[t]
+        check_against_reference(g, u, activation, gen)
+        g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
+        y = gated_mlp(g, u, activation)
+        runs.append((y, *torch.autograd.grad(y, (g, u), dy)))
+    for first, again in zip(runs[0], runs[2]):
+        assert torch.equal(first, again)
