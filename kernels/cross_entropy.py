@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -47,6 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import use_triton
+from .launch import cdiv, next_power_of_2
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -259,13 +261,24 @@ def _ce_rows_kernel(
             tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(vocab: int) -> int:
-    return min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
-
-
-def _num_warps(block_v: int) -> int:
+@lru_cache(maxsize=None)
+def _row_tiles(vocab: int, max_block_v: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernel, once per vocabulary (and block cap, which tests lower)."""
+    block_v = min(next_power_of_2(vocab), max_block_v)
     # About 16 fp32 values per thread per block (see _MAX_BLOCK_V), between 1 and 8 warps.
-    return max(1, min(8, block_v // (32 * 16)))
+    return block_v, max(1, min(8, block_v // (32 * 16)))
+
+
+@triton.jit
+def _scale_kernel(t_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    """t = t * g in place on one flat tile: fp32 product, one rounding to t's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(t_ptr + offs, (t * tl.load(g_ptr)).to(t_ptr.dtype.element_ty), mask=mask)
+
+
+_SCALE_BLOCK = 1024  # 8 elements a thread over 4 warps, as the gated-MLP kernels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,19 +296,19 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _grad_scale(
-    labels: Tensor, ignore_index: int, num_items_in_batch: Tensor | int | float | None, device: torch.device
+    n_valid: Tensor, num_items_in_batch: Tensor | int | float | None, device: torch.device
 ) -> Tensor:
     """The [1] fp32 factor d loss / d loss_sum: 1/n_valid (mean, n_valid over ALL rows) or 1/num_items."""
     if num_items_in_batch is None:
-        n_valid = (labels != ignore_index).sum().to(torch.float32)
-        return (1.0 / n_valid).reshape(1)
+        return (1.0 / n_valid.to(torch.float32)).reshape(1)
     if torch.is_tensor(num_items_in_batch):
         return (1.0 / num_items_in_batch.to(device=device, dtype=torch.float32)).reshape(1)
     return torch.full((1,), 1.0 / float(num_items_in_batch), dtype=torch.float32, device=device)
 
 
-def _check_labels_in_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+def _check_labels_in_range(labels: Tensor, valid: Tensor, ignore_index: int, vocab: int) -> None:
+    """``valid``: ``labels != ignore_index``."""
+    bad = valid & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):  # one device-to-host sync per call (see the module docstring)
         first = labels[bad][0].item()
         raise ValueError(
@@ -322,12 +335,13 @@ def _chunked_loss_and_grads(
     vocab = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     labels = labels.contiguous()  # [N] int64, tiny: the kernel indexes it with unit stride
-    _check_labels_in_range(labels, ignore_index, vocab)
+    valid = labels != ignore_index
+    _check_labels_in_range(labels, valid, ignore_index, vocab)
     compute_grad = need_d_hidden or need_d_weight or need_d_bias
-    scale = _grad_scale(labels, ignore_index, num_items_in_batch, device)
+    n_valid = valid.sum() if num_items_in_batch is None else None
+    scale = _grad_scale(n_valid, num_items_in_batch, device)
 
-    block_v = _block_v(vocab)
-    num_warps = _num_warps(block_v)
+    block_v, num_warps = _row_tiles(vocab, _MAX_BLOCK_V)
     rows_max = min(chunk, max(n_tokens, 1))
     buf = _empty((rows_max, vocab), dtype, device)  # the only [rows, V] buffer, reused by every chunk
     loss_rows = _empty((n_tokens,), torch.float32, device)
@@ -374,7 +388,7 @@ def _chunked_loss_and_grads(
 
     loss_sum = loss_rows.sum()
     if num_items_in_batch is None:
-        loss = loss_sum / (labels != ignore_index).sum()  # 0/0 = nan when all are ignored, as HF
+        loss = loss_sum / n_valid  # 0/0 = nan when all are ignored, as HF
     else:
         denom = num_items_in_batch
         if torch.is_tensor(denom):
@@ -399,16 +413,14 @@ def _accumulate_d_weight(acc: Tensor, dlogits_c: Tensor, h_c: Tensor) -> None:
         acc.add_(torch.mm(dlogits_c.t(), h_c))
 
 
-def _scale_by(t: Tensor, g: Tensor, chunk: int) -> Tensor:
-    """t * g, with g an fp32 scalar tensor, computed in fp32 and rounded once to t's dtype.
-
-    Done chunk rows at a time and in place, so that no fp32 copy of a whole [N, H] gradient is made.
-    """
+def _scale_by(t: Tensor, g: Tensor) -> Tensor:
+    """t * g in place, with t contiguous and g an fp32 one-element tensor, computed in fp32 and
+    rounded once to t's dtype: one launch, and no fp32 copy of a whole [N, H] gradient."""
     if t.dtype == torch.float32:
         return t.mul_(g)
-    for start in range(0, t.shape[0], chunk):
-        part = t[start : start + chunk]
-        part.copy_(part.float().mul_(g))
+    n = t.numel()
+    if n:
+        _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](t, g, n, BLOCK=_SCALE_BLOCK)
     return t
 
 
@@ -460,7 +472,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, logit_scale, chunk,
             need_d_hidden=need_h, need_d_weight=need_w, need_d_bias=need_b and bias is not None,
         )
-        ctx.chunk = chunk
         ctx.has = (d_hidden is not None, d_weight is not None, d_bias is not None)
         ctx.save_for_backward(*[t for t in (d_hidden, d_weight, d_bias) if t is not None])
         return loss
@@ -471,7 +482,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grads = [next(saved) if has else None for has in ctx.has]
         # loss has one element (0-dim, or [1] when num_items_in_batch is a [1] tensor).
         g = grad_output.reshape(()).to(torch.float32)
-        grads = [None if t is None else _scale_by(t, g, ctx.chunk) for t in grads]
+        grads = [None if t is None else _scale_by(t, g) for t in grads]
         return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
