@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import importlib
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -47,7 +48,14 @@ OPS = [*GROUPS, "rmsnorm", "rope", "swiglu", "ce"]
 
 
 def use_kernels(root: Path) -> None:
-    """Import ``root`` (a ``kernels/`` folder) as ``sloth_fx.kernels``, before anything imports it."""
+    """Import ``root`` (a ``kernels/`` folder) as ``sloth_fx.kernels``, before anything imports it.
+
+    The parent package is this checkout's ``sloth_fx`` without running its ``__init__`` (the API,
+    passes and transformers): the kernels need only its cost model."""
+    if "sloth_fx" not in sys.modules:
+        parent = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("sloth_fx", None, is_package=True))
+        parent.__path__ = [str(Path(__file__).resolve().parent.parent / "sloth_fx")]
+        sys.modules["sloth_fx"] = parent
     spec = importlib.util.spec_from_file_location("sloth_fx.kernels", root / "__init__.py",
                                                   submodule_search_locations=[str(root)])
     module = importlib.util.module_from_spec(spec)
