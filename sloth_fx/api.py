@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sloth_fx.capture import Installation, RegionGate, install, uninstall
+from sloth_fx.capture import Installation, RegionGate, displaced, install, uninstall
 from sloth_fx.pass_manager import available_passes, get_pass
 from sloth_fx.report import Report
 
@@ -15,14 +15,18 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTR = "_sloth_fx"
 
 
-def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool = False) -> nn.Module:
+def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool = False,
+             padding_free: bool = True) -> nn.Module:
     """Prepare ``model`` (a HF causal LM, with or without PEFT) to train through fused ops.
 
     Nothing is traced yet: each region is captured at its first training forward, rewritten by
     ``passes`` (default: every available pass, in order) and run from then on. With ``verify``,
     each pass's rewrite of each captured graph is checked against the original on random inputs
     (outputs and gradients) and dropped, with a note in the report, if it is further from a
-    float64 run than the original is. Calling it again replaces the earlier set-up. Returns
+    float64 run than the original is. With ``padding_free`` (the default) a padded training batch
+    runs as one packed row, with no FLOPs on padding and the padded run's loss and gradients, and a
+    packed row (``position_ids`` restarting) runs attention per sequence without a [T×T] mask;
+    ``explain`` says when it applied and why not. Calling it again replaces the earlier set-up. Returns
     ``model`` itself; its sloth_fx state lives on it (copied by ``deepcopy``, saved by pickling).
     """
     if not isinstance(model, nn.Module):
@@ -34,7 +38,7 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     previous = getattr(model, _ATTR, None)
     if isinstance(previous, Installation):
         uninstall(previous)
-    setattr(model, _ATTR, install(model, names, verify))
+    setattr(model, _ATTR, install(model, names, verify, padding_free))
     return model
 
 
@@ -53,7 +57,8 @@ def report(model: nn.Module) -> Report:
 
 def explain(model: nn.Module) -> str:
     """A readable account of the capture regions, the rewrites, the refusals and why."""
-    return report(model).render()
+    installation = getattr(model, _ATTR, None)
+    return report(model).render(displaced(installation) if isinstance(installation, Installation) else ())
 
 
 def _check_parameters(model: nn.Module) -> None:

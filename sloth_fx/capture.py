@@ -42,6 +42,8 @@ from torch import nn
 
 from sloth_fx.checkpoint import replay_rng_in_checkpoints
 from sloth_fx.isolation import isolated
+from sloth_fx.packed_attention import install_packed_attention, uninstall_packed_attention
+from sloth_fx.padding_free import plan
 from sloth_fx.pass_manager import run_pass, subgraphs
 from sloth_fx.report import Capture, RegionReport, Report
 from sloth_fx.verify import compare, concrete
@@ -49,10 +51,9 @@ from sloth_fx.verify import compare, concrete
 
 @dataclass
 class _Run:
-    """The module whose gate is running, and whether a capture ran for it."""
+    """The captures that ran for one call of a gate (several where a graph break splits the forward)."""
 
-    module: str
-    ran: bool = False
+    captures: list[int]
 
 
 _RUNNING: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("sloth_fx_running", default=None)
@@ -139,8 +140,7 @@ class CaptureRunner:
     def __call__(self, *args: Any) -> Any:
         run = _RUNNING.get()
         if run is not None:
-            run.ran = True
-            self.region.ran(run.module, self.index)
+            run.captures.append(self.index)
         return self.gm(*args)
 
 
@@ -150,19 +150,22 @@ class RegionRuntime:
     def __init__(self, name: str, report: RegionReport, owner: Report, passes: Sequence[str], verify: bool) -> None:
         self.name, self.report, self.owner, self.passes, self.verify = name, report, owner, list(passes), verify
         self._entry: Callable[..., Any] | None = None
+        self._backend: Backend | None = None
 
-    def entry(self, module: nn.Module) -> Callable[..., Any]:
-        """The region's private copy of the forward (made at first use, and afresh after a copy)."""
+    def compile(self, module: nn.Module) -> Callable[..., Any]:
+        """``module``'s training forward through the region's private copy of the forward and its one
+        backend (made at first use, and afresh after a copy): one capture can serve every module."""
         if self._entry is None:
             self._entry = isolated(type(module).forward, self.name)
-        return self._entry
+            self._backend = Backend(self.passes, self.verify, self.report)
+        return torch.compile(self._entry.__get__(module), backend=self._backend)
 
     def limits(self) -> dict[str, int]:
         """Room for every module's captures (one per layer without checkpointing, sizes of 1 twice that)."""
         return {name: 4 * len(self.report.modules) + 8 for name in _LIMITS}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_entry": None}
+        return {**self.__dict__, "_entry": None, "_backend": None}
 
 
 class RegionGate:
@@ -183,46 +186,69 @@ class RegionGate:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not (self.module.training and torch.is_grad_enabled()):
             return self.eager(*args, **kwargs)
-        self.check(args, kwargs)
+        return self.run(args, kwargs)
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        """The training forward, through the region's capture; records who ran what."""
         _mark_batch_and_sequence_dynamic(args, kwargs)
         if self._compiled is None:
-            backend = Backend(self.runtime.passes, self.runtime.verify, self.runtime.report)
-            self._compiled = torch.compile(self.runtime.entry(self.module).__get__(self.module), backend=backend)
-        run = _Run(self.path)
+            self._compiled = self.runtime.compile(self.module)
+        run = _Run([])
         token = _RUNNING.set(run)
         try:
             with torch._dynamo.config.patch(self.runtime.limits()):
                 out = self._compiled(*args, **kwargs)
         finally:
             _RUNNING.reset(token)
-        if not run.ran:
-            self.runtime.report.ran_eagerly(self.path, "Dynamo ran no capture for it (a frame it skips or a guard it cannot meet)")
+        self.runtime.report.ran(self.path, run.captures)
         return out
-
-    def check(self, args: tuple, kwargs: dict) -> None:
-        """Reject bad input before any capture (a region without a contract of its own checks nothing)."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_compiled": None}
 
 
 class HeadGate(RegionGate):
-    """The causal-LM module's gate: labels are checked as HF would, before Dynamo sees them."""
+    """The causal-LM module's gate, where a training call is prepared before Dynamo sees it:
 
-    def check(self, args: tuple, kwargs: dict) -> None:
-        labels = kwargs.get("labels")
-        if labels is None:
-            return
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        expected = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else None
-        if expected is None and isinstance(embeds, torch.Tensor):
-            expected = tuple(embeds.shape[:-1])
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"labels must be a tensor of integer token ids, got {_describe(labels)}")
-        if expected is not None and tuple(labels.shape) != expected:
-            raise ValueError(f"labels have shape {tuple(labels.shape)} but the inputs have {expected}: a causal LM "
-                             "takes one label per input token (-100 where nothing is predicted)")
+    - labels are checked (shape and dtype), so that bad ones raise a clear error, not a fake-tensor one;
+    - no KV cache unless the call asks for one (``use_cache=False``): training never reads it, and
+      each layer's guard on its own cache entry would capture every layer apart;
+    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.padding_free`).
+    """
+
+    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool) -> None:
+        super().__init__(module, path, runtime)
+        self.padding_free = padding_free
+        self.takes_use_cache = "use_cache" in inspect.signature(self.eager).parameters
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        _check_labels(args, kwargs)
+        if self.takes_use_cache and "use_cache" not in kwargs:
+            kwargs = {**kwargs, "use_cache": False}
+        if not self.padding_free:
+            return super().run(args, kwargs)
+        packed = plan(kwargs) if not args else "input passed positionally"
+        if isinstance(packed, str):
+            self.runtime.owner.padding_free_decision(False, packed)
+            return super().run(args, kwargs)
+        self.runtime.owner.padding_free_decision(True, packed.note)
+        return packed.restore(super().run((), packed.kwargs))
+
+
+def _check_labels(args: tuple, kwargs: dict) -> None:
+    labels = kwargs.get("labels")
+    if labels is None:
+        return
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    expected = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else None
+    if expected is None and isinstance(embeds, torch.Tensor):
+        expected = tuple(embeds.shape[:-1])
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be a tensor of integer token ids, got {_describe(labels)}")
+    if expected is not None and tuple(labels.shape) != expected:
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the inputs have {expected}: a causal LM "
+                         "takes one label per input token (-100 where nothing is predicted)")
 
 
 class OpaqueDecoder:
@@ -248,7 +274,8 @@ class Installation:
     """What ``install`` changed on a model, so that ``uninstall`` restores exactly that."""
 
     report: Report
-    replaced: list[tuple[nn.Module, Any]]  # (module, its instance-level forward before, or None)
+    replaced: list[tuple[nn.Module, Any, Any]]  # (module, its instance-level forward before or None, ours)
+    packed_attention: nn.Module | None = None  # the model switched to packed attention
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a copy (deepcopy, pickle) compiles afresh: what the original captured does not run in it
@@ -257,39 +284,73 @@ class Installation:
             region.forget()
 
 
-def install(model: nn.Module, passes: Sequence[str], verify: bool) -> Installation:
-    """Route every region's training forward through Dynamo and the sloth_fx backend."""
+def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free: bool) -> Installation:
+    """Route every region's training forward through Dynamo and the sloth_fx backend; with
+    ``padding_free``, switch the model to packed attention and pack padded batches."""
     report = Report()
     installation = Installation(report, [])
     regions, decoder, head = find_regions(model)
     if not regions:
         report.notes.append(f"{type(model).__name__} has no decoder with layers to capture; nothing to rewrite")
         return installation
+    if padding_free and head is not None:
+        refused = install_packed_attention(model)
+        if refused is None:
+            installation.packed_attention = model
+        else:
+            report.notes.append(f"padding-free off: {refused}")
     for region in regions:
-        region_report = RegionReport(region.name, [path for path, _ in region.modules])
+        foreign = {path: _name(module.__dict__["forward"]) for path, module in region.modules if "forward" in module.__dict__}
+        report.notes += [f"{path}: its forward was replaced by {name} before optimize; left as it is, unrewritten"
+                         for path, name in foreign.items()]
+        modules = [(path, module) for path, module in region.modules if path not in foreign]
+        if not modules:
+            continue
+        region_report = RegionReport(region.name, [path for path, _ in modules])
         report.regions[region.name] = region_report
         runtime = RegionRuntime(region.name, region_report, report, passes, verify)
-        for path, module in region.modules:
-            gate = HeadGate if module is head else RegionGate
-            _replace_forward(installation, module, gate(module, path, runtime))
-    if head is not None and decoder is not None:
+        for path, module in modules:
+            gate = HeadGate(module, path, runtime, installation.packed_attention is not None) if module is head \
+                else RegionGate(module, path, runtime)
+            _replace_forward(installation, module, gate)
+    if decoder is not None and any(module is head for module, _, _ in installation.replaced):
         _replace_forward(installation, decoder, OpaqueDecoder(decoder))
     return installation
 
 
+def displaced(installation: Installation) -> list[str]:
+    """What replaced a forward that ``install`` put in place (a trainer's own head, say): sloth_fx
+    no longer runs there."""
+    return [f"{type(module).__name__}'s forward was replaced after optimize by {_name(module.__dict__.get('forward'))}; "
+            "sloth_fx does not run there" for module, _, ours in installation.replaced
+            if module.__dict__.get("forward") is not ours]
+
+
 def uninstall(installation: Installation) -> None:
     """Put back every ``forward`` that ``install`` replaced, as it was."""
-    for module, previous in reversed(installation.replaced):
+    for module, previous, _ in reversed(installation.replaced):
         if previous is None:
             module.__dict__.pop("forward", None)
         else:
             module.forward = previous
     installation.replaced.clear()
+    if installation.packed_attention is not None:
+        uninstall_packed_attention(installation.packed_attention)
+        installation.packed_attention = None
 
 
 def _replace_forward(installation: Installation, module: nn.Module, forward: Any) -> None:
-    installation.replaced.append((module, module.__dict__.get("forward")))
+    installation.replaced.append((module, module.__dict__.get("forward"), forward))
     module.forward = forward
+
+
+def _name(forward: Any) -> str:
+    """Who wrote ``forward``: its code's own name (``functools.wraps`` would lend it the class's)."""
+    fn = getattr(forward, "func", getattr(forward, "__func__", forward))  # functools.partial, bound method
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        return getattr(code, "co_qualname", code.co_name)
+    return type(fn).__qualname__
 
 
 def _mark_batch_and_sequence_dynamic(args: tuple, kwargs: dict) -> None:

@@ -10,6 +10,7 @@ for every module whose current capture holds it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -64,19 +65,19 @@ class RegionReport:
     name: str
     modules: list[str]
     captures: list[Capture] = field(default_factory=list)
-    current: dict[str, int] = field(default_factory=dict)  # module path -> index of the capture it ran last
-    eager: dict[str, str] = field(default_factory=dict)  # module path -> why it last ran without a capture
+    current: dict[str, tuple[int, ...]] = field(default_factory=dict)  # module path -> captures of its last call
+    eager: dict[str, str] = field(default_factory=dict)  # module path -> why its last call ran no capture
 
-    def ran(self, module: str, index: int) -> None:
-        """``module`` ran capture ``index`` (called by the capture's runner, once per call)."""
-        capture = self.captures[index]
-        capture.modules[module] = capture.modules.get(module, 0) + 1
-        self.current[module] = index
-        self.eager.pop(module, None)
-
-    def ran_eagerly(self, module: str, reason: str) -> None:
-        self.current.pop(module, None)
-        self.eager[module] = reason
+    def ran(self, module: str, captures: list[int]) -> None:
+        """One training call of ``module`` ran ``captures`` (none: Dynamo ran it eagerly, unrewritten)."""
+        for index in captures:
+            calls = self.captures[index].modules
+            calls[module] = calls.get(module, 0) + 1
+        self.current[module] = tuple(captures)
+        if captures:
+            self.eager.pop(module, None)
+        else:
+            self.eager[module] = "Dynamo ran no capture for it (a frame it skips, or a guard it cannot meet)"
 
     def forget(self) -> None:
         """Start over (a copy of the model recaptures everything for itself)."""
@@ -89,13 +90,19 @@ class RegionReport:
 class Report:
     regions: dict[str, RegionReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    padding_free: dict[str, str] = field(default_factory=dict)  # "applied" / "not applied" -> the latest
+
+    def padding_free_decision(self, applied: bool, what: str) -> None:
+        """The latest padded-batch decision: a note of what was packed, or the reason not."""
+        self.padding_free["applied" if applied else "not applied"] = what
 
     def sites(self, pass_name: str) -> list[str]:
         """Module paths where ``pass_name``'s rewrites run: each module's current capture's rewrites."""
         out = []
         for region in self.regions.values():
-            for module, index in region.current.items():
-                out += [_join(module, rw.location) for rw in region.captures[index].rewrites() if rw.pass_name == pass_name]
+            for module, indices in region.current.items():
+                out += [_join(module, rw.location) for i in indices for rw in region.captures[i].rewrites()
+                        if rw.pass_name == pass_name]
         return out
 
     def count(self, pass_name: str) -> int:
@@ -106,21 +113,24 @@ class Report:
         return [
             rf
             for region in self.regions.values()
-            for index in sorted(set(region.current.values()))
+            for index in sorted({i for indices in region.current.values() for i in indices})
             for log in region.captures[index].logs
             for rf in log.refusals
             if pass_name in (None, rf.pass_name)
         ]
 
-    def render(self) -> str:
+    def render(self, notes: Sequence[str] = ()) -> str:
+        """The report as text; ``notes``: facts about the model now, put first."""
         lines = ["sloth_fx report"]
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  note: {n}" for n in (*notes, *self.notes)]
+        lines += [f"  padding-free, {k} (latest): {v}" for k, v in self.padding_free.items()]
         if not any(r.captures or r.eager for r in self.regions.values()):
             lines.append("  nothing captured yet: regions are captured at the first training forward")
         for region in self.regions.values():
             lines.append(_region_header(region))
-            for i, cap in enumerate(region.captures):
-                lines += _capture_lines(i, cap)
+            for indices, body in _groups(region.captures):
+                lines.append(_capture_header(indices, [region.captures[i] for i in indices]))
+                lines += body
             for module, reason in region.eager.items():
                 lines.append(f"    {module} runs unrewritten: {reason}")
         names = sorted({rw.pass_name for r in self.regions.values() for c in r.captures for rw in c.rewrites()})
@@ -140,13 +150,25 @@ def _region_header(region: RegionReport) -> str:
     return f"  region {region.name}: {where}; captured {caps} time{'s' if caps != 1 else ''}"
 
 
-def _capture_lines(index: int, cap: Capture) -> list[str]:
-    users = len(cap.modules)
-    shapes = "dynamic shapes" if cap.dynamic else "static shapes"
-    lines = [f"    capture {index}: {cap.nodes} nodes, {shapes}; run by {users} module{'s' if users != 1 else ''}"
-             f" ({sum(cap.modules.values())} calls)"]
-    if cap.verified != "not run":
-        lines.append(f"      verify: {cap.verified}")
+def _groups(captures: list[Capture]) -> list[tuple[list[int], list[str]]]:
+    """Captures that did the same (one per layer, say), listed once with all their indices."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, cap in enumerate(captures):
+        groups.setdefault(tuple(_capture_body(cap)), []).append(i)
+    return [(indices, list(body)) for body, indices in groups.items()]
+
+
+def _capture_header(indices: list[int], caps: list[Capture]) -> str:
+    users = len({m for cap in caps for m in cap.modules})
+    calls = sum(n for cap in caps for n in cap.modules.values())
+    shapes = "/".join(sorted({"dynamic shapes" if cap.dynamic else "static shapes" for cap in caps}))
+    nodes = "/".join(str(n) for n in sorted({cap.nodes for cap in caps}))
+    which = f"capture {indices[0]}" if len(indices) == 1 else f"captures {_ranges(indices)}"
+    return f"    {which}: {nodes} nodes, {shapes}; run by {users} module{'s' if users != 1 else ''} ({calls} calls)"
+
+
+def _capture_body(cap: Capture) -> list[str]:
+    lines = [f"      verify: {cap.verified}"] if cap.verified != "not run" else []
     lines += [f"      dropped by verify: {d}" for d in cap.dropped]
     lines += [f"      note: {n}" for n in cap.notes]
     for log in cap.logs:
@@ -157,6 +179,17 @@ def _capture_lines(index: int, cap: Capture) -> list[str]:
             lines.append(f"      {log.pass_name}: refused {rf.location}: {rf.reason}")
         lines += [f"      {log.pass_name}: {note}" for note in log.notes]
     return lines
+
+
+def _ranges(indices: list[int]) -> str:
+    """``0-3, 5`` for [0, 1, 2, 3, 5]."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _join(module: str, location: str) -> str:

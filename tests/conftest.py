@@ -22,14 +22,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo_per_test():
-    """Dynamo keeps its state on the forward code objects that every model of a class shares
-    (captures, guards, recompile counts, values it saw change): one test's model would change
-    what a later test's model captures (an eps seen to change is captured as a tensor, and the
-    rmsnorm pattern no longer matches). A known sloth_fx bug, open; each test starts clean."""
-    yield
-    torch._dynamo.reset()
+@pytest.fixture
+def reference_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused ops take their plain-PyTorch references, not the Triton interpreter: for tests of
+    how sloth_fx captures and runs a model (the kernels' own tests run them interpreted), where an
+    interpreted step of a tiny model costs seconds."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture

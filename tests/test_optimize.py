@@ -96,3 +96,16 @@ def test_bad_inputs_get_clear_errors():
         sloth_fx.optimize(tiny_model("llama", dtype=torch.float64))
     with pytest.raises(ValueError, match="not been through"):
         sloth_fx.explain(torch.nn.Linear(2, 2))
+
+
+def test_meta_model_and_bad_labels_get_clear_errors():
+    with torch.device("meta"):
+        meta = tiny_model("llama")
+    with pytest.raises(ValueError, match="meta device"):
+        sloth_fx.optimize(meta)
+    model = sloth_fx.optimize(tiny_model("llama"))
+    inputs = batch()
+    with pytest.raises(ValueError, match=r"labels have shape \(2, 8\) but the inputs have \(2, 9\)"):
+        model(input_ids=inputs["input_ids"], labels=inputs["labels"][:, :8])
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(input_ids=inputs["input_ids"], labels=inputs["labels"].float())
