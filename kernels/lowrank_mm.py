@@ -32,9 +32,17 @@ product is formed depends on the operands' dtypes:
   products of pieces whose weights reach 2⁻¹⁶ accumulated (the three dropped are 2⁻²⁴ and
   below): fp32 FMA ran these memory-bound updates at a third of the copy bandwidth;
 - fp16 with fp32 (fp16's exponent range cannot hold the pieces): fp32 FMA (``ieee``).
- When the ``out`` tiles alone cannot fill the GPU (``r`` is one side of
-``out`` and K is long), K is cut into ``split`` slices whose partial products land in an fp32
-buffer ``[split, M, N]`` summed afterwards: deterministic, unlike atomics.
+
+When the ``out`` tiles alone cannot fill the GPU (``r`` is one side of ``out`` and K is long), K
+is cut into ``split`` slices whose partial products land in an fp32 buffer ``[split, M, N]``
+summed afterwards: deterministic, unlike atomics.
+
+Small products run as plain PyTorch on CUDA (the reference: fp32 copies and an fp32 cuBLAS
+product, the same fp32 accuracy and one rounding). A Triton launch costs the host about 0.1 ms
+(argument specialisation, cache lookups), a cuBLAS op a tenth of that; below
+``HOST_BOUND_VOLUME`` multiply-adds (``M·N·K``; the product and its copies then take the GPU
+less than a Triton launch takes the host) the step is host-bound and the fewer host cycles win.
+At the 7B shapes of ~2k-token steps every rank-r product is below it; at 16k tokens none is.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from sloth_fx.kernels.dispatch import interpreting, use_triton
 __all__ = ["lowrank_mm", "lowrank_mm_reference", "split_k_for"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HOST_BOUND_VOLUME = 2**30  # M·N·K below which a CUDA product is cheaper as PyTorch ops (see above)
 
 
 # How the tile product is formed (a compile-time constant of the kernel).
@@ -128,7 +137,9 @@ def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0
                          accumulate: bool = False) -> torch.Tensor:
     """:func:`lowrank_mm` in plain PyTorch: the product in fp32 (fp64 if an operand is fp64)."""
     wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    result = (a.to(wide) @ b.to(wide)) * alpha
+    result = a.to(wide) @ b.to(wide)
+    if alpha != 1.0:
+        result *= alpha
     if out is None:
         return result
     if accumulate:
@@ -189,10 +200,17 @@ def _launch(m: int, n: int, k: int, fresh_fp32: bool, split_k: int | None, devic
 def split_k_for(a: torch.Tensor, b: torch.Tensor) -> int:
     """How many K slices :func:`lowrank_mm` cuts ``a·b`` into for a fresh fp32 result by default
     (1 off the Triton path): the leading size of a ``partials`` buffer for that product."""
-    if not use_triton(a, b) or any(t.dtype not in _TRITON_DTYPES for t in (a, b)):
+    if not _triton_path((a, b), a.shape[0], b.shape[1], a.shape[1]):
         return 1
     m, k = a.shape
     return _launch(m, b.shape[1], k, True, None, a.device).grid[2] if m and b.shape[1] and k else 1
+
+
+def _triton_path(tensors: tuple[torch.Tensor, ...], m: int, n: int, k: int) -> bool:
+    """The Triton kernel runs: its device and dtypes, and on CUDA a product worth a launch."""
+    if not use_triton(*tensors) or any(t.dtype not in _TRITON_DTYPES for t in tensors):
+        return False
+    return not tensors[0].is_cuda or m * n * k >= HOST_BOUND_VOLUME
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> None:
@@ -233,7 +251,7 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
                 or partials.dtype != torch.float32 or not use_triton(a, b, partials):
             raise ValueError(f"partials must be an fp32 [S, {a.shape[0]}, {b.shape[1]}] buffer on the Triton path, "
                              "with neither out nor accumulate")
-    elif not use_triton(*tensors) or any(t.dtype not in _TRITON_DTYPES for t in tensors):
+    elif not _triton_path(tensors, a.shape[0], b.shape[1], a.shape[1]):
         return lowrank_mm_reference(a, b, alpha=alpha, out=out, accumulate=accumulate)
     m, k = a.shape
     n = b.shape[1]
