@@ -224,7 +224,7 @@ class HeadGate(RegionGate):
     def run(self, args: tuple, kwargs: dict) -> Any:
         _check_labels(args, kwargs)
         if self.takes_use_cache and "use_cache" not in kwargs:
-            kwargs = {**kwargs, "use_cache": False}
+            kwargs = self.without_cache(kwargs)
         if not self.padding_free:
             return super().run(args, kwargs)
         packed = plan(kwargs) if not args else "input passed positionally"
@@ -233,6 +233,21 @@ class HeadGate(RegionGate):
             return super().run(args, kwargs)
         self.runtime.owner.padding_free_decision(True, packed.note)
         return packed.restore(super().run((), packed.kwargs))
+
+
+    def without_cache(self, kwargs: dict) -> dict:
+        """``kwargs`` with ``use_cache=False``, computing what HF's run computes. Where HF would
+        build a cache (``config.use_cache``, no checkpointing), it reads no sequence boundaries
+        from ``position_ids`` (its packed-row detection needs no cache): a mask with nothing
+        masked keeps the row one causal sequence, as it was."""
+        out = {**kwargs, "use_cache": False}
+        decoder = self.module.get_decoder() if hasattr(self.module, "get_decoder") else None
+        caches = getattr(self.module.config, "use_cache", False) and not getattr(decoder, "gradient_checkpointing", False)
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if caches and kwargs.get("position_ids") is not None and kwargs.get("attention_mask") is None \
+                and isinstance(tokens, torch.Tensor):
+            out["attention_mask"] = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return out
 
 
 def _check_labels(args: tuple, kwargs: dict) -> None:
