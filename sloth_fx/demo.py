@@ -79,7 +79,10 @@ def main() -> None:
     for i, (a, b) in enumerate(zip(plain_losses, fast_losses)):
         print(f"{i:>4} {a:>11.5f} {b:>14.5f}")
     print(f"median step time: plain {plain_time * 1e3:.1f} ms, sloth_fx {fast_time * 1e3:.1f} ms (first step excluded)")
-    print(f"peak GPU memory: plain {plain_peak:.2f} GiB, sloth_fx {fast_peak:.2f} GiB")
+    if device.type == "cuda":
+        print(f"peak GPU memory: plain {plain_peak:.2f} GiB, sloth_fx {fast_peak:.2f} GiB")
+    else:
+        print("peak GPU memory: not measured on the CPU")
 
 
 if __name__ == "__main__":
