@@ -5,7 +5,14 @@ PEFT computes, for each linear ``i`` reading the same ``x`` (q, k, v; or gate, u
     y_i = x·W_iᵀ (+ b_i) + s_i · (x·A_iᵀ)·B_iᵀ          W_i [out_i, in] frozen, A_i [r_i, in], B_i [out_i, r_i]
 
 (``result = base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling``, dropout the
-identity; then ``result.to(torch_result_dtype)``, back to the base dtype). The adapters may be in
+identity; then ``result.to(torch_result_dtype)``, back to the base dtype). With ``lora_dropout > 0``
+the adapters read their own input ``xd = dropout(x.to(A.dtype))``, drawn outside these ops (so the
+random numbers are PEFT's, and a checkpoint's recompute replays them)::
+
+    y = x·Wᵀ (+ b) + s · (xd·Aᵀ)·Bᵀ
+
+one linear per op (each PEFT linear has its own dropout, its own mask: siblings share no ``xa``).
+The adapters may be in
 another dtype than the base (PEFT's ``autocast_adapter_dtype`` keeps fp32 adapters on a bf16/fp16
 model): PEFT then copies ``x`` to fp32 for their products and forms every ``[T, out]`` sum in fp32
 before the cast back. These ops return the base dtype and round once, as PEFT's dense layer
@@ -31,6 +38,13 @@ for dB); the parameters are saved too and cost no memory. Backward, with ``g_i =
     dB_i = s_i · dY_iᵀ·xa_i   db_i = Σ_rows dY_i            dW_i = dY_iᵀ·x (only if W_i trains)
 
 dA and dB are accumulated in fp32 and rounded once to the adapters' dtype.
+
+With ``xd`` (one linear, both forms factored: ``x`` and ``xd`` differ, so ``W + s·B·A`` does not
+apply) the two inputs split the gradient, and autograd carries ``d(xd)`` into dropout's backward::
+
+    xa = xd·Aᵀ      dX = dY·W      d(xd) = g·A  (rounded once to xd's dtype)      dA = gᵀ·xd
+
+``xd`` is saved instead of ``x`` for dA (``x`` only if ``W`` trains); dB is unchanged.
 
 Each linear's form comes from :func:`sloth_fx.cost_model.lora_plan` for the actual shapes
 (cached), or from the ``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
@@ -68,6 +82,7 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FACTORED = LoRAPlan("factored", "factored")
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,12 +141,13 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = Fa
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                          scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """PEFT's LoRA linear, op for op.
+                          scale: float, bias: torch.Tensor | None = None, xd: torch.Tensor | None = None) -> torch.Tensor:
+    """PEFT's LoRA linear, op for op; ``xd`` (default ``x.to(A.dtype)``) is the adapters' input,
+    ``dropout(x.to(A.dtype))`` in PEFT.
 
     Dense base (``peft.tuners.lora.layer.Linear``)::
 
-        result = F.linear(x, W, b); (result + F.linear(F.linear(x.to(A.dtype), A), B) * s).to(x.dtype)
+        result = F.linear(x, W, b); (result + F.linear(F.linear(xd, A), B) * s).to(x.dtype)
 
     4-bit base (``peft.tuners.lora.bnb.Linear4bit``, outside autocast), the base product in
     ``x``'s dtype (bitsandbytes' compute dtype)::
@@ -139,7 +155,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
         result = F.linear(x, dequant(W), b); result + (F.linear(F.linear(x.to(A.dtype), A), B) * s).to(result.dtype)
     """
     result = F.linear(x, dense_weight(weight, x.dtype), bias)
-    out = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scale
+    out = F.linear(F.linear(x.to(lora_a.dtype) if xd is None else xd, lora_a), lora_b) * scale
     if _is_4bit(weight):
         out = out.to(result.dtype)
     return (result + out).to(x.dtype)
@@ -165,21 +181,23 @@ def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, 
 
 
 class LoRAGroupFunction(torch.autograd.Function):
-    """``apply(x, scales, plans, n, *weights, *lora_as, *lora_bs, *biases)`` -> n outputs.
+    """``apply(x, xd, scales, plans, n, *weights, *lora_as, *lora_bs, *biases)`` -> n outputs.
 
-    Forward and backward formulas, and what is saved, in the module doc. ``plans`` holds one
-    :class:`~sloth_fx.cost_model.LoRAPlan` per linear. Inputs are validated by
-    :func:`lora_linear_group`; call that, not this.
+    Forward and backward formulas, and what is saved, in the module doc. ``xd`` is None (the
+    adapters read ``x``) or, for one linear (``n == 1``) with factored plans, the adapters' own
+    input (PEFT's ``dropout(x)``). ``plans`` holds one :class:`~sloth_fx.cost_model.LoRAPlan`
+    per linear. Inputs are validated by :func:`lora_linear_group`; call that, not this.
     """
 
     @staticmethod
-    def forward(ctx, x, scales, plans, n, *params):
+    def forward(ctx, x, xd, scales, plans, n, *params):
         weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
         x2 = x.reshape(-1, x.shape[-1])  # a view when x's last dims are contiguous, else a copy
+        src = x if xd is None else xd  # what the adapters read
         ranks = [a.shape[0] for a in lora_as]
         # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
         a_cat = lora_as[0] if n == 1 else torch.cat(lora_as)
-        xa = lowrank_mm(x2, a_cat.t())
+        xa = lowrank_mm(src.reshape(-1, src.shape[-1]), a_cat.t())
         outs = []
         for w, a, b, bias, s, xa_i, plan in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1), plans):
             dense = dense_weight(w, x.dtype, scratch=True)
@@ -191,35 +209,42 @@ class LoRAGroupFunction(torch.autograd.Function):
                 lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True)
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
         need = ctx.needs_input_grad
-        need_x = any(need[4 + n + i] or need[4 + i] for i in range(n))  # dA or dW
-        need_xa = any(need[4 + 2 * n + i] for i in range(n))  # dB
+        need_w = any(need[5 + i] for i in range(n))
+        need_a = any(need[5 + n + i] for i in range(n))
+        need_xa = any(need[5 + 2 * n + i] for i in range(n))  # dB
+        # x for dW, and for dA when the adapters read it; xd for dA when they read xd
+        keep_x = need_w or (need_a and xd is None)
+        keep_xd = need_a and xd is not None
         dense_params = [None if _is_4bit(p) else p for p in params]
-        ctx.save_for_backward(x if need_x else None, xa if need_xa else None, *dense_params)
+        ctx.save_for_backward(x if keep_x else None, xd if keep_xd else None, xa if need_xa else None, *dense_params)
         ctx.quantized = {i: w for i, w in enumerate(weights) if _is_4bit(w)}  # frozen leaves: no cycle
         ctx.x_shape, ctx.scales, ctx.plans, ctx.n, ctx.ranks = x.shape, scales, plans, n, ranks
+        ctx.adapters_read_x = xd is None
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, xa, *params = ctx.saved_tensors
+        x, xd, xa, *params = ctx.saved_tensors
         n, scales, ranks, plans = ctx.n, ctx.scales, ctx.ranks, ctx.plans
         for i, w in ctx.quantized.items():
             params[i] = w
         weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
         need = ctx.needs_input_grad
-        need_dx = need[0]
-        need_w = [need[4 + i] for i in range(n)]
-        need_a = [need[4 + n + i] for i in range(n)]
-        need_b = [need[4 + 2 * n + i] for i in range(n)]
-        need_bias = [biases[i] is not None and need[4 + 3 * n + i] for i in range(n)]
+        need_dx, need_dxd = need[0], need[1]
+        need_w = [need[5 + i] for i in range(n)]
+        need_a = [need[5 + n + i] for i in range(n)]
+        need_b = [need[5 + 2 * n + i] for i in range(n)]
+        need_bias = [biases[i] is not None and need[5 + 3 * n + i] for i in range(n)]
         cd = grads[0].dtype
         x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
+        src = x2 if ctx.adapters_read_x else (xd.reshape(-1, xd.shape[-1]) if xd is not None else None)
         xa_split = xa.split(ranks, dim=1) if xa is not None else [None] * n
         dys = [g.reshape(-1, g.shape[-1]) for g in grads]
 
-        # g = [s_1·dY_1·B_1, …, s_n·dY_n·B_n], fp32 [T, sum r_i]: used by dX and dA
+        # g = [s_1·dY_1·B_1, …, s_n·dY_n·B_n], fp32 [T, sum r_i]: used by dX (or d(xd)) and dA
         offsets = [sum(ranks[:i]) for i in range(n)]
-        need_g = [need_a[i] or (need_dx and plans[i].backward_dx == "factored") for i in range(n)]
+        adapter_dx = need_dx and ctx.adapters_read_x
+        need_g = [need_a[i] or need_dxd or (adapter_dx and plans[i].backward_dx == "factored") for i in range(n)]
         g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
         for lo, hi in _runs(need_g):
             _thin_products([(dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1,
@@ -243,15 +268,20 @@ class LoRAGroupFunction(torch.autograd.Function):
                     weight = _merged_weight(weight, lora_as[i], lora_bs[i], scales[i], cd)
                 dx = dys[i] @ weight if dx is None else dx.addmm_(dys[i], weight)
                 del weight
-            for lo, hi in _runs([plans[i].backward_dx == "factored" for i in range(n)]):
-                a_run = lora_as[lo] if hi - lo == 1 else torch.cat(lora_as[lo:hi])
-                lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]], a_run, out=dx, accumulate=True)
+            if adapter_dx:
+                for lo, hi in _runs([plans[i].backward_dx == "factored" for i in range(n)]):
+                    a_run = lora_as[lo] if hi - lo == 1 else torch.cat(lora_as[lo:hi])
+                    lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]], a_run, out=dx, accumulate=True)
+        dxd = None
+        if need_dxd:  # one linear (n == 1): d(xd) = g·A, rounded once to the adapters' dtype (xd's)
+            dxd = torch.empty(g.shape[0], lora_as[0].shape[1], device=g.device, dtype=lora_as[0].dtype)
+            dxd = lowrank_mm(g, lora_as[0], out=dxd).reshape(ctx.x_shape)
         for lo, hi in _runs(need_a):
-            rows = lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]].t(), x2)  # every dA in one product
+            rows = lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]].t(), src)  # every dA in one product
             for i, part in zip(range(lo, hi), rows.split(ranks[lo:hi], dim=0)):
                 d_a[i] = part.to(lora_as[i].dtype)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
-        return (dx, None, None, None, *d_w, *d_a, *d_b, *d_bias)
+        return (dx, dxd, None, None, None, *d_w, *d_a, *d_b, *d_bias)
 
 
 def _thin_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dim: int,
@@ -409,12 +439,28 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
         plans = tuple(plans)
         if len(plans) != n or not all(isinstance(p, LoRAPlan) for p in plans):
             raise ValueError(f"plans must be {n} LoRAPlan objects, one per linear")
-    return LoRAGroupFunction.apply(x, tuple(float(s) for s in scales), plans, n,
+    return LoRAGroupFunction.apply(x, None, tuple(float(s) for s in scales), plans, n,
                                    *weights, *lora_as, *lora_bs, *biases)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                bias: torch.Tensor | None = None, *, plan: LoRAPlan | None = None) -> torch.Tensor:
-    """One LoRA linear: ``x·Wᵀ (+ b) + s·(x·Aᵀ)·Bᵀ``; :func:`lora_linear_group` with one member."""
-    return lora_linear_group(x, [weight], [lora_a], [lora_b], [scale], [bias],
-                             plans=None if plan is None else [plan])[0]
+                bias: torch.Tensor | None = None, *, plan: LoRAPlan | None = None,
+                xd: torch.Tensor | None = None) -> torch.Tensor:
+    """One LoRA linear: ``x·Wᵀ (+ b) + s·(xd·Aᵀ)·Bᵀ``, with ``xd = x`` by default.
+
+    Without ``xd``: :func:`lora_linear_group` with one member. ``xd`` is the adapters' own input,
+    ``x``'s shape in the adapters' dtype: PEFT's ``dropout(x.to(A.dtype))``, drawn outside the op
+    so that its random numbers are PEFT's. Then ``dX = dY·W`` (base path only) and
+    ``d(xd) = s·dY·B·A``, ``dA = (s·dY·B)ᵀ·xd``; both products are factored (``x`` and ``xd``
+    differ, so ``W + s·B·A`` does not apply): a ``plan`` must be ``LoRAPlan("factored", "factored")``.
+    """
+    if xd is None:
+        return lora_linear_group(x, [weight], [lora_a], [lora_b], [scale], [bias],
+                                 plans=None if plan is None else [plan])[0]
+    _validate(x, [weight], [lora_a], [lora_b], [scale], [bias])
+    if not isinstance(xd, torch.Tensor) or xd.shape != x.shape or xd.dtype != lora_a.dtype or xd.device != x.device:
+        raise ValueError(f"xd must be a tensor of x's shape {tuple(x.shape)} in the adapters' dtype {lora_a.dtype} "
+                         f"on {x.device}, got {getattr(xd, 'shape', type(xd).__name__)} {getattr(xd, 'dtype', '')}")
+    if plan is not None and (plan.forward, plan.backward_dx) != ("factored", "factored"):
+        raise ValueError(f"with xd both products are factored; got plan {plan.forward}/{plan.backward_dx}")
+    return LoRAGroupFunction.apply(x, xd, (float(scale),), (FACTORED,), 1, weight, lora_a, lora_b, bias)[0]

@@ -363,3 +363,56 @@ def test_grouped_split_k_partials_match_one_product_each(monkeypatch):
             assert rel(got, ref) < 1e-5
     finally:
         mm_mod._launch.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# The adapters' own input xd (PEFT's dropout(x)): y = x·Wᵀ + s·(xd·Aᵀ)·Bᵀ
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.float16, None),
+                                                 (torch.float16, torch.float32)])
+@pytest.mark.parametrize("lead,i,out,r", [((1,), 24, 40, 1), ((7,), 40, 96, 16), ((3, 11), 96, 24, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dropped_out_adapter_input_against_float64(dtype, adapter_dtype, lead, i, out, r, bias):
+    """x feeds the base product only and xd the adapters only: dX = dY·W, d(xd) = s·dY·B·A, dA from xd."""
+    x, ws, as_, bs, bis = make(lead, i, [out], [r], dtype, seed=hash((lead, i, str(dtype))) % 10_000, bias=bias,
+                               adapter_dtype=adapter_dtype)
+    g = torch.Generator().manual_seed(5)
+    mask = (torch.rand(x.shape, generator=g) > 0.3).to(as_[0].dtype)
+    xd = (x.detach().to(as_[0].dtype) * mask / 0.7).requires_grad_()  # a dropout of x, not x
+    y = lora_linear(x, ws[0], as_[0], bs[0], 1.5, bis[0], xd=xd)
+    leaves = [x, xd, as_[0], bs[0], *([bis[0]] if bias else [])]
+    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+    d64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = lora_linear_reference(d64[0], ws[0].double(), d64[2], d64[3], 1.5, d64[4] if bias else None, xd=d64[1])
+    ref_grads = torch.autograd.grad(ref, d64, dy.double())
+    assert y.dtype == dtype and rel(y, ref) < TOL[dtype], rel(y, ref)
+    for leaf, gr, rg in zip(leaves, grads, ref_grads):
+        assert gr.dtype == leaf.dtype and gr.shape == leaf.shape
+        assert torch.isfinite(gr).all() and rel(gr, rg) < TOL[dtype], rel(gr, rg)
+
+
+def test_xd_equal_to_x_is_the_plain_op():
+    """xd = x through the other path: the same forward, and dX + d(xd) is the plain op's dX."""
+    x, ws, as_, bs, bis = make((5, 3), 40, [24], [8], torch.float32, seed=91, bias=True)
+    xd = x.detach().clone().requires_grad_()
+    y = lora_linear(x, ws[0], as_[0], bs[0], 2.0, bis[0], xd=xd)
+    y_ref = lora_linear(x, ws[0], as_[0], bs[0], 2.0, bis[0], plan=FACTORED)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    dy = torch.randn_like(y)
+    dx, dxd, da = torch.autograd.grad(y, [x, xd, as_[0]], dy)
+    dx_ref, da_ref = torch.autograd.grad(y_ref, [x, as_[0]], dy)
+    torch.testing.assert_close(dx + dxd, dx_ref)
+    torch.testing.assert_close(da, da_ref, rtol=0, atol=0)
+
+
+def test_xd_checks():
+    x, ws, as_, bs, _ = make((4,), 24, [40], [4], torch.float16, seed=1, adapter_dtype=torch.float32)
+    with pytest.raises(ValueError, match="adapters' dtype"):
+        lora_linear(x, ws[0], as_[0], bs[0], 1.0, xd=x)  # x is fp16, the adapters fp32
+    with pytest.raises(ValueError, match="shape"):
+        lora_linear(x, ws[0], as_[0], bs[0], 1.0, xd=x[:2].float())
+    with pytest.raises(ValueError, match="factored"):
+        lora_linear(x, ws[0], as_[0], bs[0], 1.0, xd=x.float(), plan=MERGED)
