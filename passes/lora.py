@@ -4,10 +4,17 @@ PEFT computes ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``. The patt
 with the base a plain linear (with or without bias) and the adapter input ``x`` cast or not to the
 adapters' dtype. Linears that share their input (q, k, v on the attention input; gate and up on
 the MLP input) become one grouped op that reads ``x`` once and accumulates their input gradients
-into one buffer. Refused, with the reason, never half-applied:
+into one buffer.
 
-- ``lora_dropout > 0``: the dropout mask is the adapters' own input (the pattern sees ``dropout(x)``);
-- a weight that is not a plain 2-D tensor, or an input in another dtype than the base weight.
+With ``lora_dropout > 0`` the adapters read ``xd = dropout(x.to(A.dtype))``: the dropout (and the
+cast before it) stays in the graph as it is, so its random numbers are drawn as PEFT draws them
+and a checkpoint's recompute replays them, and the fused op takes ``xd`` as the adapters' input
+(``lora_linear(..., xd=xd)``: ``x·Wᵀ + s·(xd·Aᵀ)·Bᵀ``). Each PEFT linear has its own dropout and
+mask, so such a linear is its own op: siblings share no ``xd·Aᵀ``. ``p = 0`` or ``training=False``
+dropouts, where Dynamo records them, are kept and read the same way.
+
+Refused, with the reason, never half-applied: a weight that is not a plain 2-D tensor, or an input
+in another dtype than the base weight; ``lora_dropout > 0`` over a 4-bit base (``passes/lora_4bit.py``).
 
 The pattern ends with PEFT's cast back to the base dtype (``result.to(torch_result_dtype)``,
 absent from the graph when adapters and base share a dtype). With fp32 adapters on a bf16 model
@@ -57,21 +64,27 @@ def peft_lora_with_bias(x, weight, bias, lora_a, lora_b, scale, adapter_dtype, r
     return (result + F.linear(F.linear(x.to(adapter_dtype), lora_a, None), lora_b, None) * scale).to(result_dtype)
 
 
-def peft_lora_with_dropout(x, weight, lora_a, lora_b, scale, p, adapter_dtype):
+def peft_lora_dropout(x, weight, lora_a, lora_b, scale, p, training, adapter_dtype, result_dtype):
     result = F.linear(x, weight, None)
-    dropped = F.dropout(x.to(adapter_dtype), p, True, False)
-    return result + F.linear(F.linear(dropped, lora_a, None), lora_b, None) * scale
+    dropped = F.dropout(x.to(adapter_dtype), p, training, False)
+    return (result + F.linear(F.linear(dropped, lora_a, None), lora_b, None) * scale).to(result_dtype)
+
+
+def peft_lora_dropout_with_bias(x, weight, bias, lora_a, lora_b, scale, p, training, adapter_dtype, result_dtype):
+    result = F.linear(x, weight, bias)
+    dropped = F.dropout(x.to(adapter_dtype), p, training, False)
+    return (result + F.linear(F.linear(dropped, lora_a, None), lora_b, None) * scale).to(result_dtype)
 
 
 PATTERNS = [trace_pattern(f, ("scale", "adapter_dtype", "result_dtype")) for f in (peft_lora, peft_lora_with_bias)]
-DROPOUT = trace_pattern(peft_lora_with_dropout, ("scale", "adapter_dtype", "p"))
+DROPOUT_PATTERNS = [trace_pattern(f, ("scale", "p", "training", "adapter_dtype", "result_dtype"))
+                    for f in (peft_lora_dropout, peft_lora_dropout_with_bias)]
 
 
 @register_pass("lora")
 def lora_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
-    for match in find_matches(gm.graph, DROPOUT):
-        log.refuse(module_path(match.output), f"lora_dropout p={match.literals['p']}: the adapters see a random mask")
     matches = [m for pattern in PATTERNS for m in find_matches(gm.graph, pattern)]
+    matches += [_keep_dropout(m) for pattern in DROPOUT_PATTERNS for m in find_matches(gm.graph, pattern)]
     # With fp32 adapters the pattern matches at the cast back and, cast absent, at the sum it
     # casts: the larger match (the one that takes the cast) is the rewrite.
     inner = {n for m in matches for n in m.nodes if n is not m.output}
@@ -81,15 +94,26 @@ def lora_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
     for match, reason in checked:
         if reason:
             log.refuse(module_path(match.output), reason)
-        else:
-            groups[match.inputs["x"]].append(match)
-    for x, matches in groups.items():
-        _replace_group(gm.graph, x, matches, log)
+        else:  # a linear with its own dropout is alone in its group, keyed by its dropout node
+            groups[match.inputs.get("xd", match.inputs["x"])].append(match)
+    for matches in groups.values():
+        _replace_group(gm.graph, matches, log)
     return gm
 
 
-def _replace_group(graph: fx.Graph, x: fx.Node, matches: list[Match], log: PassLog) -> None:
+def _keep_dropout(match: Match) -> Match:
+    """A dropout match without its dropout and the cast before it, which stay in the graph as
+    they are: the dropout's output is bound as ``inputs["xd"]``, the adapters' input."""
+    (xd,) = [n for n in match.nodes if n.target is F.dropout]
+    kept = {xd} | {a for a in xd.args[:1] if a in match.nodes}
+    match.nodes = [n for n in match.nodes if n not in kept]
+    match.inputs["xd"] = xd
+    return match
+
+
+def _replace_group(graph: fx.Graph, matches: list[Match], log: PassLog) -> None:
     names = [module_path(m.output) for m in matches]
+    x = matches[0].inputs["x"]
     args = (
         x,
         [m.inputs["weight"] for m in matches],
@@ -100,11 +124,13 @@ def _replace_group(graph: fx.Graph, x: fx.Node, matches: list[Match], log: PassL
     )
     nodes = [n for m in matches for n in m.nodes]
     writers = [in_place_writers(m.output) for m in matches]
-    fn = lora_linear_group
+    fn, kwargs = lora_linear_group, {}
     if len(matches) == 1:  # one output: the single op, which returns a tensor rather than a tuple
         fn, args = lora_linear, tuple(a[0] if isinstance(a, list) else a for a in args)
+        if "xd" in matches[0].inputs:
+            kwargs = {"xd": matches[0].inputs["xd"]}
     try:
-        call = replace_with_call(graph, [m.output for m in matches], nodes, fn, args)
+        call = replace_with_call(graph, [m.output for m in matches], nodes, fn, args, kwargs)
     except NotSchedulable as err:
         for name in names:
             log.refuse(name, str(err))
@@ -120,7 +146,11 @@ def _replace_group(graph: fx.Graph, x: fx.Node, matches: list[Match], log: PassL
         together = f", x read once for {len(matches)} linears" if len(matches) > 1 else ""
         ops = ", ".join(dict.fromkeys(_op_name(w) for w in written))
         copied = f", output copied for the in-place {ops}" if ops else ""
-        log.rewrite(name, f"{in_features}->{out_features}, r={a.shape[0]}{together}{copied}")
+        dropout = f", lora_dropout p={m.literals['p']} kept in the graph" if "xd" in m.inputs else ""
+        log.rewrite(name, f"{in_features}->{out_features}, r={a.shape[0]}{together}{dropout}{copied}")
+        if dropout:
+            log.notes.append(f"{name}: forward and dX factored (the adapters read the dropout's output, not x)")
+            continue
         plan = lora_plan(tokens, in_features, out_features, a.shape[0], value.element_size())
         costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in plan.predicted.items())
         log.notes.append(f"cost model at {tokens} tokens for {name}: forward {plan.forward}, dX {plan.backward_dx} ({costs})")
