@@ -16,7 +16,8 @@ and dequantizes with the real state; the lifted quant-state tensors are left unu
 ``passes/lora.py`` puts these matches into the same sibling groups as dense ones; their base
 shape comes from :func:`weight_shape` (the quant state), not from the packed uint8 tensor.
 
-Refused, with the reason: ``lora_dropout > 0``; a compute dtype other than ``x``'s (bitsandbytes
+Refused, with the reason: ``lora_dropout > 0`` (fused over a dense base by ``passes/lora.py``, not
+yet here); a compute dtype other than ``x``'s (bitsandbytes
 would compute the product in another precision than the fused op); a bias on the 4-bit base;
 an intermediate used outside the LoRA sum. DoRA and other LoRA variants have other graphs and do
 not match.
@@ -82,7 +83,8 @@ def find_4bit_lora(gm: fx.GraphModule) -> list[tuple[QuantLoRAMatch, str | None]
             match = QuantLoRAMatch(pattern, adapter.output, inputs | {"weight": weight}, dict(adapter.literals),
                                    list(dict.fromkeys(adapter.nodes + base_nodes)), shape)
             if pattern is DROPOUT:
-                reason = f"lora_dropout p={adapter.literals['p']}: the adapters see a random mask"
+                reason = (f"lora_dropout p={adapter.literals['p']} over a 4-bit base: not fused (dense bases are; "
+                          "the 4-bit pattern does not yet hand the dropout's output to the fused op)")
             elif x is not inputs["x"]:
                 reason = "the 4-bit product and the adapters read different inputs"
             found.append((match, reason))
