@@ -90,6 +90,7 @@ def _deadline(budget: float | None) -> Any:
 def cmd_e2e(a: argparse.Namespace) -> int:
     from benchmarks.configs import get_config
     from benchmarks.e2e import environment
+    from benchmarks.progress import RunBar
     from benchmarks.report import summary_table, write_report
     from benchmarks.runner import run_suite
 
@@ -104,7 +105,7 @@ def cmd_e2e(a: argparse.Namespace) -> int:
                 unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps)
     rows = run_suite(
         a.systems.split(","), names, res, timeout=lambda: left(a.timeout), worker_opts=opts,
-        progress=con.log, label_config=ids.get,
+        progress=con.log, label_config=ids.get, bar=RunBar(con),
     )
     con.print(summary_table(rows))
     con.log(f"report: {write_report(res)}")

@@ -15,10 +15,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from benchmarks import stats
+from benchmarks.progress import RunBar
 
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|Killed|Segmentation fault)\b")
 
@@ -118,29 +120,36 @@ def run_suite(
     progress: Callable[[str], None] | None = None,
     command: Callable[[str, str, Path], list[str]] | None = None,
     label_config: Callable[[str], str | None] | None = None,
+    bar: RunBar | None = None,
 ) -> list[dict[str, Any]]:
     """Every (config, system) pair in its own subprocess; the rows, loss differences attached.
-    ``timeout`` may be a function (re-read before each run: a shrinking time budget)."""
+    ``timeout`` may be a function (re-read before each run: a shrinking time budget); ``progress``
+    gets a line as each run starts and ends, ``bar`` (if any) shows how many runs are done."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     pairs = [(c, s) for c in configs for s in systems]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for i, (cfg, system) in enumerate(pairs):
-        t = timeout() if callable(timeout) else timeout
-        out = results_dir / f"e2e_{_safe(cfg)}_{system}.json"
-        label = {"system": system, "config": (label_config(cfg) if label_config else None) or cfg}
-        if t <= 0:
-            row = dict(label, status="failed", reason="not run: time budget spent")
-        else:
-            cmd = command(system, cfg, out) if command else worker_command(system, cfg, out, **(worker_opts or {}))
+    with bar.over(len(pairs)) if bar else nullcontext():
+        for i, (cfg, system) in enumerate(pairs):
+            t = timeout() if callable(timeout) else timeout
+            out = results_dir / f"e2e_{_safe(cfg)}_{system}.json"
+            label = {"system": system, "config": (label_config(cfg) if label_config else None) or cfg}
+            if bar:
+                bar.begin(f"{cfg} {system}")
+            if t <= 0:
+                row = dict(label, status="failed", reason="not run: time budget spent")
+            else:
+                cmd = command(system, cfg, out) if command else worker_command(system, cfg, out, **(worker_opts or {}))
+                if progress:
+                    progress(f"[{i + 1}/{len(pairs)}] {cfg} {system} (timeout {t:.0f} s)")
+                row = run_worker(cmd, out, timeout=t, label=label, env=env, log_path=results_dir / f"e2e_{_safe(cfg)}_{system}.log")
+            out.write_text(json.dumps(row, indent=1, default=str))
             if progress:
-                progress(f"[{i + 1}/{len(pairs)}] {cfg} {system} (timeout {t:.0f} s)")
-            row = run_worker(cmd, out, timeout=t, label=label, env=env, log_path=results_dir / f"e2e_{_safe(cfg)}_{system}.log")
-        out.write_text(json.dumps(row, indent=1, default=str))
-        if progress:
-            progress(f"    -> {summarize_row(row)}")
-        rows.append(row)
+                progress(f"    -> {summarize_row(row)}")
+            if bar:
+                bar.done()
+            rows.append(row)
     attach_loss_diffs(rows)
     for (cfg, system), r in zip(pairs, rows):
         (results_dir / f"e2e_{_safe(cfg)}_{system}.json").write_text(json.dumps(r, indent=1, default=str))
