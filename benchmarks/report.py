@@ -1,8 +1,8 @@
-"""Results on disk, markdown tables and PNG plots.
+"""Results on disk and markdown tables.
 
 Files in a results folder: ``e2e_<config>_<system>.json`` (one row each), ``kernels.json``,
-``maxlen.json``, ``env.json``; ``write_report`` adds ``report.md`` and the plots
-``tokens_per_s.png``, ``peak_memory.png`` and ``loss_<config>.png``.
+``maxlen.json``, ``env.json``; ``write_report`` adds ``report.md`` and the plots of
+``benchmarks/plots.py``: ``tokens_per_s.png``, ``peak_memory.png`` and ``loss_<config>.png``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def load_rows(results_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("e2e_*.json"))]
 
 
-def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
+def ordered(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
+    """The distinct values, those in ``preferred`` first in its order, then the rest sorted."""
     vals = list(dict.fromkeys(values))
     return [v for v in preferred if v in vals] + sorted(v for v in vals if v not in preferred)
 
@@ -41,8 +42,8 @@ def _cell(row: dict[str, Any] | None) -> str:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Config x system: ``tokens/s (peak allocated GiB)`` or the failure reason."""
-    systems = _order((r["system"] for r in rows), SYSTEMS)
-    configs = _order((r["config"] for r in rows), list(CONFIGS))
+    systems = ordered((r["system"] for r in rows), SYSTEMS)
+    configs = ordered((r["config"] for r in rows), list(CONFIGS))
     by = {(r["config"], r["system"]): r for r in rows}
     lines = ["| config | " + " | ".join(systems) + " |", "| --- |" + " --- |" * len(systems)]
     for c in configs:
@@ -130,67 +131,6 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
-def plot_results(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """tokens_per_s.png and peak_memory.png (grouped bars: configuration x system; a failed row
-    is an empty slot marked 'x'), and loss_<config>.png (loss per step, every system overlaid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    systems = _order((r["system"] for r in rows), SYSTEMS)
-    configs = _order((r["config"] for r in rows), list(CONFIGS))
-    by = {(r["config"], r["system"]): r for r in rows}
-    paths = []
-    for fname, title, value in (
-        ("tokens_per_s.png", "tokens / s (higher is better)", lambda r: r.get("tokens_per_s")),
-        ("peak_memory.png", "peak allocated GiB (lower is better)", lambda r: (r.get("peak_bytes") or 0) / GIB or None),
-    ):
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs) * max(1, len(systems)) / 3), 4))
-        width = 0.8 / max(1, len(systems))
-        for j, s in enumerate(systems):
-            xs, ys, fails = [], [], []
-            for i, c in enumerate(configs):
-                r = by.get((c, s))
-                x = i + (j - (len(systems) - 1) / 2) * width
-                v = value(r) if r and r.get("status") == "ok" else None
-                (xs.append(x), ys.append(v)) if v else fails.append(x)
-            bars = ax.bar(xs, ys, width, label=s)
-            ax.bar_label(bars, fmt="%.0f" if "tokens" in fname else "%.1f", fontsize=6)
-            ax.plot(fails, [0] * len(fails), "x", color=bars.patches[0].get_facecolor() if bars.patches else "k")
-        ax.set_xticks(range(len(configs)), configs)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out_dir / fname
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
-    for c in configs:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        drawn = 0
-        for s in systems:
-            r = by.get((c, s))
-            if r and r.get("losses"):
-                ax.plot(range(len(r["losses"])), r["losses"], marker="o", ms=3, label=s)
-                drawn += 1
-        if not drawn:
-            ax.text(0.5, 0.5, "no system produced a loss", ha="center", transform=ax.transAxes)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{c}: loss per step")
-        if drawn:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out_dir / f"loss_{safe_name(c)}.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
-    return paths
-
-
 def env_line(env: dict[str, Any]) -> str:
     keys = ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth")
     vers = ", ".join(f"{k} {env[k]}" for k in keys if env.get(k))
@@ -204,6 +144,8 @@ def write_report(results_dir: str | Path) -> Path:
     env = json.loads((d / "env.json").read_text()) if (d / "env.json").exists() else {}
     parts = ["# sloth_fx benchmark results", "", env_line(env), ""]
     if rows:
+        from benchmarks.plots import plot_results  # here: plots imports this module, and matplotlib
+
         plot_results(rows, d)
         parts += [
             "## End to end: tokens/s (peak allocated GiB)", "", summary_table(rows), "",

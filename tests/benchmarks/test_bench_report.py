@@ -2,7 +2,9 @@
 
 import json
 
-from benchmarks import report
+import pytest
+
+from benchmarks import plots, report
 
 GIB = 1024**3
 
@@ -74,5 +76,58 @@ def test_write_report_makes_pngs_and_markdown(tmp_path):
 
 def test_safe_plot_names(tmp_path):
     rows = [dict(r, config="R1[layers=2]") for r in _fake_rows()[:2]]
-    paths = report.plot_results(rows, tmp_path)
+    paths = plots.plot_results(rows, tmp_path)
     assert (tmp_path / "loss_R1-layers-2-.png") in paths
+
+
+def _slot_labels(fig):
+    """The texts written into a bar chart's slots (not the bars' own value labels)."""
+    return {t.get_text() for t in fig.axes[0].texts if t.get_rotation() == 90}
+
+
+def test_bar_chart_labels_each_cell_without_a_value_with_its_reason():
+    fig = plots.bar_figure(_fake_rows(), lambda r: r.get("tokens_per_s"), "tokens / s", "%.0f")
+    assert _slot_labels(fig) == {
+        "unsloth not run: not installed", "sloth_fx not run: out of memory",  # E1, failed rows
+        "compile not run: timed out after 240 s",  # E2, failed row
+        "liger not run: no result", "unsloth not run: no result", "sloth_fx not run: no result",  # E2, no row
+        "compile not run: no result",  # E1, no row
+    }
+    bars = {c.get_label(): [b.get_height() for b in c] for c in fig.axes[0].containers}
+    # only real values are bars, no zero-height stand-ins
+    assert bars == {"hf": [6209.0, 8525.0], "liger": [7528.0], "compile": [], "unsloth": [], "sloth_fx": []}
+    fig = plots.bar_figure(_fake_rows()[:2], lambda r: None, "peak", "%.1f")  # ok rows without the figure
+    assert _slot_labels(fig) == {"hf: not measured", "liger: not measured"}
+
+
+def test_short_reason():
+    assert plots.short_reason({"reason": "not run: time budget spent"}) == "time budget spent"
+    assert plots.short_reason({"reason": "killed by SIGKILL (host out of memory?): x"}) == "killed by SIGKILL"
+    assert plots.short_reason({"reason": "KeyError: 'k' at e2e.py:12"}) == "KeyError"
+    assert plots.short_reason(None) == "no result"
+
+
+def _lines(fig):
+    return {l.get_label(): list(l.get_ydata()) for l in fig.axes[0].get_lines()}
+
+
+def test_loss_plot_draws_relative_differences_from_hf():
+    rows = _fake_rows()
+    assert plots.loss_vs_reference([r for r in rows if r["config"] == "E1"]) == {
+        "hf": [0.0, 0.0, 0.0], "liger": [0.0, 0.0, pytest.approx(0.01 / 11.0)],
+    }
+    fig = plots.loss_figure(rows, "E1")
+    lines = _lines(fig)
+    assert lines["hf"] == [0.0, 0.0, 0.0]
+    assert lines["liger"] == [0.0, 0.0, pytest.approx(0.01 / 11.0)]  # not the raw losses
+    assert lines["unsloth not run: not installed"] == [] and lines["sloth_fx not run: out of memory"] == []
+    assert "relative to hf" in fig.axes[0].get_title()
+
+
+def test_loss_plot_without_hf_says_so_and_draws_plain_losses():
+    rows = [r for r in _fake_rows() if r["system"] != "hf"]
+    rows.append({"system": "hf", "config": "E1", "status": "failed", "reason": "out of memory (CUDA ...)"})
+    assert plots.loss_vs_reference(rows) is None
+    fig = plots.loss_figure(rows, "E1")
+    assert _lines(fig)["liger"] == [11.2, 11.1, 11.01]
+    assert "hf not run: out of memory; no reference" in fig.axes[0].get_title()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sloth_fx
-from benchmarks import report
+from benchmarks import plots, report
 from benchmarks.configs import CONFIGS, SYSTEMS, get_config
 from benchmarks.data import batches_for
 from benchmarks.e2e import train_steps
@@ -45,7 +45,7 @@ def test_reports_list_noce_between_unsloth_and_sloth_fx(tmp_path):
     assert "| 3000 (30.00) | 4000 (30.00) | 5000 (30.00) |" in t
     d = report.detail_table(rows)
     assert [l.split("|")[2].strip() for l in d.splitlines()[2:]] == ["hf", "sloth_fx_noce", "sloth_fx"]
-    paths = report.plot_results(rows, tmp_path)
+    paths = plots.plot_results(rows, tmp_path)
     assert {p.name for p in paths} == {"tokens_per_s.png", "peak_memory.png", "loss_E5.png"}
     no_noce = report.summary_table([r for r in rows if r["system"] != "sloth_fx_noce"])
     assert no_noce.splitlines()[0] == "| config | hf | sloth_fx |"
