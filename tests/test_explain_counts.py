@@ -65,3 +65,31 @@ def test_a_module_run_eagerly_is_named_with_its_reason():
     assert "model.layers.1 runs unrewritten: Dynamo ran no capture for it" in text
     loss_and_grads(model, batch())
     assert report.count("rmsnorm") == 5 and "runs unrewritten" not in sloth_fx.explain(model)
+
+
+def test_dora_counts_what_runs(calls):
+    """DoRA's linears are not LoRA's pattern (the magnitude vector rescales the sum): they are
+    refused, and the norms, ropes and MLPs around them are counted as they run."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("llama", layers=2)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    model = sloth_fx.optimize(model)
+    model(**batch()).loss.backward()
+    report = sloth_fx.report(model)
+    assert {name: report.count(name) for name in calls} == calls
+    assert calls["rmsnorm"] == 5 and calls["swiglu"] == 2
+    assert report.count("rope") == 4
+
+
+def test_explain_after_merge_and_unload():
+    """The merged model still runs through sloth_fx, and explain counts its runs: no LoRA left."""
+    model = sloth_fx.optimize(tiny_model("llama", lora=True))
+    loss_and_grads(model, batch())
+    assert sloth_fx.report(model).count("lora") == 14
+    merged = model.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    loss_and_grads(merged, batch())
+    text = sloth_fx.explain(merged)
+    assert "rewrite sites running in the model: cross_entropy 1, rmsnorm 5, rope 4, swiglu 2" in text
