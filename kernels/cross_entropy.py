@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import use_triton
-from .launch import cdiv, next_power_of_2
+from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, dtype_names, next_power_of_2, refusal
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -56,9 +56,8 @@ __all__ = [
     "chunk_rows",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "linear_cross_entropy_supports",
 ]
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Largest vocab block one program holds at a time. 4096 fp32 values over 8 warps (256 threads) are
 # 16 registers per thread: enough work per load to stream at full bandwidth, small enough not to
@@ -503,60 +502,83 @@ def _check_inputs(
 ) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not torch.is_tensor(t):
-            raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
+            raise UnsupportedType("linear_cross_entropy", f"{name} must be a Tensor, got {type(t).__name__}")
     if hidden.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"linear_cross_entropy: hidden dtype {hidden.dtype} not supported (fp32, fp16, bf16)")
+        raise UnsupportedType("linear_cross_entropy",
+                              f"hidden dtype {hidden.dtype} is not supported (one of {dtype_names(SUPPORTED_DTYPES)} is)")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"linear_cross_entropy: weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
+        raise UnsupportedType("linear_cross_entropy", f"weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
     if labels.dtype != torch.int64:
-        raise TypeError(f"linear_cross_entropy: labels must be int64, got {labels.dtype}")
+        raise UnsupportedType("linear_cross_entropy", f"labels must be int64, got {labels.dtype}")
     if hidden.dim() != 2:
-        raise ValueError(f"linear_cross_entropy: hidden must be [N, H] (flattened tokens), got {tuple(hidden.shape)}")
+        raise UnsupportedValue("linear_cross_entropy", f"hidden must be [N, H] (flattened tokens), got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"linear_cross_entropy: weight must be [V, H] with H={hidden.shape[1]}, got {tuple(weight.shape)}"
+        raise UnsupportedValue(
+            "linear_cross_entropy", f"weight must be [V, H] with H={hidden.shape[1]}, got {tuple(weight.shape)}"
         )
     if weight.shape[0] < 1:
-        raise ValueError("linear_cross_entropy: vocab size must be >= 1")
+        raise UnsupportedValue("linear_cross_entropy", "vocab size must be >= 1")
     if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
-        raise ValueError(
-            f"linear_cross_entropy: labels must be [N] with N={hidden.shape[0]}, got {tuple(labels.shape)}"
+        raise UnsupportedValue(
+            "linear_cross_entropy", f"labels must be [N] with N={hidden.shape[0]}, got {tuple(labels.shape)}"
         )
     devices = {hidden.device, weight.device, labels.device}
     if bias is not None:
         if not torch.is_tensor(bias):
-            raise TypeError(f"linear_cross_entropy: bias must be a Tensor or None, got {type(bias).__name__}")
+            raise UnsupportedType("linear_cross_entropy", f"bias must be a Tensor or None, got {type(bias).__name__}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"linear_cross_entropy: bias dtype {bias.dtype} != hidden dtype {hidden.dtype}")
+            raise UnsupportedType("linear_cross_entropy", f"bias dtype {bias.dtype} != hidden dtype {hidden.dtype}")
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"linear_cross_entropy: bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+            raise UnsupportedValue("linear_cross_entropy", f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
         devices.add(bias.device)
     if len(devices) != 1:
-        raise ValueError(f"linear_cross_entropy: tensors on different devices: {sorted(map(str, devices))}")
+        raise UnsupportedValue("linear_cross_entropy", f"tensors on different devices: {sorted(map(str, devices))}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"linear_cross_entropy: ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise UnsupportedType("linear_cross_entropy", f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             if num_items_in_batch.numel() != 1:
-                raise ValueError(
-                    "linear_cross_entropy: num_items_in_batch must be a number or a one-element tensor, "
+                raise UnsupportedValue(
+                    "linear_cross_entropy", "num_items_in_batch must be a number or a one-element tensor, "
                     f"got shape {tuple(num_items_in_batch.shape)}"
                 )
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
-            raise TypeError(
-                "linear_cross_entropy: num_items_in_batch must be an int, a 0-dim tensor or None, "
+            raise UnsupportedType(
+                "linear_cross_entropy", "num_items_in_batch must be an int, a 0-dim tensor or None, "
                 f"got {type(num_items_in_batch).__name__}"
             )
     if logit_softcap is not None:
         if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real):
-            raise TypeError(f"linear_cross_entropy: logit_softcap must be a float or None, got {type(logit_softcap).__name__}")
+            raise UnsupportedType("linear_cross_entropy", f"logit_softcap must be a float or None, got {type(logit_softcap).__name__}")
         if not (math.isfinite(logit_softcap) and logit_softcap > 0):
-            raise ValueError(f"linear_cross_entropy: logit_softcap must be finite and > 0, got {logit_softcap}")
+            raise UnsupportedValue("linear_cross_entropy", f"logit_softcap must be finite and > 0, got {logit_softcap}")
     if logit_scale is not None:
         if not isinstance(logit_scale, LogitScale) or logit_scale.op not in ("mul", "div"):
-            raise TypeError(f"linear_cross_entropy: logit_scale must be a LogitScale or None, got {logit_scale!r}")
+            raise UnsupportedType("linear_cross_entropy", f"logit_scale must be a LogitScale or None, got {logit_scale!r}")
         if not math.isfinite(logit_scale.value) or (logit_scale.op == "div" and logit_scale.value == 0):
-            raise ValueError(f"linear_cross_entropy: logit scale {logit_scale.op} {logit_scale.value} is not finite")
+            raise UnsupportedValue("linear_cross_entropy", f"logit scale {logit_scale.op} {logit_scale.value} is not finite")
+
+
+def linear_cross_entropy_supports(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: Tensor | int | None = None,
+    logit_softcap: float | None = None,
+    logit_scale: LogitScale | None = None,
+) -> str | None:
+    """None when :func:`linear_cross_entropy` takes these arguments, else the reason it does not.
+
+    The checks it raises on (dtypes, shapes, devices, the loss's constants), answered instead of
+    raised; they read no tensor's values, so fake tensors (an fx node's example value) do. The
+    labels' range is a question of values, asked only when the op runs. ``hidden`` is
+    ``[N, H]`` and ``labels`` ``[N]``: flatten the tokens first, as the op's caller does.
+    """
+    return refusal(_check_inputs, hidden, weight, labels, bias, ignore_index, num_items_in_batch, logit_softcap,
+                   logit_scale)
 
 
 def linear_cross_entropy(

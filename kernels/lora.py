@@ -69,7 +69,9 @@ import torch
 import torch.nn.functional as F
 
 from sloth_fx.cost_model import LoRAPlan, lora_plan, measure_device_rates
-from sloth_fx.kernels.lowrank_mm import lowrank_mm, split_k_for
+
+from .lowrank_mm import lowrank_mm, split_k_for
+from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, dtype_names, refusal, validate
 
 __all__ = [
     "LoRAGroupFunction",
@@ -77,11 +79,15 @@ __all__ = [
     "lora_linear",
     "lora_linear_group",
     "lora_linear_group_reference",
+    "lora_linear_group_supports",
     "lora_linear_reference",
+    "lora_linear_supports",
     "release_dequant_scratch",
 ]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# float64 too: no Triton kernel of its own here (lowrank_mm runs its reference for it), so the
+# float64 checks run through the op itself.
+_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 FACTORED = LoRAPlan("factored", "factored")
 
 
@@ -333,69 +339,98 @@ def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
 
 
 def _check_group(x, weights, lora_as, lora_bs, scales, biases) -> None:
+    """Raise :class:`UnsupportedType` (dtypes) or :class:`UnsupportedValue` (counts, shapes,
+    devices, scales) for arguments :func:`lora_linear_group` does not take."""
+    n = len(weights)
+    if n == 0 or not (len(lora_as) == len(lora_bs) == len(scales) == len(biases) == n):
+        raise UnsupportedValue("lora_linear", "needs one A, B, scale and bias (or None) per weight, and at least one weight")
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
+        raise UnsupportedType("lora_linear", f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise UnsupportedType("lora_linear", f"x dtype {x.dtype} is not one of {dtype_names(_DTYPES)}")
     if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is the in-features)")
+        raise UnsupportedValue("lora_linear", "x must have at least one dimension (its last is the in-features)")
     in_features = x.shape[-1]
     adapter_dtypes = {t.dtype for t in (*lora_as, *lora_bs)}
     if len(adapter_dtypes) != 1:
-        raise TypeError(f"all adapters (A and B) of a group must share one dtype, got {sorted(map(str, adapter_dtypes))}")
-    if next(iter(adapter_dtypes)) not in SUPPORTED_DTYPES:
-        raise TypeError(f"adapters have dtype {next(iter(adapter_dtypes))}; supported: float16, bfloat16, float32, float64")
+        raise UnsupportedType("lora_linear", "all adapters (A and B) of a group must share one dtype, "
+                                             f"got {sorted(map(str, adapter_dtypes))}")
+    if next(iter(adapter_dtypes)) not in _DTYPES:
+        raise UnsupportedType("lora_linear", f"adapter dtype {next(iter(adapter_dtypes))} is not one of {dtype_names(_DTYPES)}")
     for i, (w, a, b, s, bias) in enumerate(zip(weights, lora_as, lora_bs, scales, biases)):
         shape = _weight_shape(w)
         if len(shape) != 2:
-            raise ValueError(f"weight {i} has shape {shape}; the base weight must be 2-D [out, in]")
+            raise UnsupportedValue("lora_linear", f"weight {i} has shape {shape}; the base weight must be 2-D [out, in]")
         if _is_4bit(w):
             if w.requires_grad:
-                raise ValueError(f"4-bit weight {i} requires grad; a quantized base cannot be trained")
+                raise UnsupportedValue("lora_linear", f"4-bit weight {i} requires grad; a quantized base cannot be trained")
         elif w.dtype != x.dtype:
-            raise TypeError(f"weight {i} is {w.dtype} but x is {x.dtype}; the base product needs them alike")
+            raise UnsupportedType("lora_linear", f"weight {i} is {w.dtype} but x is {x.dtype}; the base product needs them alike")
         out_features, w_in = shape
         if a.dim() != 2 or b.dim() != 2:
-            raise ValueError(f"linear {i}: A {tuple(a.shape)} and B {tuple(b.shape)} must be 2-D")
+            raise UnsupportedValue("lora_linear", f"linear {i}: A {tuple(a.shape)} and B {tuple(b.shape)} must be 2-D")
         if w_in != in_features or a.shape[1] != in_features or b.shape[1] != a.shape[0] or b.shape[0] != out_features:
-            raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, W {shape}, A {tuple(a.shape)}, B {tuple(b.shape)}")
+            raise UnsupportedValue("lora_linear", f"shapes do not chain: x {tuple(x.shape)}, W {shape}, "
+                                                  f"A {tuple(a.shape)}, B {tuple(b.shape)}")
         if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
-            raise ValueError(f"bias {i} must be [{out_features}] in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+            raise UnsupportedValue("lora_linear", f"bias {i} must be [{out_features}] in {x.dtype}, "
+                                                  f"got {tuple(bias.shape)} {bias.dtype}")
         for name, t in (("weight", w), ("A", a), ("B", b), ("bias", bias)):
             if t is not None and t.device != x.device:
-                raise ValueError(f"{name} {i} is on {t.device} but x is on {x.device}")
+                raise UnsupportedValue("lora_linear", f"{name} {i} is on {t.device} but x is on {x.device}")
         if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
-            raise ValueError(f"scale {i} must be a finite number, got {s!r}")
+            raise UnsupportedValue("lora_linear", f"scale {i} must be a finite number, got {s!r}")
+
+
+def _check_xd(x: torch.Tensor, lora_a: torch.Tensor, xd: torch.Tensor) -> None:
+    """Raise :class:`UnsupportedValue` unless ``xd`` can be the adapters' input beside ``x``."""
+    if not isinstance(xd, torch.Tensor) or xd.shape != x.shape or xd.dtype != lora_a.dtype or xd.device != x.device:
+        raise UnsupportedValue("lora_linear", f"xd must be a tensor of x's shape {tuple(x.shape)} in the adapters' dtype "
+                                              f"{lora_a.dtype} on {x.device}, got "
+                                              f"{getattr(xd, 'shape', type(xd).__name__)} {getattr(xd, 'dtype', '')}")
+
+
+def _check_single(x, weight, lora_a, lora_b, scale, bias, xd) -> None:
+    _check_group(x, [weight], [lora_a], [lora_b], [scale], [bias])
+    if xd is not None:
+        _check_xd(x, lora_a, xd)
+
+
+def lora_linear_group_supports(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
+                               lora_bs: Sequence[torch.Tensor], scales: Sequence[float],
+                               biases: Sequence[torch.Tensor | None] | None = None) -> str | None:
+    """None when :func:`lora_linear_group` takes these arguments, else the reason it does not.
+
+    The checks it raises on (counts, dtypes, shapes, devices, scales), answered instead of
+    raised; they read no tensor's values, so fake tensors (an fx node's example value) do. A
+    4-bit base weight is asked about as itself (the live ``Params4bit``: its quant state holds
+    its ``[out, in]``), since a fake copy of its packed storage has lost that state.
+    """
+    biases = [None] * len(weights) if biases is None else list(biases)
+    return refusal(_check_group, x, weights, lora_as, lora_bs, scales, biases)
+
+
+def lora_linear_supports(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                         scale: float, bias: torch.Tensor | None = None, *,
+                         xd: torch.Tensor | None = None) -> str | None:
+    """None when :func:`lora_linear` takes these arguments, else the reason it does not: as
+    :func:`lora_linear_group_supports` for one linear, and ``xd`` (when given) of ``x``'s shape
+    in the adapters' dtype."""
+    return refusal(_check_single, x, weight, lora_a, lora_b, scale, bias, xd)
 
 
 # Argument signatures that passed _check_group, which reads nothing else of its arguments: a
 # signature seen before skips the checks. No token count in it (only x's last dim), so ragged
-# batches add no entries; cleared if it ever grows large.
+# batches add no entries.
 _VALID: set[tuple] = set()
 
 
 def _signature(x, weights, lora_as, lora_bs, scales, biases) -> tuple:
-    return (type(x), x.dtype, x.shape[-1:], x.device,
+    return (len(weights), len(lora_as), len(lora_bs), len(scales), len(biases), type(x), x.dtype, x.shape[-1:], x.device,
             *[(type(w), _weight_shape(w), w.dtype, w.device, w.requires_grad) for w in weights],
             *[(type(t), t.shape, t.dtype, t.device) for t in (*lora_as, *lora_bs)],
             *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in biases],
             *[(type(s), s) for s in scales])
-
-
-def _validate(x, weights, lora_as, lora_bs, scales, biases) -> None:
-    """:func:`_check_group`, once per signature of the arguments."""
-    try:
-        key = _signature(x, weights, lora_as, lora_bs, scales, biases)
-        hash(key)
-    except (AttributeError, TypeError):  # not tensors, or unhashable: let the checks say what
-        key = None
-    if key is not None and key in _VALID:
-        return
-    _check_group(x, weights, lora_as, lora_bs, scales, biases)
-    if key is not None:
-        if len(_VALID) >= 4096:
-            _VALID.clear()
-        _VALID.add(key)
 
 
 @lru_cache(maxsize=4096)
@@ -427,9 +462,7 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
     """
     n = len(weights)
     biases = list(biases) if biases is not None else [None] * n
-    if n == 0 or not (len(lora_as) == len(lora_bs) == len(scales) == len(biases) == n):
-        raise ValueError("lora_linear_group needs one A, B, scale and bias (or None) per weight, and at least one weight")
-    _validate(x, weights, lora_as, lora_bs, scales, biases)
+    validate(_VALID, _signature, _check_group, x, weights, lora_as, lora_bs, scales, biases)
     if plans is None:
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *lora_as, *lora_bs))
         tokens = max(1, x.numel() // max(1, x.shape[-1]))
@@ -457,10 +490,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     if xd is None:
         return lora_linear_group(x, [weight], [lora_a], [lora_b], [scale], [bias],
                                  plans=None if plan is None else [plan])[0]
-    _validate(x, [weight], [lora_a], [lora_b], [scale], [bias])
-    if not isinstance(xd, torch.Tensor) or xd.shape != x.shape or xd.dtype != lora_a.dtype or xd.device != x.device:
-        raise ValueError(f"xd must be a tensor of x's shape {tuple(x.shape)} in the adapters' dtype {lora_a.dtype} "
-                         f"on {x.device}, got {getattr(xd, 'shape', type(xd).__name__)} {getattr(xd, 'dtype', '')}")
+    validate(_VALID, _signature, _check_group, x, [weight], [lora_a], [lora_b], [scale], [bias])
+    _check_xd(x, lora_a, xd)
     if plan is not None and (plan.forward, plan.backward_dx) != ("factored", "factored"):
         raise ValueError(f"with xd both products are factored; got plan {plan.forward}/{plan.backward_dx}")
     return LoRAGroupFunction.apply(x, xd, (float(scale),), (FACTORED,), 1, weight, lora_a, lora_b, bias)[0]

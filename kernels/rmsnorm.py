@@ -46,11 +46,20 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import use_triton
-from .launch import cdiv, device_guard, multi_processor_count, next_power_of_2, validate
+from .toolkit import (
+    SUPPORTED_DTYPES,
+    UnsupportedType,
+    UnsupportedValue,
+    cdiv,
+    device_guard,
+    dtype_names,
+    multi_processor_count,
+    next_power_of_2,
+    refusal,
+    validate,
+)
 
-__all__ = ["rmsnorm", "rmsnorm_reference", "RMSNormFunction"]
-
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["rmsnorm", "rmsnorm_reference", "rmsnorm_supports", "RMSNormFunction"]
 
 # A row whose next power of two fits in this many bytes (of x's dtype) is held in registers as one
 # tile: 64 KiB is 16384 fp32 / 32768 fp16 elements, the largest hidden sizes of current decoder
@@ -383,31 +392,39 @@ def _check_dtype(what: str, dtype: torch.dtype | None, allow_none: bool = False)
     if dtype is None and allow_none:
         return
     if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"rmsnorm: {what} must be one of float32, float16, bfloat16"
-            f"{' or None' if allow_none else ''}, got {dtype}"
+        raise UnsupportedType(
+            "rmsnorm", f"{what} {dtype} is not one of {dtype_names(SUPPORTED_DTYPES)}{' or None' if allow_none else ''}"
         )
 
 
 def _check(x: Tensor, weight: Tensor, eps: float, normed_dtype: torch.dtype | None,
            out_dtype: torch.dtype | None) -> None:
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("rmsnorm: x and weight must be tensors")
+        raise UnsupportedType("rmsnorm", "x and weight must be tensors")
     if x.device != weight.device:
-        raise ValueError(f"rmsnorm: x is on {x.device} but weight is on {weight.device}")
+        raise UnsupportedValue("rmsnorm", f"x is on {x.device} but weight is on {weight.device}")
     _check_dtype("x.dtype", x.dtype)
     _check_dtype("weight.dtype", weight.dtype)
     _check_dtype("normed_dtype", normed_dtype, allow_none=True)
     _check_dtype("out_dtype", out_dtype, allow_none=True)
     if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"rmsnorm: x needs a non-empty last dim to normalise, got shape {tuple(x.shape)}")
+        raise UnsupportedValue("rmsnorm", f"x needs a non-empty last dim to normalise, got shape {tuple(x.shape)}")
     if tuple(weight.shape) != (x.shape[-1],):
-        raise ValueError(
-            f"rmsnorm: weight.shape must be ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
-            f"got {tuple(weight.shape)}"
+        raise UnsupportedValue(
+            "rmsnorm", f"weight.shape {tuple(weight.shape)} does not scale the last axis ({x.shape[-1]}) of x"
         )
-    if not eps >= 0.0:
-        raise ValueError(f"rmsnorm: eps must be >= 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise UnsupportedValue("rmsnorm", f"eps must be a number >= 0, got {eps!r}")
+
+
+def rmsnorm_supports(x: Tensor, weight: Tensor, eps: float, *, normed_dtype: torch.dtype | None = None,
+                     out_dtype: torch.dtype | None = None) -> str | None:
+    """None when :func:`rmsnorm` takes these arguments, else the reason it does not.
+
+    The checks :func:`rmsnorm` raises on (dtypes, shapes, devices, eps), answered instead of
+    raised; they read no tensor's values, so fake tensors (an fx node's example value) do.
+    """
+    return refusal(_check, x, weight, eps, normed_dtype, out_dtype)
 
 
 def _signature(x: Tensor, weight: Tensor, eps: float, normed_dtype: torch.dtype | None,
@@ -438,7 +455,8 @@ def rmsnorm(
 
     Raises ``TypeError`` for x / weight / normed_dtype / out_dtype outside fp32/fp16/bf16, and
     ``ValueError`` for a 0-dim or zero-width x, ``weight.shape != (x.shape[-1],)``, x and weight
-    on different devices, or a negative eps.
+    on different devices, or an eps that is not a number >= 0 (:func:`rmsnorm_supports` answers
+    the same questions without raising).
     """
     validate(_VALID, _signature, _check, x, weight, eps, normed_dtype, out_dtype)
     if out_dtype is None:

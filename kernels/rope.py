@@ -35,12 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_fx.kernels.dispatch import use_triton
-from sloth_fx.kernels.launch import next_power_of_2, validate
+from .dispatch import use_triton
+from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, dtype_names, next_power_of_2, refusal, \
+    validate
 
-__all__ = ["rope_reference", "rope", "RoPEFunction"]
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["rope_reference", "rope", "rope_supports", "RoPEFunction"]
 
 # Upper bound on the elements of one [BLOCK_H, BLOCK_HALF] tile. The kernel holds two such tiles
 # (the two halves) of fp32 values plus their results in registers; 2048 elements over the default
@@ -338,52 +337,65 @@ class RoPEFunction(torch.autograd.Function):
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Raise ValueError/TypeError for inputs the fused op does not handle."""
+    """Raise :class:`UnsupportedValue`/:class:`UnsupportedType` for inputs no path of :func:`rope` takes."""
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"rope: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise UnsupportedType("rope", f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(
-            f"rope: q and k must be 4-d [B, H, S, D], got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        raise UnsupportedValue(
+            "rope", f"q and k must be 4-d [B, H, S, D], got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     if cos.dim() != 3 or sin.shape != cos.shape:
-        raise ValueError(
-            "rope: cos and sin must both be 3-d [B, S, rotary_dim] of equal shape, got "
+        raise UnsupportedValue(
+            "rope", "cos and sin must both be 3-d [B, S, rotary_dim] of equal shape, got "
             f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
         )
     bsz, _, seq, head_dim = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (bsz, seq, head_dim):
-        raise ValueError(
-            f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, sequence "
-            "and head_dim"
+        raise UnsupportedValue(
+            "rope", f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, sequence and head_dim"
         )
     rotary_dim = cos.shape[-1]
     if rotary_dim % 2 != 0 or rotary_dim <= 0 or rotary_dim > head_dim:
-        raise ValueError(
-            f"rope: rotary_dim = cos.shape[-1] = {rotary_dim} must be even and in (0, head_dim "
-            f"= {head_dim}]"
+        raise UnsupportedValue(
+            "rope", f"rotary_dim = cos.shape[-1] = {rotary_dim} must be even and in (0, head_dim = {head_dim}]"
         )
     if cos.shape[0] not in (1, bsz) or cos.shape[1] not in (1, seq):
-        raise ValueError(
-            f"rope: cos/sin {tuple(cos.shape)} do not broadcast to [B={bsz}, S={seq}, "
-            f"{rotary_dim}]"
-        )
+        raise UnsupportedValue("rope", f"cos/sin {tuple(cos.shape)} do not broadcast to [B={bsz}, S={seq}, {rotary_dim}]")
     devices = {t.device for t in (q, k, cos, sin)}
     if len(devices) != 1:
-        raise ValueError(f"rope: q, k, cos, sin must be on one device, got {sorted(map(str, devices))}")
+        raise UnsupportedValue("rope", f"q, k, cos, sin must be on one device, got {sorted(map(str, devices))}")
 
 
 def _check_dtypes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Raise :class:`UnsupportedType` for dtypes the fused kernel does not take."""
     if q.dtype != k.dtype:
-        raise TypeError(f"rope: q and k must have one dtype, got {q.dtype} and {k.dtype}")
+        raise UnsupportedType("rope", f"q and k must have one dtype, got {q.dtype} and {k.dtype}")
     if cos.dtype != sin.dtype:
-        raise TypeError(f"rope: cos and sin must have one dtype, got {cos.dtype} and {sin.dtype}")
+        raise UnsupportedType("rope", f"cos and sin must have one dtype, got {cos.dtype} and {sin.dtype}")
     for name, t in (("q", q), ("cos", cos)):
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(
-                f"rope: {name} has dtype {t.dtype}; the Triton kernel supports float16, "
-                "bfloat16 and float32"
-            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedType("rope", f"{name} dtype {t.dtype} is not one of {dtype_names(SUPPORTED_DTYPES)}")
+
+
+def _check_fused(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    _check(q, k, cos, sin)
+    _check_dtypes(q, k, cos, sin)
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.requires_grad:
+            # rope would run its reference: exact, but nothing fused
+            raise UnsupportedValue("rope", f"{name} requires grad; the fused op does not differentiate the tables")
+
+
+def rope_supports(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str | None:
+    """None when :func:`rope` runs its fused kernel for arguments like these, else the reason.
+
+    The checks :func:`rope` raises on (shapes, devices, and the dtypes that the fused path
+    needs), and whether cos/sin require grad (then it runs its reference instead), answered
+    without raising; they read no tensor's values, so fake tensors (an fx node's example value)
+    do. ``cos``/``sin`` are the op's [B, S, R] tables, before HF's unsqueeze on the head axis.
+    """
+    return refusal(_check_fused, q, k, cos, sin)
 
 
 def _signature(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:

@@ -27,15 +27,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sloth_fx.kernels.dispatch import use_triton
-from sloth_fx.kernels.launch import cdiv, next_power_of_2, validate
+from .dispatch import use_triton
+from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, dtype_names, next_power_of_2, \
+    refusal, validate
 
-__all__ = ["gated_mlp_reference", "gated_mlp", "GatedMLPFunction", "ACTIVATIONS"]
+__all__ = ["gated_mlp_reference", "gated_mlp", "gated_mlp_supports", "GatedMLPFunction", "ACTIVATIONS"]
 
 # Activation name -> the integer the kernels branch on at compile time.
 ACTIVATIONS: dict[str, int] = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Elements per program. An elementwise op has no row structure to exploit, so the tensors are
 # treated as flat arrays cut into equal tiles (no masked tail per row when I is not a power of
@@ -46,9 +45,7 @@ _MAX_BLOCK = 1024
 
 def _activation_id(activation: str) -> int:
     if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"gated_mlp: unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}"
-        )
+        raise UnsupportedValue("gated_mlp", f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[activation]
 
 
@@ -226,23 +223,36 @@ class GatedMLPFunction(torch.autograd.Function):
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     for name, t in (("gate", gate), ("up", up)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"gated_mlp: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise UnsupportedType("gated_mlp", f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if gate.shape != up.shape:
-        raise ValueError(
-            f"gated_mlp: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape"
+        raise UnsupportedValue(
+            "gated_mlp", f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape (broadcasting is not fused)"
         )
     if gate.device != up.device:
-        raise ValueError(f"gated_mlp: gate on {gate.device} and up on {up.device}")
+        raise UnsupportedValue("gated_mlp", f"gate on {gate.device} and up on {up.device}")
 
 
 def _check_dtypes(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.dtype != up.dtype:
-        raise TypeError(f"gated_mlp: gate {gate.dtype} and up {up.dtype} must have one dtype")
-    if gate.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"gated_mlp: dtype {gate.dtype} is not supported by the Triton kernel "
-            "(float16, bfloat16, float32 are)"
-        )
+        raise UnsupportedType("gated_mlp", f"gate {gate.dtype} and up {up.dtype} must have one dtype")
+    if gate.dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedType("gated_mlp", f"dtype {gate.dtype} is not one of {dtype_names(SUPPORTED_DTYPES)}")
+
+
+def _check_fused(gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+    _activation_id(activation)
+    _check(gate, up)
+    _check_dtypes(gate, up)
+
+
+def gated_mlp_supports(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> str | None:
+    """None when :func:`gated_mlp` runs its fused kernel for arguments like these, else the reason.
+
+    The checks :func:`gated_mlp` raises on (activation, shapes, devices, and the dtypes that the
+    fused path needs), answered instead of raised; they read no tensor's values, so fake tensors
+    (an fx node's example value) do.
+    """
+    return refusal(_check_fused, gate, up, activation)
 
 
 def _signature(gate: torch.Tensor, up: torch.Tensor) -> tuple:

@@ -8,6 +8,7 @@ vocab blocks, and small memory budgets force several chunks.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sloth_fx.kernels.cross_entropy as ce
 from sloth_fx.kernels.cross_entropy import (
@@ -22,6 +24,7 @@ from sloth_fx.kernels.cross_entropy import (
     chunk_rows,
     linear_cross_entropy,
     linear_cross_entropy_reference,
+    linear_cross_entropy_supports,
 )
 
 _seed = itertools.count(1234)
@@ -484,6 +487,26 @@ def test_bad_inputs_raise(make, exc, match, device):
     hidden, weight, labels = kw.pop("hidden"), kw.pop("weight"), kw.pop("labels")
     with pytest.raises(exc, match=match):
         linear_cross_entropy(hidden, weight, labels, **kw)
+
+
+# the labels' range is a question of values, and the memory budget no question of the inputs
+INPUT_QUESTIONS = [b for b in BAD if not b[0].startswith(("label =", "budget"))]
+
+
+@pytest.mark.parametrize("make, exc, match", [b[1:] for b in INPUT_QUESTIONS], ids=[b[0] for b in INPUT_QUESTIONS])
+def test_supports_answers_what_the_op_raises(make, exc, match, device):
+    kw = make(device)
+    reason = linear_cross_entropy_supports(kw.pop("hidden"), kw.pop("weight"), kw.pop("labels"), **kw)
+    assert reason is not None and re.search(match, reason), reason
+
+
+def test_supports_takes_fake_tensors():
+    with FakeTensorMode():
+        hidden, weight = torch.empty(10, 64, dtype=torch.bfloat16), torch.empty(100, 64, dtype=torch.bfloat16)
+        labels = torch.empty(10, dtype=torch.long)
+        assert linear_cross_entropy_supports(hidden, weight, labels, num_items_in_batch=torch.empty(())) is None
+        assert "weight dtype" in linear_cross_entropy_supports(hidden, weight.float(), labels)
+        assert "not finite" in linear_cross_entropy_supports(hidden, weight, labels, logit_scale=ce.LogitScale("div", 0.0))
 
 
 def test_ignored_label_may_be_any_value(device):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sloth_fx.kernels.lora as lora_mod
 from sloth_fx.cost_model import LoRAPlan
@@ -14,7 +15,9 @@ from sloth_fx.kernels.lora import (
     lora_linear,
     lora_linear_group,
     lora_linear_group_reference,
+    lora_linear_group_supports,
     lora_linear_reference,
+    lora_linear_supports,
 )
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -280,6 +283,29 @@ def test_bad_inputs_are_refused():
         lora_linear_group(x, ws, as_, bs, [1.0], plans=[FACTORED, FACTORED])
     with pytest.raises(ValueError, match="on meta"):
         lora_linear(x, ws[0].to("meta"), as_[0], bs[0], 1.0)
+
+
+def test_supports_answers_what_the_op_raises():
+    x, ws, as_, bs, _ = make((3,), 24, [40], [4], torch.float32, seed=1)
+    w, a, b = ws[0], as_[0], bs[0]
+    assert lora_linear_supports(x, w, a, b, 1.0) is None and lora_linear_group_supports(x, ws, as_, bs, [1.0]) is None
+    assert "one A, B" in lora_linear_group_supports(x, ws, as_, [], [1.0])
+    assert "do not chain" in lora_linear_supports(x, w, a, torch.randn(41, 4), 1.0)
+    assert "weight 0 is torch.float16" in lora_linear_supports(x, w.half(), a, b, 1.0)
+    assert "share one dtype" in lora_linear_supports(x, w, a, b.double(), 1.0)
+    assert "dtype torch.int64" in lora_linear_supports(x.long(), w, a, b, 1.0)
+    assert "scale 0" in lora_linear_supports(x, w, a, b, float("nan"))
+    assert "on meta" in lora_linear_supports(x, w.to("meta"), a, b, 1.0)
+    assert "adapters' dtype" in lora_linear_supports(x, w, a, b, 1.0, xd=x.half())
+
+
+def test_supports_takes_fake_tensors():
+    with FakeTensorMode():
+        x, w = torch.empty(2, 5, 64, dtype=torch.bfloat16), torch.empty(32, 64, dtype=torch.bfloat16)
+        a, b = torch.empty(8, 64), torch.empty(32, 8)
+        assert lora_linear_supports(x, w, a, b, 2.0, xd=x.float()) is None
+        assert lora_linear_group_supports(x, [w, w], [a, a], [b, b], [1.0, 0.5]) is None
+        assert "needs them alike" in lora_linear_supports(x, w.float(), a, b, 2.0)
 
 
 # ---- GPU: bf16, and the 4-bit scratch buffer -----------------------------------------------------

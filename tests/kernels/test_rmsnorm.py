@@ -22,15 +22,17 @@ must be finite, so an element a kernel fails to write fails the test.
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import sloth_fx.kernels.rmsnorm as rms
-from sloth_fx.kernels.rmsnorm import RMSNormFunction, rmsnorm, rmsnorm_reference
+from sloth_fx.kernels.rmsnorm import RMSNormFunction, rmsnorm, rmsnorm_reference, rmsnorm_supports
 
 EPS = 1e-6
 
@@ -451,6 +453,25 @@ def test_bad_inputs_raise(kind: str) -> None:
     err, match, args, kw = _bad(kind)
     with pytest.raises(err, match=match):
         rmsnorm(*args, EPS, **kw)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["x_float64", "x_int", "w_float64", "normed_float64", "out_int", "w_shape_short", "w_shape_2d",
+     "x_scalar", "x_zero_width", "devices", "x_not_tensor"],
+)
+def test_supports_answers_what_the_op_raises(kind: str) -> None:
+    _, match, args, kw = _bad(kind)
+    reason = rmsnorm_supports(*args, EPS, **kw)
+    assert reason is not None and re.search(match, reason), reason
+
+
+def test_supports_takes_fake_tensors() -> None:
+    with FakeTensorMode():
+        x, w = torch.empty(2, 5, 64, dtype=torch.bfloat16), torch.empty(64)
+        assert rmsnorm_supports(x, w, EPS, normed_dtype=torch.bfloat16, out_dtype=torch.float32) is None
+        assert "weight.shape" in rmsnorm_supports(x, torch.empty(63), EPS)
+        assert "eps" in rmsnorm_supports(x, w, -1.0)
 
 
 def test_negative_eps_raises() -> None:

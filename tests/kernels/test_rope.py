@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import LlamaConfig
 from transformers.models.bamba.modeling_bamba import (
     apply_rotary_pos_emb as hf_partial_apply_rotary_pos_emb,
@@ -18,6 +20,7 @@ from sloth_fx.kernels.rope import (
     _launch,
     rope,
     rope_reference,
+    rope_supports,
 )
 
 _seed = itertools.count(1234)
@@ -256,26 +259,39 @@ def test_function_is_used_on_the_triton_path(device: torch.device) -> None:
     assert qo.grad_fn is not None and qo.grad_fn.__class__.__name__ == f"{RoPEFunction.__name__}Backward"
 
 
-@pytest.mark.parametrize(
-    "make, exc, match",
-    [
-        (lambda: (torch.randn(2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 64)), ValueError, "4-d"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(3, 64), torch.randn(3, 64)), ValueError, "3-d"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 32)), ValueError, "equal shape"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 4, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 64)), ValueError, "must agree"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 30 + 1), torch.randn(2, 3, 31)), ValueError, "even"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 128), torch.randn(2, 3, 128)), ValueError, "rotary_dim"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(3, 3, 64), torch.randn(3, 3, 64)), ValueError, "broadcast"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64).half(), torch.randn(2, 3, 64), torch.randn(2, 3, 64)), TypeError, "one dtype"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 64).half()), TypeError, "one dtype"),
-        (lambda: (torch.randn(2, 2, 3, 64).double(), torch.randn(2, 1, 3, 64).double(), torch.randn(2, 3, 64), torch.randn(2, 3, 64)), TypeError, "float64"),
-        (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), "cos", torch.randn(2, 3, 64)), TypeError, "cos"),
-    ],
-)
+BAD_INPUTS = [
+    (lambda: (torch.randn(2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 64)), ValueError, "4-d"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(3, 64), torch.randn(3, 64)), ValueError, "3-d"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 32)), ValueError, "equal shape"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 4, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 64)), ValueError, "must agree"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 30 + 1), torch.randn(2, 3, 31)), ValueError, "even"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 128), torch.randn(2, 3, 128)), ValueError, "rotary_dim"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(3, 3, 64), torch.randn(3, 3, 64)), ValueError, "broadcast"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64).half(), torch.randn(2, 3, 64), torch.randn(2, 3, 64)), TypeError, "one dtype"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 64).half()), TypeError, "one dtype"),
+    (lambda: (torch.randn(2, 2, 3, 64).double(), torch.randn(2, 1, 3, 64).double(), torch.randn(2, 3, 64), torch.randn(2, 3, 64)), TypeError, "float64"),
+    (lambda: (torch.randn(2, 2, 3, 64), torch.randn(2, 1, 3, 64), "cos", torch.randn(2, 3, 64)), TypeError, "cos"),
+]
+
+
+@pytest.mark.parametrize("make, exc, match", BAD_INPUTS)
 def test_bad_inputs_raise(make, exc: type[Exception], match: str) -> None:  # noqa: ANN001
     q, k, cos, sin = make()
     with pytest.raises(exc, match=match):
         rope(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("make, exc, match", BAD_INPUTS)
+def test_supports_answers_what_the_fused_op_raises(make, exc: type[Exception], match: str) -> None:  # noqa: ANN001
+    reason = rope_supports(*make())
+    assert reason is not None and re.search(match, reason), reason
+
+
+def test_supports_takes_fake_tensors() -> None:
+    with FakeTensorMode():
+        q, k, table = torch.empty(2, 4, 5, 64), torch.empty(2, 2, 5, 64), torch.empty(1, 5, 32)
+        assert rope_supports(q, k, table, table) is None  # partial rotary, tables broadcast over the batch
+        assert "requires grad" in rope_supports(q, k, table.clone().requires_grad_(), table)
 
 
 # ---------------------------------------------------------------- GPU (bf16, large) -----------

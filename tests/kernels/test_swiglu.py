@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers.activations import ACT2FN
 
 from sloth_fx.kernels.swiglu import (
@@ -15,6 +17,7 @@ from sloth_fx.kernels.swiglu import (
     _launch_fwd,
     gated_mlp,
     gated_mlp_reference,
+    gated_mlp_supports,
 )
 
 _seed = itertools.count(4321)
@@ -159,19 +162,33 @@ def test_unknown_activation_raises() -> None:
             fn(g, u, "relu2")
 
 
-@pytest.mark.parametrize(
-    "make, exc, match",
-    [
-        (lambda: (torch.randn(2, 3), torch.randn(2, 4)), ValueError, "one shape"),
-        (lambda: (torch.randn(2, 3), torch.randn(2, 3).half()), TypeError, "one dtype"),
-        (lambda: (torch.randn(2, 3).double(), torch.randn(2, 3).double()), TypeError, "float64"),
-        (lambda: (torch.randn(2, 3), [1.0, 2.0, 3.0]), TypeError, "up"),
-    ],
-)
+BAD_INPUTS = [
+    (lambda: (torch.randn(2, 3), torch.randn(2, 4)), ValueError, "one shape"),
+    (lambda: (torch.randn(2, 3), torch.randn(2, 3).half()), TypeError, "one dtype"),
+    (lambda: (torch.randn(2, 3).double(), torch.randn(2, 3).double()), TypeError, "float64"),
+    (lambda: (torch.randn(2, 3), [1.0, 2.0, 3.0]), TypeError, "up"),
+]
+
+
+@pytest.mark.parametrize("make, exc, match", BAD_INPUTS)
 def test_bad_inputs_raise(make, exc: type[Exception], match: str) -> None:  # noqa: ANN001
     g, u = make()
     with pytest.raises(exc, match=match):
         gated_mlp(g, u)
+
+
+@pytest.mark.parametrize("make, exc, match", BAD_INPUTS)
+def test_supports_answers_what_the_fused_op_raises(make, exc: type[Exception], match: str) -> None:  # noqa: ANN001
+    reason = gated_mlp_supports(*make())
+    assert reason is not None and re.search(match, reason), reason
+
+
+def test_supports_takes_fake_tensors() -> None:
+    with FakeTensorMode():
+        g = torch.empty(2, 5, 96, dtype=torch.bfloat16)
+        assert all(gated_mlp_supports(g, g, act) is None for act in ACTS)
+        assert "relu2" in gated_mlp_supports(g, g, "relu2")
+        assert "one dtype" in gated_mlp_supports(g, g.float())
 
 
 # ---------------------------------------------------------------- GPU (bf16, large) -----------
