@@ -47,8 +47,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import use_triton
-from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, dtype_names, next_power_of_2, refusal
+from .toolkit import (
+    SUPPORTED_DTYPES,
+    UnsupportedType,
+    UnsupportedValue,
+    cdiv,
+    device_guard,
+    dtype_names,
+    next_power_of_2,
+    refusal,
+    tanh,
+    use_triton,
+)
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -169,33 +179,6 @@ def chunk_rows(
 
 
 @triton.jit
-def _tanh(x):
-    """tanh in fp32 to about an ulp (Triton 3.6 core has no tanh, libdevice does not interpret).
-
-    |x| < 0.5: odd Taylor polynomial to x^15 (the next term is below 1e-8 relative there), which
-    avoids the cancellation of ``1 - exp(-2|x|)`` near 0. Otherwise
-    ``sign(x) * (1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` in (0, 0.37], no overflow for any x.
-    """
-    ax = tl.abs(x)
-    xs = tl.where(ax < 0.5, x, 0.0)  # the polynomial only sees its own range (no overflow for large x)
-    x2 = xs * xs
-    # tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925
-    #          + 21844x^13/6081075 - 929569x^15/638512875 + ...
-    p = -929569.0 / 638512875.0
-    p = p * x2 + 21844.0 / 6081075.0
-    p = p * x2 - 1382.0 / 155925.0
-    p = p * x2 + 62.0 / 2835.0
-    p = p * x2 - 17.0 / 315.0
-    p = p * x2 + 2.0 / 15.0
-    p = p * x2 - 1.0 / 3.0
-    small = xs + xs * x2 * p
-    e = tl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
-    big = tl.where(x < 0, -big, big)
-    return tl.where(ax < 0.5, small, big)
-
-
-@triton.jit
 def _ce_rows_kernel(
     logits_ptr,  # [rows, V] model dtype, contiguous rows; overwritten with d loss / d logits
     stride_row,
@@ -223,7 +206,7 @@ def _ce_rows_kernel(
         mask = offs < n_cols
         z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = softcap * tanh(z / softcap)
         z = tl.where(mask, z, -float("inf"))  # after the cap: tanh(-inf) would be -1, not -inf
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -235,7 +218,7 @@ def _ce_rows_kernel(
     safe_label = tl.where(in_range, label, 0)
     z_label = tl.load(row_ptr + safe_label, mask=in_range, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
-        z_label = softcap * _tanh(z_label / softcap)
+        z_label = softcap * tanh(z_label / softcap)
     tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
 
     if COMPUTE_GRAD:
@@ -248,7 +231,7 @@ def _ce_rows_kernel(
             mask = offs < n_cols
             x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                t = _tanh(x / softcap)
+                t = tanh(x / softcap)
                 z = softcap * t
             else:
                 z = x
@@ -360,20 +343,21 @@ def _chunked_loss_and_grads(
             torch.addmm(bias, h_c, weight_t, out=logits_c)
         if logit_scale is not None:
             logit_scale.apply_(logits_c)
-        _ce_rows_kernel[(stop - start,)](
-            logits_c,
-            logits_c.stride(0),
-            labels[start:stop],
-            loss_rows[start:stop],
-            scale,
-            vocab,
-            ignore_index,
-            float(logit_softcap) if logit_softcap is not None else 1.0,
-            HAS_SOFTCAP=logit_softcap is not None,
-            COMPUTE_GRAD=compute_grad,
-            BLOCK_V=block_v,
-            num_warps=num_warps,
-        )
+        with device_guard(logits_c):
+            _ce_rows_kernel[(stop - start,)](
+                logits_c,
+                logits_c.stride(0),
+                labels[start:stop],
+                loss_rows[start:stop],
+                scale,
+                vocab,
+                ignore_index,
+                float(logit_softcap) if logit_softcap is not None else 1.0,
+                HAS_SOFTCAP=logit_softcap is not None,
+                COMPUTE_GRAD=compute_grad,
+                BLOCK_V=block_v,
+                num_warps=num_warps,
+            )
         dlogits_c = logits_c  # overwritten in place by the kernel
         if logit_scale is not None and compute_grad:
             logit_scale.apply_(dlogits_c)
@@ -419,7 +403,8 @@ def _scale_by(t: Tensor, g: Tensor) -> Tensor:
         return t.mul_(g)
     n = t.numel()
     if n:
-        _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](t, g, n, BLOCK=_SCALE_BLOCK)
+        with device_guard(t):
+            _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](t, g, n, BLOCK=_SCALE_BLOCK)
     return t
 
 

@@ -71,7 +71,16 @@ import torch.nn.functional as F
 from sloth_fx.cost_model import LoRAPlan, lora_plan, measure_device_rates
 
 from .lowrank_mm import lowrank_mm, split_k_for
-from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, dtype_names, refusal, validate
+from .toolkit import (
+    SUPPORTED_DTYPES,
+    UnsupportedType,
+    UnsupportedValue,
+    base_weight_shape,
+    dtype_names,
+    is_4bit,
+    refusal,
+    validate,
+)
 
 __all__ = [
     "LoRAGroupFunction",
@@ -96,18 +105,6 @@ FACTORED = LoRAPlan("factored", "factored")
 # --------------------------------------------------------------------------------------------
 
 
-_DENSE_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _is_4bit(weight: torch.Tensor) -> bool:
-    # a plain tensor or parameter has no quant_state: skip the (raising) attribute lookup
-    return type(weight) not in _DENSE_TYPES and getattr(weight, "quant_state", None) is not None
-
-
-def _weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
-    return tuple(weight.quant_state.shape) if _is_4bit(weight) else tuple(weight.shape)
-
-
 _SCRATCH: dict[tuple[torch.device, tuple[int, ...], torch.dtype], torch.Tensor] = {}
 
 
@@ -125,7 +122,7 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = Fa
     it is written into the reusable buffer of its (device, shape, dtype) — valid only until the
     next such dequantization.
     """
-    if not _is_4bit(weight):
+    if not is_4bit(weight):
         return weight
     state = weight.quant_state
     import bitsandbytes.functional as bnbf
@@ -162,7 +159,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     """
     result = F.linear(x, dense_weight(weight, x.dtype), bias)
     out = F.linear(F.linear(x.to(lora_a.dtype) if xd is None else xd, lora_a), lora_b) * scale
-    if _is_4bit(weight):
+    if is_4bit(weight):
         out = out.to(result.dtype)
     return (result + out).to(x.dtype)
 
@@ -221,9 +218,9 @@ class LoRAGroupFunction(torch.autograd.Function):
         # x for dW, and for dA when the adapters read it; xd for dA when they read xd
         keep_x = need_w or (need_a and xd is None)
         keep_xd = need_a and xd is not None
-        dense_params = [None if _is_4bit(p) else p for p in params]
+        dense_params = [None if is_4bit(p) else p for p in params]
         ctx.save_for_backward(x if keep_x else None, xd if keep_xd else None, xa if need_xa else None, *dense_params)
-        ctx.quantized = {i: w for i, w in enumerate(weights) if _is_4bit(w)}  # frozen leaves: no cycle
+        ctx.quantized = {i: w for i, w in enumerate(weights) if is_4bit(w)}  # frozen leaves: no cycle
         ctx.x_shape, ctx.scales, ctx.plans, ctx.n, ctx.ranks = x.shape, scales, plans, n, ranks
         ctx.adapters_read_x = xd is None
         return tuple(outs)
@@ -358,10 +355,10 @@ def _check_group(x, weights, lora_as, lora_bs, scales, biases) -> None:
     if next(iter(adapter_dtypes)) not in _DTYPES:
         raise UnsupportedType("lora_linear", f"adapter dtype {next(iter(adapter_dtypes))} is not one of {dtype_names(_DTYPES)}")
     for i, (w, a, b, s, bias) in enumerate(zip(weights, lora_as, lora_bs, scales, biases)):
-        shape = _weight_shape(w)
+        shape = base_weight_shape(w)
         if len(shape) != 2:
             raise UnsupportedValue("lora_linear", f"weight {i} has shape {shape}; the base weight must be 2-D [out, in]")
-        if _is_4bit(w):
+        if is_4bit(w):
             if w.requires_grad:
                 raise UnsupportedValue("lora_linear", f"4-bit weight {i} requires grad; a quantized base cannot be trained")
         elif w.dtype != x.dtype:
@@ -427,7 +424,7 @@ _VALID: set[tuple] = set()
 
 def _signature(x, weights, lora_as, lora_bs, scales, biases) -> tuple:
     return (len(weights), len(lora_as), len(lora_bs), len(scales), len(biases), type(x), x.dtype, x.shape[-1:], x.device,
-            *[(type(w), _weight_shape(w), w.dtype, w.device, w.requires_grad) for w in weights],
+            *[(type(w), base_weight_shape(w), w.dtype, w.device, w.requires_grad) for w in weights],
             *[(type(t), t.shape, t.dtype, t.device) for t in (*lora_as, *lora_bs)],
             *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in biases],
             *[(type(s), s) for s in scales])
@@ -466,7 +463,7 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
     if plans is None:
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *lora_as, *lora_bs))
         tokens = max(1, x.numel() // max(1, x.shape[-1]))
-        plans = _group_plans(tokens, x.shape[-1], tuple(_weight_shape(w)[0] for w in weights),
+        plans = _group_plans(tokens, x.shape[-1], tuple(base_weight_shape(w)[0] for w in weights),
                              tuple(a.shape[0] for a in lora_as), x.dtype, lora_as[0].dtype, x.device, training)
     else:
         plans = tuple(plans)

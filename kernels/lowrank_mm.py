@@ -54,11 +54,18 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_fx.kernels.dispatch import interpreting, use_triton
+from .toolkit import (
+    SUPPORTED_DTYPES,
+    cdiv,
+    device_guard,
+    interpreting,
+    multi_processor_count,
+    next_power_of_2,
+    use_triton,
+)
 
 __all__ = ["lowrank_mm", "lowrank_mm_reference", "split_k_for"]
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HOST_BOUND_VOLUME = 2**30  # M·N·K below which a CUDA product is cheaper as PyTorch ops (see above)
 
 
@@ -148,7 +155,7 @@ def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0
 
 
 def _block(size: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(size)))
+    return max(lo, min(hi, next_power_of_2(size)))
 
 
 @lru_cache(maxsize=None)
@@ -156,7 +163,7 @@ def _programs_wanted(device: torch.device) -> int:
     """Two waves of programs: enough to keep every SM busy while a slow tile finishes."""
     if device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * multi_processor_count(device)
 
 
 class _Launch(NamedTuple):
@@ -185,13 +192,13 @@ def _launch(m: int, n: int, k: int, fresh_fp32: bool, split_k: int | None, devic
         block_m, block_n, block_k = _block(m, 16, 128), _block(n, 16, 64), 64
     else:
         block_m, block_n, block_k = _block(m, 16, 64), _block(n, 16, 128), 32
-    tiles_m, tiles_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+    tiles_m, tiles_n = cdiv(m, block_m), cdiv(n, block_n)
     if split_k is None:
         split_k = 1
         if fresh_fp32:
-            split_k = max(1, min(triton.cdiv(_programs_wanted(device), tiles_m * tiles_n), k // (8 * block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
+            split_k = max(1, min(cdiv(_programs_wanted(device), tiles_m * tiles_n), k // (8 * block_k)))
+    k_per_split = cdiv(cdiv(k, split_k), block_k) * block_k
+    split_k = cdiv(k, k_per_split)
     num_warps = 8 if long_k and block_m * block_n >= 128 * 64 else 4
     return _Launch(block_m, block_n, block_k, (tiles_m, tiles_n, split_k), k_per_split, num_warps,
                    4 if long_k else 3)
@@ -208,7 +215,7 @@ def split_k_for(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def _triton_path(tensors: tuple[torch.Tensor, ...], m: int, n: int, k: int) -> bool:
     """The Triton kernel runs: its device and dtypes, and on CUDA a product worth a launch."""
-    if not use_triton(*tensors) or any(t.dtype not in _TRITON_DTYPES for t in tensors):
+    if not use_triton(*tensors) or any(t.dtype not in SUPPORTED_DTYPES for t in tensors):
         return False
     return not tensors[0].is_cuda or m * n * k >= HOST_BOUND_VOLUME
 
@@ -273,12 +280,13 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
         partials = torch.empty(splits, m, n, device=a.device, dtype=torch.float32)
     target = out if partials is None else partials
     stride_cs = 0 if partials is None else target.stride(0)
-    _lowrank_mm_kernel[launch.grid](
-        a, b, target, m, n, k, launch.k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        stride_cs, target.stride(-2), target.stride(-1), float(alpha), ACCUMULATE=accumulate,
-        MODE=_mode(a.dtype, b.dtype, interpreting()), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-        BLOCK_K=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
-    )
+    with device_guard(a):
+        _lowrank_mm_kernel[launch.grid](
+            a, b, target, m, n, k, launch.k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            stride_cs, target.stride(-2), target.stride(-1), float(alpha), ACCUMULATE=accumulate,
+            MODE=_mode(a.dtype, b.dtype, interpreting()), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+            BLOCK_K=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )
     if out is not None and partials is not None:  # split here: sum the slices into out
         torch.sum(partials, dim=0, out=out)
     return result

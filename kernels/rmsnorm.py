@@ -45,7 +45,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import use_triton
 from .toolkit import (
     SUPPORTED_DTYPES,
     UnsupportedType,
@@ -56,6 +55,7 @@ from .toolkit import (
     multi_processor_count,
     next_power_of_2,
     refusal,
+    use_triton,
     validate,
 )
 

@@ -35,9 +35,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
-from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, dtype_names, next_power_of_2, refusal, \
-    validate
+from .toolkit import (
+    SUPPORTED_DTYPES,
+    UnsupportedType,
+    UnsupportedValue,
+    device_guard,
+    dtype_names,
+    next_power_of_2,
+    refusal,
+    use_triton,
+    validate,
+)
 
 __all__ = ["rope_reference", "rope", "rope_supports", "RoPEFunction"]
 
@@ -251,17 +259,18 @@ def _launch(
     if bsz * seq == 0:
         return  # nothing to rotate; a zero-size grid is not a valid launch on CUDA
     blocks = _blocks(hq, k.shape[1], head_dim, cos.shape[-1])
-    _rope_kernel[(bsz * seq,)](
-        q, k, cos, sin, q_out, k_out,
-        seq, hq, k.shape[1], blocks.half, head_dim,
-        *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(q_out), *_bshd_strides(k_out),
-        *_table_strides(cos, bsz, seq), *_table_strides(sin, bsz, seq),
-        BLOCK_HQ=blocks.block_hq,
-        BLOCK_HK=blocks.block_hk,
-        BLOCK_HALF=blocks.block_half,
-        BLOCK_TAIL=blocks.block_tail,
-        BACKWARD=backward,
-    )
+    with device_guard(q):
+        _rope_kernel[(bsz * seq,)](
+            q, k, cos, sin, q_out, k_out,
+            seq, hq, k.shape[1], blocks.half, head_dim,
+            *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(q_out), *_bshd_strides(k_out),
+            *_table_strides(cos, bsz, seq), *_table_strides(sin, bsz, seq),
+            BLOCK_HQ=blocks.block_hq,
+            BLOCK_HK=blocks.block_hk,
+            BLOCK_HALF=blocks.block_half,
+            BLOCK_TAIL=blocks.block_tail,
+            BACKWARD=backward,
+        )
 
 
 class RoPEFunction(torch.autograd.Function):

@@ -27,9 +27,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
-from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, dtype_names, next_power_of_2, \
-    refusal, validate
+from .toolkit import (
+    SUPPORTED_DTYPES,
+    UnsupportedType,
+    UnsupportedValue,
+    cdiv,
+    device_guard,
+    dtype_names,
+    next_power_of_2,
+    refusal,
+    tanh,
+    use_triton,
+    validate,
+)
 
 __all__ = ["gated_mlp_reference", "gated_mlp", "gated_mlp_supports", "GatedMLPFunction", "ACTIVATIONS"]
 
@@ -68,18 +78,6 @@ def gated_mlp_reference(gate: torch.Tensor, up: torch.Tensor, activation: str = 
 
 
 @triton.jit
-def _tanh(x):
-    # tanh(x) = sign(x) * (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1], which cannot overflow
-    # for any input. Written out because tl has no tanh in its core math (libdevice differs
-    # between the CUDA backend and the interpreter). For |x| small, 1 - e loses relative accuracy
-    # in t, but t only enters as (1 + t) and (1 - t^2), where the absolute error (about one ulp
-    # of 1.0) is what matters.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
 def _activation(g, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
     """fp32 act(g) and, when WITH_GRAD, act'(g) (else act'(g) is returned as act(g))."""
     if ACT == 0:  # silu
@@ -92,7 +90,7 @@ def _activation(g, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
     elif ACT == 1:  # gelu, tanh approximation
         k0 = 0.7978845608028654  # sqrt(2/pi)
         k1 = 0.044715
-        t = _tanh(k0 * (g + k1 * g * g * g))
+        t = tanh(k0 * (g + k1 * g * g * g))
         a = 0.5 * g * (1.0 + t)
         if WITH_GRAD:
             da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * g * g)
@@ -149,7 +147,8 @@ def _launch_fwd(g: torch.Tensor, u: torch.Tensor, y: torch.Tensor, act: int) -> 
     if n == 0:
         return  # a zero-size grid is not a valid launch on CUDA
     block, programs = _tiles(n)
-    _gated_fwd_kernel[(programs,)](g, u, y, n, ACT=act, BLOCK=block)
+    with device_guard(g):
+        _gated_fwd_kernel[(programs,)](g, u, y, n, ACT=act, BLOCK=block)
 
 
 def _launch_bwd(
@@ -160,7 +159,8 @@ def _launch_bwd(
     if n == 0:
         return
     block, programs = _tiles(n)
-    _gated_bwd_kernel[(programs,)](dy, g, u, dg, du, n, ACT=act, BLOCK=block)
+    with device_guard(g):
+        _gated_bwd_kernel[(programs,)](dy, g, u, dg, du, n, ACT=act, BLOCK=block)
 
 
 class GatedMLPFunction(torch.autograd.Function):

@@ -1,5 +1,10 @@
-"""What every kernel here needs: the dtypes they compute in, checks that double as refusals, and
-host-side launch arithmetic that is cheap from Python.
+"""What every kernel here needs: the dtypes they compute in, where they run, checks that double as
+refusals, host-side launch arithmetic that is cheap from Python, the device a launch goes to, the
+Triton helpers they share, and what a bitsandbytes 4-bit weight is.
+
+Where an op runs: Triton on CUDA tensors, its plain-PyTorch reference elsewhere. Under the Triton
+interpreter (``TRITON_INTERPRET=1``) CPU tensors take the Triton path too, so the CPU test suite
+runs the real kernels on small shapes.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are Triton constexpr functions: about 10 µs a call
 from Python, several per launch. The plain-integer versions here cost well under a microsecond,
@@ -15,22 +20,30 @@ types, dtypes, shapes and devices, never a tensor's values, so they take fake te
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 import torch
+import triton
+import triton.language as tl
 
 __all__ = [
     "SUPPORTED_DTYPES",
     "Unsupported",
     "UnsupportedType",
     "UnsupportedValue",
+    "base_weight_shape",
     "cdiv",
     "device_guard",
     "dtype_names",
+    "interpreting",
+    "is_4bit",
     "multi_processor_count",
     "next_power_of_2",
     "refusal",
+    "tanh",
+    "use_triton",
     "validate",
 ]
 
@@ -41,6 +54,23 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch
 def dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     """``"float32, float16, bfloat16"``: dtypes as a refusal names them."""
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+# --------------------------------------------------------------------------------------------
+# Where an op runs
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (read per call: tests switch it)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when every tensor lives where the Triton kernels can run."""
+    for t in tensors:  # a plain loop: no generator per call, and CUDA tensors never read the environment
+        if not t.is_cuda and not (t.device.type == "cpu" and interpreting()):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,3 +154,57 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if not t.is_cuda or t.device.index == torch.cuda.current_device():
         return _NO_GUARD
     return torch.cuda.device(t.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton helpers
+
+
+@triton.jit
+def tanh(x):
+    """tanh of fp32 ``x`` to about an ulp, relative to the value also near 0 (Triton's core has
+    no tanh, and libdevice's does not run in the interpreter).
+
+    |x| < 0.5: odd Taylor polynomial to x^15 (the next term is below 1e-8 relative there), which
+    avoids the cancellation of ``1 - exp(-2|x|)`` near 0. Otherwise
+    ``sign(x) * (1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` in (0, 0.37], no overflow for any x.
+    """
+    ax = tl.abs(x)
+    xs = tl.where(ax < 0.5, x, 0.0)  # the polynomial only sees its own range (no overflow for large x)
+    x2 = xs * xs
+    # tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925
+    #          + 21844x^13/6081075 - 929569x^15/638512875 + ...
+    p = -929569.0 / 638512875.0
+    p = p * x2 + 21844.0 / 6081075.0
+    p = p * x2 - 1382.0 / 155925.0
+    p = p * x2 + 62.0 / 2835.0
+    p = p * x2 - 17.0 / 315.0
+    p = p * x2 + 2.0 / 15.0
+    p = p * x2 - 1.0 / 3.0
+    small = xs + xs * x2 * p
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(ax < 0.5, small, big)
+
+
+# --------------------------------------------------------------------------------------------
+# bitsandbytes 4-bit weights
+
+_DENSE_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def is_4bit(weight: torch.Tensor) -> bool:
+    """True for a bitsandbytes 4-bit weight (``Params4bit``: anything with a ``quant_state``;
+    nf4 or fp4, with or without double quantization): packed storage, dequantized to compute.
+
+    Asks the live weight: a fake copy of one (an fx node's example value) has lost its quant
+    state and answers False."""
+    # a plain tensor or parameter has no quant_state: skip the (raising) attribute lookup
+    return type(weight) not in _DENSE_TYPES and getattr(weight, "quant_state", None) is not None
+
+
+def base_weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape a base weight computes with: a 4-bit weight's quantized ``[out, in]`` (from its
+    quant state: its own storage is packed uint8), any other weight's own shape."""
+    return tuple(weight.quant_state.shape) if is_4bit(weight) else tuple(weight.shape)
