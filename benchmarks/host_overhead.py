@@ -51,7 +51,7 @@ def use_kernels(root: Path) -> None:
     """Import ``root`` (a ``kernels/`` folder) as ``sloth_fx.kernels``, before anything imports it.
 
     The parent package is this checkout's ``sloth_fx`` without running its ``__init__`` (the API,
-    passes and transformers): the kernels need only its cost model."""
+    passes and transformers), which the kernels never import."""
     if "sloth_fx" not in sys.modules:
         parent = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("sloth_fx", None, is_package=True))
         parent.__path__ = [str(Path(__file__).resolve().parent.parent / "sloth_fx")]

@@ -8,9 +8,9 @@ quantised) base, it times forward and forward+backward (``triton.testing.do_benc
 
 - ``peft``: PEFT's own layer (``peft.tuners.lora`` ``Linear`` / ``bnb.Linear4bit``), as HF runs it;
 - ``factored`` and ``merged``: :func:`sloth_fx.kernels.lora.lora_linear` with that plan for the
-  forward product and for dX (see :mod:`sloth_fx.cost_model`).
+  forward product and for dX (see :mod:`sloth_fx.kernels.lora_plan`).
 
-Beside each, :func:`sloth_fx.cost_model.lora_plan` at the same shapes and the device's measured
+Beside each, :func:`sloth_fx.kernels.lora_plan.lora_plan` at the same shapes and the device's measured
 rates: the predicted forward and dX seconds of that form, and the form it picks. The prediction
 covers what differs between the forms (the dense base is not charged for dequantisation, and
 ``dY·B``, dA and dB, common to all forms, are left out of dX), so the backward is compared by
@@ -61,8 +61,8 @@ def peft_layer(in_f: int, out_f: int, base: str, device: torch.device) -> nn.Mod
 
 
 def _forms(layer: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    from sloth_fx.cost_model import LoRAPlan
     from sloth_fx.kernels.lora import lora_linear
+    from sloth_fx.kernels.lora_plan import LoRAPlan
 
     w, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
     s = layer.scaling["default"]
@@ -75,7 +75,8 @@ def _forms(layer: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]
 
 def measure_projection(in_f: int, out_f: int, base: str, device: torch.device) -> list[dict[str, Any]]:
     """One row per form: measured forward / forward+backward ms and the cost model's view."""
-    from sloth_fx.cost_model import lora_plan, measure_device_rates
+    from sloth_fx.kernels.lora_plan import lora_plan
+    from sloth_fx.kernels.roofline import measure_device_rates
 
     plan = lora_plan(TOKENS, in_f, out_f, RANK, 2, measure_device_rates(device), adapter_elem_bytes=4)
     layer = peft_layer(in_f, out_f, base, device)

@@ -46,7 +46,7 @@ apply) the two inputs split the gradient, and autograd carries ``d(xd)`` into dr
 
 ``xd`` is saved instead of ``x`` for dA (``x`` only if ``W`` trains); dB is unchanged.
 
-Each linear's form comes from :func:`sloth_fx.cost_model.lora_plan` for the actual shapes
+Each linear's form comes from :func:`~sloth_fx.kernels.lora_plan.lora_plan` for the actual shapes
 (cached), or from the ``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
 
 A bitsandbytes 4-bit base weight (``Params4bit``: anything with a ``quant_state``; nf4 or fp4,
@@ -68,9 +68,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from sloth_fx.cost_model import LoRAPlan, lora_plan, measure_device_rates
-
+from .lora_plan import LoRAPlan, lora_plan
 from .lowrank_mm import lowrank_mm, split_k_for
+from .roofline import measure_device_rates
 from .toolkit import (
     SUPPORTED_DTYPES,
     UnsupportedType,
@@ -94,8 +94,8 @@ __all__ = [
     "release_dequant_scratch",
 ]
 
-# float64 too: no Triton kernel of its own here (lowrank_mm runs its reference for it), so the
-# float64 checks run through the op itself.
+# The op takes float64 too (its products then run as plain PyTorch: lowrank_mm's reference), so
+# that it can be checked against float64 through itself.
 _DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 FACTORED = LoRAPlan("factored", "factored")
 
@@ -188,7 +188,7 @@ class LoRAGroupFunction(torch.autograd.Function):
 
     Forward and backward formulas, and what is saved, in the module doc. ``xd`` is None (the
     adapters read ``x``) or, for one linear (``n == 1``) with factored plans, the adapters' own
-    input (PEFT's ``dropout(x)``). ``plans`` holds one :class:`~sloth_fx.cost_model.LoRAPlan`
+    input (PEFT's ``dropout(x)``). ``plans`` holds one :class:`~sloth_fx.kernels.lora_plan.LoRAPlan`
     per linear. Inputs are validated by :func:`lora_linear_group`; call that, not this.
     """
 
@@ -433,7 +433,7 @@ def _signature(x, weights, lora_as, lora_bs, scales, biases) -> tuple:
 @lru_cache(maxsize=4096)
 def _group_plans(tokens: int, in_features: int, outs: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype,
                  adapter_dtype: torch.dtype, device: torch.device, training: bool) -> tuple[LoRAPlan, ...]:
-    """The cost model's plan of each linear of a group: decided once per (shapes, dtypes, device,
+    """The plan (:func:`lora_plan`) of each linear of a group: decided once per (shapes, dtypes, device,
     training), then one dictionary look-up per call."""
     rates = measure_device_rates(device)
     return tuple(lora_plan(tokens, in_features, o, r, dtype.itemsize, rates, adapter_elem_bytes=adapter_dtype.itemsize,

@@ -9,7 +9,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sloth_fx.kernels.lora as lora_mod
-from sloth_fx.cost_model import LoRAPlan
 from sloth_fx.kernels.lora import (
     dense_weight,
     lora_linear,
@@ -19,6 +18,7 @@ from sloth_fx.kernels.lora import (
     lora_linear_reference,
     lora_linear_supports,
 )
+from sloth_fx.kernels.lora_plan import LoRAPlan
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 FACTORED, MERGED = LoRAPlan("factored", "factored"), LoRAPlan("merged", "merged")
