@@ -15,8 +15,9 @@ How the fused op computes it: the N token rows are processed in chunks of C rows
 1. ``logits_c = hidden_c @ weight.T (+ bias)`` in the model dtype with ``torch.mm`` / ``torch.addmm``
    (the same cuBLAS call ``F.linear`` makes, so the same rounding as HF), into one reused [C, V] buffer,
    scaled there in place by the same model-dtype operation as HF's (``* m`` or ``/ d``);
-2. one Triton program per row reads the row (upcast to fp32, soft-capped if asked), computes
-   ``lse = log(sum_j exp(z_j))`` with an online max/sum over vocab blocks, the row's loss
+2. one Triton program per row (:mod:`~sloth_fx.kernels.cross_entropy_rows`) reads the row (upcast
+   to fp32, soft-capped if asked), computes ``lse = log(sum_j exp(z_j))`` with an online max/sum
+   over vocab blocks, the row's loss
    ``lse - z[label]`` (0 for an ignored label), and overwrites the row IN PLACE with the gradient of
    the loss with respect to the pre-cap logits (see :class:`LinearCrossEntropyFunction`), which
    the same scaling, applied again in the model dtype, turns into the gradient before the scale
@@ -38,27 +39,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from .toolkit import (
-    SUPPORTED_DTYPES,
-    UnsupportedType,
-    UnsupportedValue,
-    cdiv,
-    device_guard,
-    dtype_names,
-    next_power_of_2,
-    refusal,
-    tanh,
-    use_triton,
-)
+from .cross_entropy_rows import rows_loss_and_grad_, scale_
+from .toolkit import SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, dtype_names, refusal, use_triton
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -101,17 +89,9 @@ class LogitScale:
 # ----------------------------------------------------------------------------------------------
 
 
-def linear_cross_entropy_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    num_items_in_batch: Tensor | int | None = None,
-    logit_softcap: float | None = None,
-    logit_scale: LogitScale | None = None,
-) -> Tensor:
+def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                                   ignore_index: int = -100, num_items_in_batch: Tensor | int | None = None,
+                                   logit_softcap: float | None = None, logit_scale: LogitScale | None = None) -> Tensor:
     """HF's causal-LM loss on flattened tokens, in plain PyTorch (what the pass traces its pattern from).
 
     ``hidden`` [N, H], ``weight`` [V, H], ``labels`` [N] int64, ``bias`` [V] or None.
@@ -174,96 +154,6 @@ def chunk_rows(
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernel
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _ce_rows_kernel(
-    logits_ptr,  # [rows, V] model dtype, contiguous rows; overwritten with d loss / d logits
-    stride_row,
-    labels_ptr,  # [rows] int64
-    loss_ptr,  # [rows] fp32: per-row loss lse - z[label], 0 where ignored
-    scale_ptr,  # [1] fp32: 1/n_valid (mean) or 1/num_items_in_batch (sum); read on device, no sync
-    n_cols,
-    ignore_index,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_row  # int64: rows * V can pass 2^31
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
-    cols = tl.arange(0, BLOCK_V)
-
-    # Pass 1: online log-sum-exp over vocab blocks, in fp32.
-    m = -float("inf")  # running max
-    s = 0.0  # running sum of exp(z - m)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        mask = offs < n_cols
-        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = softcap * tanh(z / softcap)
-        z = tl.where(mask, z, -float("inf"))  # after the cap: tanh(-inf) would be -1, not -inf
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-
-    # z[label]: masked so that an ignored (or, defensively, out-of-range) label never reads memory.
-    in_range = valid & (label >= 0) & (label < n_cols)
-    safe_label = tl.where(in_range, label, 0)
-    z_label = tl.load(row_ptr + safe_label, mask=in_range, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        z_label = softcap * tanh(z_label / softcap)
-    tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
-
-    if COMPUTE_GRAD:
-        # Pass 2: d loss / d x_j = (softmax(z)_j - [j == label]) * scale (* (1 - tanh^2) with a cap),
-        # 0 on ignored rows; written over the logits row in the model dtype.
-        scale = tl.load(scale_ptr)
-        row_scale = tl.where(valid, scale, 0.0)
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + cols
-            mask = offs < n_cols
-            x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                t = tanh(x / softcap)
-                z = softcap * t
-            else:
-                z = x
-            g = tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0)
-            g = g * row_scale
-            if HAS_SOFTCAP:
-                g = g * (1.0 - t * t)
-            g = tl.where(valid, g, 0.0)  # exact zeros on ignored rows, even if scale is inf (n_valid = 0)
-            tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
-
-
-@lru_cache(maxsize=None)
-def _row_tiles(vocab: int, max_block_v: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the row kernel, once per vocabulary (and block cap, which tests lower)."""
-    block_v = min(next_power_of_2(vocab), max_block_v)
-    # About 16 fp32 values per thread per block (see _MAX_BLOCK_V), between 1 and 8 warps.
-    return block_v, max(1, min(8, block_v // (32 * 16)))
-
-
-@triton.jit
-def _scale_kernel(t_ptr, g_ptr, n, BLOCK: tl.constexpr):
-    """t = t * g in place on one flat tile: fp32 product, one rounding to t's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(t_ptr + offs, (t * tl.load(g_ptr)).to(t_ptr.dtype.element_ty), mask=mask)
-
-
-_SCALE_BLOCK = 1024  # 8 elements a thread over 4 warps, as the gated-MLP kernels
-
-
-# ----------------------------------------------------------------------------------------------
 # Chunked forward (+ gradients)
 # ----------------------------------------------------------------------------------------------
 
@@ -298,20 +188,10 @@ def _check_labels_in_range(labels: Tensor, valid: Tensor, ignore_index: int, voc
         )
 
 
-def _chunked_loss_and_grads(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    ignore_index: int,
-    num_items_in_batch: Tensor | int | float | None,
-    logit_softcap: float | None,
-    logit_scale: LogitScale | None,
-    chunk: int,
-    need_d_hidden: bool,
-    need_d_weight: bool,
-    need_d_bias: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+def _chunked_loss_and_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                            num_items_in_batch: Tensor | int | float | None, logit_softcap: float | None,
+                            logit_scale: LogitScale | None, chunk: int, need_d_hidden: bool, need_d_weight: bool,
+                            need_d_bias: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loss (fp32, HF's shape) and the requested gradients for d loss = 1, chunk rows at a time."""
     n_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -323,7 +203,6 @@ def _chunked_loss_and_grads(
     n_valid = valid.sum() if num_items_in_batch is None else None
     scale = _grad_scale(n_valid, num_items_in_batch, device)
 
-    block_v, num_warps = _row_tiles(vocab, _MAX_BLOCK_V)
     rows_max = min(chunk, max(n_tokens, 1))
     buf = _empty((rows_max, vocab), dtype, device)  # the only [rows, V] buffer, reused by every chunk
     loss_rows = _empty((n_tokens,), torch.float32, device)
@@ -343,21 +222,8 @@ def _chunked_loss_and_grads(
             torch.addmm(bias, h_c, weight_t, out=logits_c)
         if logit_scale is not None:
             logit_scale.apply_(logits_c)
-        with device_guard(logits_c):
-            _ce_rows_kernel[(stop - start,)](
-                logits_c,
-                logits_c.stride(0),
-                labels[start:stop],
-                loss_rows[start:stop],
-                scale,
-                vocab,
-                ignore_index,
-                float(logit_softcap) if logit_softcap is not None else 1.0,
-                HAS_SOFTCAP=logit_softcap is not None,
-                COMPUTE_GRAD=compute_grad,
-                BLOCK_V=block_v,
-                num_warps=num_warps,
-            )
+        rows_loss_and_grad_(logits_c, labels[start:stop], loss_rows[start:stop], scale, ignore_index=ignore_index,
+                            logit_softcap=logit_softcap, compute_grad=compute_grad, max_block_v=_MAX_BLOCK_V)
         dlogits_c = logits_c  # overwritten in place by the kernel
         if logit_scale is not None and compute_grad:
             logit_scale.apply_(dlogits_c)
@@ -396,18 +262,6 @@ def _accumulate_d_weight(acc: Tensor, dlogits_c: Tensor, h_c: Tensor) -> None:
         acc.add_(torch.mm(dlogits_c.t(), h_c))
 
 
-def _scale_by(t: Tensor, g: Tensor) -> Tensor:
-    """t * g in place, with t contiguous and g an fp32 one-element tensor, computed in fp32 and
-    rounded once to t's dtype: one launch, and no fp32 copy of a whole [N, H] gradient."""
-    if t.dtype == torch.float32:
-        return t.mul_(g)
-    n = t.numel()
-    if n:
-        with device_guard(t):
-            _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](t, g, n, BLOCK=_SCALE_BLOCK)
-    return t
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Fused ``cross_entropy(softcap(float(hidden @ weight.T + bias)), labels)``, chunked over rows.
 
@@ -439,18 +293,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        labels: Tensor,
-        ignore_index: int,
-        num_items_in_batch: Tensor | int | float | None,
-        logit_softcap: float | None,
-        logit_scale: LogitScale | None,
-        chunk: int,
-    ) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                labels: Tensor, ignore_index: int, num_items_in_batch: Tensor | int | float | None,
+                logit_softcap: float | None, logit_scale: LogitScale | None, chunk: int) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         loss, d_hidden, d_weight, d_bias = _chunked_loss_and_grads(
             hidden, weight, bias, labels, ignore_index, num_items_in_batch, logit_softcap, logit_scale, chunk,
@@ -466,7 +311,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grads = [next(saved) if has else None for has in ctx.has]
         # loss has one element (0-dim, or [1] when num_items_in_batch is a [1] tensor).
         g = grad_output.reshape(()).to(torch.float32)
-        grads = [None if t is None else _scale_by(t, g) for t in grads]
+        grads = [None if t is None else scale_(t, g) for t in grads]
         return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
@@ -475,16 +320,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_inputs(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    ignore_index: int,
-    num_items_in_batch: Tensor | int | float | None,
-    logit_softcap: float | None,
-    logit_scale: LogitScale | None,
-) -> None:
+def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int,
+                  num_items_in_batch: Tensor | int | float | None, logit_softcap: float | None,
+                  logit_scale: LogitScale | None) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not torch.is_tensor(t):
             raise UnsupportedType("linear_cross_entropy", f"{name} must be a Tensor, got {type(t).__name__}")
@@ -544,17 +382,10 @@ def _check_inputs(
             raise UnsupportedValue("linear_cross_entropy", f"logit scale {logit_scale.op} {logit_scale.value} is not finite")
 
 
-def linear_cross_entropy_supports(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    num_items_in_batch: Tensor | int | None = None,
-    logit_softcap: float | None = None,
-    logit_scale: LogitScale | None = None,
-) -> str | None:
+def linear_cross_entropy_supports(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                                  ignore_index: int = -100, num_items_in_batch: Tensor | int | None = None,
+                                  logit_softcap: float | None = None,
+                                  logit_scale: LogitScale | None = None) -> str | None:
     """None when :func:`linear_cross_entropy` takes these arguments, else the reason it does not.
 
     The checks it raises on (dtypes, shapes, devices, the loss's constants), answered instead of
@@ -566,18 +397,10 @@ def linear_cross_entropy_supports(
                    logit_scale)
 
 
-def linear_cross_entropy(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    num_items_in_batch: Tensor | int | None = None,
-    logit_softcap: float | None = None,
-    logit_scale: LogitScale | None = None,
-    memory_budget_bytes: int | None = None,
-) -> Tensor:
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                         ignore_index: int = -100, num_items_in_batch: Tensor | int | None = None,
+                         logit_softcap: float | None = None, logit_scale: LogitScale | None = None,
+                         memory_budget_bytes: int | None = None) -> Tensor:
     """HF's causal-LM loss of ``hidden @ weight.T (+ bias)`` on flattened, already shifted tokens.
 
     Same contract as :func:`linear_cross_entropy_reference` (fp32 scalar; mean over non-ignored

@@ -49,14 +49,11 @@ apply) the two inputs split the gradient, and autograd carries ``d(xd)`` into dr
 Each linear's form comes from :func:`~sloth_fx.kernels.lora_plan.lora_plan` for the actual shapes
 (cached), or from the ``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
 
-A bitsandbytes 4-bit base weight (``Params4bit``: anything with a ``quant_state``; nf4 or fp4,
-with or without double quantization) is dequantized for the product that needs it — once in
-forward, once again in backward — and never kept alive from one to the other. On CUDA the
-dequantization writes into a reusable scratch buffer per (device, shape, dtype) (bitsandbytes'
-``out=``); it is overwritten by the next 4-bit product of that shape, which is safe because the
-products run in stream order (do not run these ops concurrently from several streams or
-threads). :func:`release_dequant_scratch` frees the buffers. On CPU bitsandbytes has no ``out=``
-kernel, so each dequantization allocates.
+A bitsandbytes 4-bit base weight is dequantized for the product that needs it — once in forward,
+once again in backward — and never kept alive from one to the other: on CUDA into a scratch
+buffer that the next 4-bit product of that shape overwrites, which is safe because the products
+run in stream order (do not run these ops concurrently from several streams or threads; see
+:func:`~sloth_fx.kernels.toolkit.dense_weight`).
 """
 
 from __future__ import annotations
@@ -72,70 +69,24 @@ from .lora_plan import LoRAPlan, lora_plan
 from .lowrank_mm import lowrank_mm, split_k_for
 from .roofline import measure_device_rates
 from .toolkit import (
-    SUPPORTED_DTYPES,
-    UnsupportedType,
-    UnsupportedValue,
-    base_weight_shape,
-    dtype_names,
-    is_4bit,
-    refusal,
+    SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, base_weight_shape, dense_weight, dtype_names, is_4bit, refusal,
     validate,
 )
 
 __all__ = [
     "LoRAGroupFunction",
-    "dense_weight",
     "lora_linear",
     "lora_linear_group",
     "lora_linear_group_reference",
     "lora_linear_group_supports",
     "lora_linear_reference",
     "lora_linear_supports",
-    "release_dequant_scratch",
 ]
 
 # The op takes float64 too (its products then run as plain PyTorch: lowrank_mm's reference), so
 # that it can be checked against float64 through itself.
 _DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 FACTORED = LoRAPlan("factored", "factored")
-
-
-# --------------------------------------------------------------------------------------------
-# Base weights: dense or bitsandbytes 4-bit
-# --------------------------------------------------------------------------------------------
-
-
-_SCRATCH: dict[tuple[torch.device, tuple[int, ...], torch.dtype], torch.Tensor] = {}
-
-
-def release_dequant_scratch() -> None:
-    """Free the CUDA scratch buffers that 4-bit base weights are dequantized into."""
-    _SCRATCH.clear()
-
-
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = False) -> torch.Tensor:
-    """The base weight as a dense ``[out, in]`` matrix in ``dtype``.
-
-    A dense weight is returned as is (it must already be ``dtype``'s: callers check). A
-    bitsandbytes 4-bit weight is dequantized with ``bitsandbytes.functional.dequantize_4bit``
-    into its quantization dtype, then cast to ``dtype`` if that differs; with ``scratch`` on CUDA
-    it is written into the reusable buffer of its (device, shape, dtype) — valid only until the
-    next such dequantization.
-    """
-    if not is_4bit(weight):
-        return weight
-    state = weight.quant_state
-    import bitsandbytes.functional as bnbf
-
-    if scratch and weight.device.type == "cuda":
-        key = (weight.device, tuple(state.shape), state.dtype)
-        buf = _SCRATCH.get(key)
-        if buf is None:
-            buf = _SCRATCH[key] = torch.empty(tuple(state.shape), dtype=state.dtype, device=weight.device)
-        dense = bnbf.dequantize_4bit(weight.data, state, out=buf)
-    else:
-        dense = bnbf.dequantize_4bit(weight.data, state)
-    return dense if dense.dtype == dtype else dense.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------

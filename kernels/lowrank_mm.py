@@ -55,13 +55,7 @@ import triton
 import triton.language as tl
 
 from .toolkit import (
-    SUPPORTED_DTYPES,
-    cdiv,
-    device_guard,
-    interpreting,
-    multi_processor_count,
-    next_power_of_2,
-    use_triton,
+    SUPPORTED_DTYPES, cdiv, device_guard, interpreting, multi_processor_count, next_power_of_2, use_triton,
 )
 
 __all__ = ["lowrank_mm", "lowrank_mm_reference", "split_k_for"]

@@ -46,17 +46,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .toolkit import (
-    SUPPORTED_DTYPES,
-    UnsupportedType,
-    UnsupportedValue,
-    cdiv,
-    device_guard,
-    dtype_names,
-    multi_processor_count,
-    next_power_of_2,
-    refusal,
-    use_triton,
-    validate,
+    SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, device_guard, dtype_names, multi_processor_count,
+    next_power_of_2, refusal, use_triton, validate,
 )
 
 __all__ = ["rmsnorm", "rmsnorm_reference", "rmsnorm_supports", "RMSNormFunction"]
@@ -71,15 +62,8 @@ _MAX_TILE_BYTES = 65536
 _ROUND_NONE, _ROUND_FP16, _ROUND_BF16 = 0, 1, 2
 
 
-def rmsnorm_reference(
-    x: Tensor,
-    weight: Tensor,
-    eps: float,
-    *,
-    weight_offset: float = 0.0,
-    normed_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> Tensor:
+def rmsnorm_reference(x: Tensor, weight: Tensor, eps: float, *, weight_offset: float = 0.0,
+                      normed_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
     """RMSNorm in plain PyTorch, with exactly Hugging Face's casts and roundings.
 
     ``r = rsqrt(mean(x_f32**2, -1) + eps)``; ``n = x_f32 * r``, rounded to ``normed_dtype`` when
@@ -438,15 +422,8 @@ def _signature(x: Tensor, weight: Tensor, eps: float, normed_dtype: torch.dtype 
 _VALID: set[tuple] = set()
 
 
-def rmsnorm(
-    x: Tensor,
-    weight: Tensor,
-    eps: float,
-    *,
-    weight_offset: float = 0.0,
-    normed_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> Tensor:
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, *, weight_offset: float = 0.0,
+            normed_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
     """RMSNorm over the last dim of ``x`` (see the module docstring for the exact maths).
 
     Runs ``RMSNormFunction`` (Triton forward and backward) when ``use_triton(x, weight)``, else

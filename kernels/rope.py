@@ -36,15 +36,8 @@ import triton
 import triton.language as tl
 
 from .toolkit import (
-    SUPPORTED_DTYPES,
-    UnsupportedType,
-    UnsupportedValue,
-    device_guard,
-    dtype_names,
-    next_power_of_2,
-    refusal,
-    use_triton,
-    validate,
+    SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, device_guard, dtype_names, next_power_of_2, refusal,
+    use_triton, validate,
 )
 
 __all__ = ["rope_reference", "rope", "rope_supports", "RoPEFunction"]
@@ -89,24 +82,8 @@ def rope_reference(
 
 
 @triton.jit
-def _rope_one_tensor(
-    x_row_ptr,
-    y_row_ptr,
-    H,
-    x_stride_h,
-    x_stride_d,
-    y_stride_h,
-    y_stride_d,
-    c1,
-    c2,
-    s1,
-    s2,
-    HALF,
-    D,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    BLOCK_TAIL: tl.constexpr,
-):
+def _rope_one_tensor(x_row_ptr, y_row_ptr, H, x_stride_h, x_stride_d, y_stride_h, y_stride_d, c1, c2, s1, s2, HALF, D,
+                     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
     """Rotate all H heads of one token of one tensor: y1 = x1*c1 - x2*s1, y2 = x2*c2 + x1*s2.
 
     ``x_row_ptr``/``y_row_ptr`` point at head 0, feature 0 of this token. c1/c2/s1/s2 are fp32
@@ -143,27 +120,15 @@ def _rope_one_tensor(
 
 @triton.jit
 def _rope_kernel(
-    q_ptr,
-    k_ptr,
-    cos_ptr,
-    sin_ptr,
-    qo_ptr,
-    ko_ptr,
-    S,
-    HQ,
-    HK,
-    HALF,
-    D,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
+    S, HQ, HK, HALF, D,
     q_sb, q_ss, q_sh, q_sd,
     k_sb, k_ss, k_sh, k_sd,
     qo_sb, qo_ss, qo_sh, qo_sd,
     ko_sb, ko_ss, ko_sh, ko_sd,
     c_sb, c_ss, c_sd,
     s_sb, s_ss, s_sd,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    BLOCK_TAIL: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
     """One program per token (b, s): load cos/sin once, rotate every q head then every k head.

@@ -28,17 +28,8 @@ import triton
 import triton.language as tl
 
 from .toolkit import (
-    SUPPORTED_DTYPES,
-    UnsupportedType,
-    UnsupportedValue,
-    cdiv,
-    device_guard,
-    dtype_names,
-    next_power_of_2,
-    refusal,
-    tanh,
-    use_triton,
-    validate,
+    SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, device_guard, dtype_names, next_power_of_2, refusal,
+    tanh, use_triton, validate,
 )
 
 __all__ = ["gated_mlp_reference", "gated_mlp", "gated_mlp_supports", "GatedMLPFunction", "ACTIVATIONS"]

@@ -35,6 +35,7 @@ __all__ = [
     "UnsupportedValue",
     "base_weight_shape",
     "cdiv",
+    "dense_weight",
     "device_guard",
     "dtype_names",
     "interpreting",
@@ -42,6 +43,7 @@ __all__ = [
     "multi_processor_count",
     "next_power_of_2",
     "refusal",
+    "release_dequant_scratch",
     "tanh",
     "use_triton",
     "validate",
@@ -208,3 +210,37 @@ def base_weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
     """The shape a base weight computes with: a 4-bit weight's quantized ``[out, in]`` (from its
     quant state: its own storage is packed uint8), any other weight's own shape."""
     return tuple(weight.quant_state.shape) if is_4bit(weight) else tuple(weight.shape)
+
+
+_SCRATCH: dict[tuple[torch.device, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+
+def release_dequant_scratch() -> None:
+    """Free the CUDA scratch buffers that 4-bit weights are dequantized into."""
+    _SCRATCH.clear()
+
+
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = False) -> torch.Tensor:
+    """A base weight as a dense ``[out, in]`` matrix in ``dtype``.
+
+    A dense weight is returned as is (it must already be ``dtype``'s: callers check). A 4-bit
+    weight is dequantized with ``bitsandbytes.functional.dequantize_4bit`` into its quantization
+    dtype, then cast to ``dtype`` if that differs. With ``scratch`` on CUDA it is written into one
+    reusable buffer per (device, shape, dtype) (bitsandbytes' ``out=``), valid only until the next
+    such dequantization; :func:`release_dequant_scratch` frees them. On CPU bitsandbytes has no
+    ``out=`` kernel, so each dequantization allocates.
+    """
+    if not is_4bit(weight):
+        return weight
+    state = weight.quant_state
+    import bitsandbytes.functional as bnbf  # only a 4-bit weight, made by bitsandbytes, gets here
+
+    if scratch and weight.device.type == "cuda":
+        key = (weight.device, tuple(state.shape), state.dtype)
+        buf = _SCRATCH.get(key)
+        if buf is None:
+            buf = _SCRATCH[key] = torch.empty(tuple(state.shape), dtype=state.dtype, device=weight.device)
+        dense = bnbf.dequantize_4bit(weight.data, state, out=buf)
+    else:
+        dense = bnbf.dequantize_4bit(weight.data, state)
+    return dense if dense.dtype == dtype else dense.to(dtype)

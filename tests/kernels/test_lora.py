@@ -9,8 +9,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sloth_fx.kernels.lora as lora_mod
+from sloth_fx.kernels import toolkit
 from sloth_fx.kernels.lora import (
-    dense_weight,
     lora_linear,
     lora_linear_group,
     lora_linear_group_reference,
@@ -241,7 +241,7 @@ def test_4bit_against_peft_linear4bit(dtype, quant_type, double_quant, bias):
 def test_4bit_against_float64_of_the_dequantized_weight():
     layer = bnb_layer(torch.float32, "nf4", True, True, seed=6)
     w, bias = layer.base_layer.weight, layer.base_layer.bias
-    dense = dense_weight(w, torch.float64)
+    dense = toolkit.dense_weight(w, torch.float64)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(9, 48).requires_grad_()
     ys = lora_linear_group(x, [w, dense.float()], [a, a], [b, b], [2.0, 2.0], [bias, bias])
@@ -326,9 +326,9 @@ def test_bf16_on_gpu(plan, adapter_dtype, lead, i, outs, ranks):
 def test_4bit_on_gpu_with_poisoned_scratch(dtype, quant_type, double_quant):
     layer = bnb_layer(dtype, quant_type, double_quant, True, seed=7, in_f=256, out_f=128, r=16, device="cuda")
     w = layer.base_layer.weight
-    lora_mod.release_dequant_scratch()
+    toolkit.release_dequant_scratch()
     key = (w.device, tuple(w.quant_state.shape), w.quant_state.dtype)
-    lora_mod._SCRATCH[key] = torch.full(tuple(w.quant_state.shape), float("nan"), dtype=w.quant_state.dtype, device="cuda")
+    toolkit._SCRATCH[key] = torch.full(tuple(w.quant_state.shape), float("nan"), dtype=w.quant_state.dtype, device="cuda")
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(4, 33, 256, device="cuda", dtype=dtype, requires_grad=True)
     ref = layer(x)
@@ -339,8 +339,8 @@ def test_4bit_on_gpu_with_poisoned_scratch(dtype, quant_type, double_quant):
     assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype]
     for g, r in zip(grads, ref_grads):
         assert torch.isfinite(g).all() and rel(g, r) < 2 * TOL[dtype]
-    assert lora_mod._SCRATCH[key].isfinite().all()  # the scratch was written, and reused
-    lora_mod.release_dequant_scratch()
+    assert toolkit._SCRATCH[key].isfinite().all()  # the scratch was written, and reused
+    toolkit.release_dequant_scratch()
 
 
 # ---- host-side caching ---------------------------------------------------------------------------
