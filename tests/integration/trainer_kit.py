@@ -64,9 +64,18 @@ def losses(trainer: Trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+# AdamW moves every adapter element by about the learning rate a step whatever its gradient's size,
+# so where a gradient element is near zero, a rounding-sized difference in it (a fused op sums in
+# another order) moves the element by a visible fraction of a step. Measured on the SFT packing run
+# here: gradients at every step as close to a float64 run as HF's own (within 1.6x), and saved
+# adapters apart by up to 6.8e-6 after 3 steps of 1e-2 (DPO's: 6.9e-6). The adapters are compared to 0.5% of
+# one step; the losses, which no such normalisation amplifies, to ``rtol``.
+ADAPTER_ATOL = 5e-3 * SHARED_ARGS["learning_rate"]
+
+
 def assert_same_training(original: Trainer, optimized: Trainer, tmp_path: Path, rtol: float = 1e-5) -> None:
     """Both trainers logged the same loss at every step (relative ``rtol``) and save the same
-    adapters (``save_pretrained`` of each model, tensor by tensor)."""
+    adapters (``save_pretrained`` of each model, tensor by tensor, to :data:`ADAPTER_ATOL`)."""
     assert len(losses(original)) == len(losses(optimized)) == SHARED_ARGS["max_steps"]
     for step, (a, b) in enumerate(zip(losses(original), losses(optimized))):
         assert abs(a - b) <= rtol * abs(a), f"step {step}: loss {b} against {a} without sloth_fx"
@@ -76,4 +85,4 @@ def assert_same_training(original: Trainer, optimized: Trainer, tmp_path: Path, 
         saved.append(load_file(tmp_path / name / "adapter_model.safetensors"))
     assert saved[0].keys() == saved[1].keys() and saved[0]
     for key in saved[0]:
-        torch.testing.assert_close(saved[1][key], saved[0][key], rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(saved[1][key], saved[0][key], rtol=1e-4, atol=ADAPTER_ATOL, msg=lambda m: f"{key}: {m}")
