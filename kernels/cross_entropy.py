@@ -327,14 +327,16 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
         if not torch.is_tensor(t):
             raise UnsupportedType("linear_cross_entropy", f"{name} must be a Tensor, got {type(t).__name__}")
     if hidden.dtype not in SUPPORTED_DTYPES:
-        raise UnsupportedType("linear_cross_entropy",
-                              f"hidden dtype {hidden.dtype} is not supported (one of {dtype_names(SUPPORTED_DTYPES)} is)")
+        raise UnsupportedType("linear_cross_entropy", f"hidden dtype {hidden.dtype} is not supported "
+                                                       f"(one of {dtype_names(SUPPORTED_DTYPES)} is)")
     if weight.dtype != hidden.dtype:
         raise UnsupportedType("linear_cross_entropy", f"weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
     if labels.dtype != torch.int64:
         raise UnsupportedType("linear_cross_entropy", f"labels must be int64, got {labels.dtype}")
     if hidden.dim() != 2:
-        raise UnsupportedValue("linear_cross_entropy", f"hidden must be [N, H] (flattened tokens), got {tuple(hidden.shape)}")
+        raise UnsupportedValue(
+            "linear_cross_entropy", f"hidden must be [N, H] (flattened tokens), got {tuple(hidden.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise UnsupportedValue(
             "linear_cross_entropy", f"weight must be [V, H] with H={hidden.shape[1]}, got {tuple(weight.shape)}"
@@ -352,7 +354,9 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
         if bias.dtype != hidden.dtype:
             raise UnsupportedType("linear_cross_entropy", f"bias dtype {bias.dtype} != hidden dtype {hidden.dtype}")
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise UnsupportedValue("linear_cross_entropy", f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+            raise UnsupportedValue(
+                "linear_cross_entropy", f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}"
+            )
         devices.add(bias.device)
     if len(devices) != 1:
         raise UnsupportedValue("linear_cross_entropy", f"tensors on different devices: {sorted(map(str, devices))}")
@@ -372,14 +376,20 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
             )
     if logit_softcap is not None:
         if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real):
-            raise UnsupportedType("linear_cross_entropy", f"logit_softcap must be a float or None, got {type(logit_softcap).__name__}")
+            raise UnsupportedType(
+                "linear_cross_entropy", f"logit_softcap must be a float or None, got {type(logit_softcap).__name__}"
+            )
         if not (math.isfinite(logit_softcap) and logit_softcap > 0):
             raise UnsupportedValue("linear_cross_entropy", f"logit_softcap must be finite and > 0, got {logit_softcap}")
     if logit_scale is not None:
         if not isinstance(logit_scale, LogitScale) or logit_scale.op not in ("mul", "div"):
-            raise UnsupportedType("linear_cross_entropy", f"logit_scale must be a LogitScale or None, got {logit_scale!r}")
+            raise UnsupportedType(
+                "linear_cross_entropy", f"logit_scale must be a LogitScale or None, got {logit_scale!r}"
+            )
         if not math.isfinite(logit_scale.value) or (logit_scale.op == "div" and logit_scale.value == 0):
-            raise UnsupportedValue("linear_cross_entropy", f"logit scale {logit_scale.op} {logit_scale.value} is not finite")
+            raise UnsupportedValue(
+                "linear_cross_entropy", f"logit scale {logit_scale.op} {logit_scale.value} is not finite"
+            )
 
 
 def linear_cross_entropy_supports(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,

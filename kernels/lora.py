@@ -291,7 +291,9 @@ def _check_group(x, weights, lora_as, lora_bs, scales, biases) -> None:
     devices, scales) for arguments :func:`lora_linear_group` does not take."""
     n = len(weights)
     if n == 0 or not (len(lora_as) == len(lora_bs) == len(scales) == len(biases) == n):
-        raise UnsupportedValue("lora_linear", "needs one A, B, scale and bias (or None) per weight, and at least one weight")
+        raise UnsupportedValue(
+            "lora_linear", "needs one A, B, scale and bias (or None) per weight, and at least one weight"
+        )
     if not isinstance(x, torch.Tensor):
         raise UnsupportedType("lora_linear", f"x must be a tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPES:
@@ -304,16 +306,24 @@ def _check_group(x, weights, lora_as, lora_bs, scales, biases) -> None:
         raise UnsupportedType("lora_linear", "all adapters (A and B) of a group must share one dtype, "
                                              f"got {sorted(map(str, adapter_dtypes))}")
     if next(iter(adapter_dtypes)) not in _DTYPES:
-        raise UnsupportedType("lora_linear", f"adapter dtype {next(iter(adapter_dtypes))} is not one of {dtype_names(_DTYPES)}")
+        raise UnsupportedType(
+            "lora_linear", f"adapter dtype {next(iter(adapter_dtypes))} is not one of {dtype_names(_DTYPES)}"
+        )
     for i, (w, a, b, s, bias) in enumerate(zip(weights, lora_as, lora_bs, scales, biases)):
         shape = base_weight_shape(w)
         if len(shape) != 2:
-            raise UnsupportedValue("lora_linear", f"weight {i} has shape {shape}; the base weight must be 2-D [out, in]")
+            raise UnsupportedValue(
+                "lora_linear", f"weight {i} has shape {shape}; the base weight must be 2-D [out, in]"
+            )
         if is_4bit(w):
             if w.requires_grad:
-                raise UnsupportedValue("lora_linear", f"4-bit weight {i} requires grad; a quantized base cannot be trained")
+                raise UnsupportedValue(
+                    "lora_linear", f"4-bit weight {i} requires grad; a quantized base cannot be trained"
+                )
         elif w.dtype != x.dtype:
-            raise UnsupportedType("lora_linear", f"weight {i} is {w.dtype} but x is {x.dtype}; the base product needs them alike")
+            raise UnsupportedType(
+                "lora_linear", f"weight {i} is {w.dtype} but x is {x.dtype}; the base product needs them alike"
+            )
         out_features, w_in = shape
         if a.dim() != 2 or b.dim() != 2:
             raise UnsupportedValue("lora_linear", f"linear {i}: A {tuple(a.shape)} and B {tuple(b.shape)} must be 2-D")
@@ -333,8 +343,8 @@ def _check_group(x, weights, lora_as, lora_bs, scales, biases) -> None:
 def _check_xd(x: torch.Tensor, lora_a: torch.Tensor, xd: torch.Tensor) -> None:
     """Raise :class:`UnsupportedValue` unless ``xd`` can be the adapters' input beside ``x``."""
     if not isinstance(xd, torch.Tensor) or xd.shape != x.shape or xd.dtype != lora_a.dtype or xd.device != x.device:
-        raise UnsupportedValue("lora_linear", f"xd must be a tensor of x's shape {tuple(x.shape)} in the adapters' dtype "
-                                              f"{lora_a.dtype} on {x.device}, got "
+        raise UnsupportedValue("lora_linear", f"xd must be a tensor of x's shape {tuple(x.shape)} in the adapters' "
+                                              f"dtype {lora_a.dtype} on {x.device}, got "
                                               f"{getattr(xd, 'shape', type(xd).__name__)} {getattr(xd, 'dtype', '')}")
 
 
@@ -374,7 +384,8 @@ _VALID: set[tuple] = set()
 
 
 def _signature(x, weights, lora_as, lora_bs, scales, biases) -> tuple:
-    return (len(weights), len(lora_as), len(lora_bs), len(scales), len(biases), type(x), x.dtype, x.shape[-1:], x.device,
+    return (len(weights), len(lora_as), len(lora_bs), len(scales), len(biases),
+            type(x), x.dtype, x.shape[-1:], x.device,
             *[(type(w), base_weight_shape(w), w.dtype, w.device, w.requires_grad) for w in weights],
             *[(type(t), t.shape, t.dtype, t.device) for t in (*lora_as, *lora_bs)],
             *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in biases],

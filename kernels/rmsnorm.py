@@ -37,6 +37,7 @@ reduction over that buffer gives ``dw``.
 
 from __future__ import annotations
 
+import numbers
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -397,7 +398,7 @@ def _check(x: Tensor, weight: Tensor, eps: float, normed_dtype: torch.dtype | No
         raise UnsupportedValue(
             "rmsnorm", f"weight.shape {tuple(weight.shape)} does not scale the last axis ({x.shape[-1]}) of x"
         )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+    if not isinstance(eps, numbers.Real) or not eps >= 0.0:
         raise UnsupportedValue("rmsnorm", f"eps must be a number >= 0, got {eps!r}")
 
 

@@ -335,7 +335,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             "rope", f"rotary_dim = cos.shape[-1] = {rotary_dim} must be even and in (0, head_dim = {head_dim}]"
         )
     if cos.shape[0] not in (1, bsz) or cos.shape[1] not in (1, seq):
-        raise UnsupportedValue("rope", f"cos/sin {tuple(cos.shape)} do not broadcast to [B={bsz}, S={seq}, {rotary_dim}]")
+        raise UnsupportedValue(
+            "rope", f"cos/sin {tuple(cos.shape)} do not broadcast to [B={bsz}, S={seq}, {rotary_dim}]"
+        )
     devices = {t.device for t in (q, k, cos, sin)}
     if len(devices) != 1:
         raise UnsupportedValue("rope", f"q, k, cos, sin must be on one device, got {sorted(map(str, devices))}")

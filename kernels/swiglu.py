@@ -216,9 +216,8 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor):
             raise UnsupportedType("gated_mlp", f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if gate.shape != up.shape:
-        raise UnsupportedValue(
-            "gated_mlp", f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape (broadcasting is not fused)"
-        )
+        raise UnsupportedValue("gated_mlp", f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape "
+                                            "(broadcasting is not fused)")
     if gate.device != up.device:
         raise UnsupportedValue("gated_mlp", f"gate on {gate.device} and up on {up.device}")
 
