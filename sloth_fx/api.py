@@ -16,7 +16,7 @@ _ATTR = "_sloth_fx"
 
 
 def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool = False,
-             padding_free: bool = True) -> nn.Module:
+             padding_free: bool = True, memory_budget: int | None = None) -> nn.Module:
     """Prepare ``model`` (a HF causal LM, with or without PEFT) to train through fused ops.
 
     Nothing is traced yet: each region is captured at its first training forward, rewritten by
@@ -26,7 +26,11 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     float64 run than the original is. With ``padding_free`` (the default) a padded training batch
     runs as one packed row, with no FLOPs on padding and the padded run's loss and gradients, and a
     packed row (``position_ids`` restarting) runs attention per sequence without a [T×T] mask;
-    ``explain`` says when it applied and why not. Calling it again replaces the earlier set-up. Returns
+    ``explain`` says when it applied and why not. Under activation checkpointing, a step whose
+    predicted activation memory is over ``memory_budget`` (bytes; None: what the GPU has free, and
+    never on CPU) keeps its checkpointed layers' inputs in host memory until their recompute
+    (:mod:`sloth_fx.offload`), with the same loss and gradients bit for bit; ``explain`` gives the
+    latest decision and the prediction. Calling it again replaces the earlier set-up. Returns
     ``model`` itself; its sloth_fx state lives on it (copied by ``deepcopy``, saved by pickling).
     """
     if not isinstance(model, nn.Module):
@@ -35,10 +39,13 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     for name in names:
         get_pass(name)
     _check_parameters(model)
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 0):
+        raise ValueError(f"memory_budget must be a number of bytes (an int >= 0) or None, got {memory_budget!r}")
     previous = getattr(model, _ATTR, None)
     if isinstance(previous, Installation):
         uninstall(previous)
-    setattr(model, _ATTR, install(model, names, verify, padding_free))
+    setattr(model, _ATTR, install(model, names, verify, padding_free, memory_budget))
     return model
 
 

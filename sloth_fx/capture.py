@@ -42,6 +42,8 @@ from torch import nn
 
 from sloth_fx.checkpoint import replay_rng_in_checkpoints
 from sloth_fx.isolation import isolated
+from sloth_fx.memory_budget import plan_offload
+from sloth_fx.offload import offloading
 from sloth_fx.packed_attention import install_packed_attention, uninstall_packed_attention
 from sloth_fx.padding_free import plan
 from sloth_fx.pass_manager import run_pass, subgraphs
@@ -213,12 +215,16 @@ class HeadGate(RegionGate):
     - labels are checked (shape and dtype), so that bad ones raise a clear error, not a fake-tensor one;
     - no KV cache unless the call asks for one (``use_cache=False``): training never reads it, and
       each layer's guard on its own cache entry would capture every layer apart;
-    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.padding_free`).
+    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.padding_free`);
+    - under checkpointing, the step offloads its layers' inputs when its predicted activation memory
+      is over ``memory_budget`` (:mod:`sloth_fx.memory_budget`).
     """
 
-    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool) -> None:
+    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool,
+                 memory_budget: int | None) -> None:
         super().__init__(module, path, runtime)
         self.padding_free = padding_free
+        self.memory_budget = memory_budget
         self.takes_use_cache = "use_cache" in inspect.signature(self.eager).parameters
 
     def run(self, args: tuple, kwargs: dict) -> Any:
@@ -226,13 +232,20 @@ class HeadGate(RegionGate):
         if self.takes_use_cache and "use_cache" not in kwargs:
             kwargs = self.without_cache(kwargs)
         if not self.padding_free:
-            return super().run(args, kwargs)
+            return self.run_within_budget(args, kwargs)
         packed = plan(kwargs) if not args else "input passed positionally"
         if isinstance(packed, str):
             self.runtime.owner.padding_free_decision(False, packed)
-            return super().run(args, kwargs)
+            return self.run_within_budget(args, kwargs)
         self.runtime.owner.padding_free_decision(True, packed.note)
-        return packed.restore(super().run((), packed.kwargs))
+        return packed.restore(self.run_within_budget((), packed.kwargs))
+
+    def run_within_budget(self, args: tuple, kwargs: dict) -> Any:
+        """The region's run, offloading the checkpointed layers' inputs if this step's are over budget."""
+        decision = plan_offload(self.module, args, kwargs, self.memory_budget)
+        self.runtime.owner.offload_decision(decision.offload, decision.text)
+        with offloading(decision.offload):
+            return super().run(args, kwargs)
 
 
     def without_cache(self, kwargs: dict) -> dict:
@@ -299,9 +312,11 @@ class Installation:
             region.forget()
 
 
-def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free: bool) -> Installation:
+def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free: bool,
+            memory_budget: int | None = None) -> Installation:
     """Route every region's training forward through Dynamo and the sloth_fx backend; with
-    ``padding_free``, switch the model to packed attention and pack padded batches."""
+    ``padding_free``, switch the model to packed attention and pack padded batches; offload
+    checkpointed layers' inputs in steps over ``memory_budget`` (None: the free device memory)."""
     report = Report()
     installation = Installation(report, [])
     regions, decoder, head = find_regions(model)
@@ -325,8 +340,8 @@ def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free:
         report.regions[region.name] = region_report
         runtime = RegionRuntime(region.name, region_report, report, passes, verify)
         for path, module in modules:
-            gate = HeadGate(module, path, runtime, installation.packed_attention is not None) if module is head \
-                else RegionGate(module, path, runtime)
+            gate = (HeadGate(module, path, runtime, installation.packed_attention is not None, memory_budget)
+                    if module is head else RegionGate(module, path, runtime))
             _replace_forward(installation, module, gate)
     if decoder is not None and any(module is head for module, _, _ in installation.replaced):
         _replace_forward(installation, decoder, OpaqueDecoder(decoder))

@@ -1,19 +1,44 @@
-"""Offloaded activation checkpointing: each checkpointed layer's saved inputs wait in host memory.
+"""Offloaded activation checkpointing and the memory budget that turns it on.
 
 Offload on and off give the same loss and gradients bit for bit (the copies are exact and the
 recompute replays the RNG); what moves is the checkpointed layers' own inputs, each leaving when
 the next layer starts and coming back one layer ahead of its recompute, with a bounded number of
-copies alive.
+copies alive; the budget policy offloads above the budget and not below; ``explain`` states each
+step's decision and its predicted activation memory.
 """
 
 import weakref
 
 import pytest
 import torch
+from tiny_models import batch, loss_and_grads, tiny_model, twin
 from torch import nn
 
+import sloth_fx
 from sloth_fx import offload
 from sloth_fx.checkpoint import checkpoint_body
+from sloth_fx.memory_budget import decide_offload, device_budget, estimate_activations, plan_offload
+
+GiB = 2**30
+
+
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch) -> list[offload.OffloadStep]:
+    """Every OffloadStep made from now on, in order."""
+    made: list[offload.OffloadStep] = []
+
+    class RecordedStep(offload.OffloadStep):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(offload, "OffloadStep", RecordedStep)
+    return made
+
+
+def seeded_step(model, inputs, seed=7):
+    torch.manual_seed(seed)
+    return loss_and_grads(model, inputs)
 
 
 def assert_bitwise_same(a, b):
@@ -165,6 +190,136 @@ def test_an_input_changed_in_place_while_on_the_device_raises():
         h.sum().backward()
 
 
+# --- the budget -----------------------------------------------------------------------------------
+
+def llama2_7b(tokens):
+    return estimate_activations(layers=32, tokens=tokens, hidden=4096, intermediate=11008, element_size=2)
+
+
+def test_estimate_counts_every_layer_input_and_one_recompute():
+    long = llama2_7b(65536)
+    assert long.layer_input == 65536 * 4096 * 2 and long.saved_inputs == 16 * GiB
+    assert long.total == long.saved_inputs + long.recompute_peak
+    assert long.offloaded == 3 * long.layer_input + long.recompute_peak < long.total
+    assert 8 * GiB < long.recompute_peak < 16 * GiB  # the probe's 11.3 GiB beside the 16 GiB of inputs
+    assert llama2_7b(2048).total * 32 == long.total
+
+
+def test_policy_offloads_above_the_budget_and_not_below():
+    long, short = llama2_7b(65536), llama2_7b(2048)
+    assert not decide_offload(long, 80 * GiB).offload
+    assert decide_offload(long, 20 * GiB).offload
+    assert not decide_offload(short, 20 * GiB).offload  # a short batch never pays for the copies
+    assert not decide_offload(long, long.total).offload and decide_offload(long, long.total - 1).offload
+    assert not decide_offload(long, None).offload  # no budget (CPU): nothing to save
+    on = decide_offload(long, 20 * GiB).text
+    assert "predicted activation memory 26.72 GiB (32 checkpointed layer inputs 16.00 GiB, recompute peak 10.72 GiB)" in on
+    assert "over the budget of 20.00 GiB" in on and "still over" not in on
+    assert "still over the budget" in decide_offload(long, 5 * GiB).text
+    assert "fits in the budget of 80.00 GiB" in decide_offload(long, 80 * GiB).text
+    few = estimate_activations(layers=3, tokens=65536, hidden=4096, intermediate=11008, element_size=2)
+    assert few.offloaded == few.total and not decide_offload(few, 0).offload  # nothing to gain: 3 layers are kept
+    assert "but offloading 3 layers would keep as much on the device" in decide_offload(few, 0).text
+
+
+def test_budget_on_cpu_is_the_given_one_or_none():
+    assert device_budget(torch.device("cpu"), 12345) == 12345
+    assert device_budget(torch.device("cpu"), None) is None
+
+
+def test_plan_reads_checkpointing_tokens_and_sizes_from_the_model():
+    model = tiny_model("llama", layers=5)
+    inputs = batch(b=2, s=9)
+    assert plan_offload(model, (), inputs, 0).text.startswith("no activation checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    want = estimate_activations(layers=5, tokens=18, hidden=64, intermediate=96, element_size=4)
+    assert plan_offload(model, (), inputs, want.total - 1).offload
+    assert not plan_offload(model, (), inputs, want.total).offload
+    model.model.layers[1].gradient_checkpointing = False  # every_n_layers leaves some layers whole
+    four = estimate_activations(layers=4, tokens=18, hidden=64, intermediate=96, element_size=4)
+    assert not plan_offload(model, (), inputs, four.total).offload and plan_offload(model, (), inputs, four.total - 1).offload
+    assert not plan_offload(model, (), inputs, None).offload
+
+
+def test_memory_budget_must_be_bytes():
+    for bad in (-1, 1.5, "1GB", True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            sloth_fx.optimize(tiny_model("llama"), memory_budget=bad)
+
+
+# --- through optimize -----------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("reference_ops")
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_offload_on_and_off_give_the_same_loss_and_gradients(steps, lora_dropout):
+    layers = 4
+    original = tiny_model("llama", lora=True, checkpointing=True, layers=layers, lora_dropout=lora_dropout)
+    off = sloth_fx.optimize(twin(original))  # CPU without a budget: never offloads
+    on = sloth_fx.optimize(twin(original), memory_budget=0)
+    plain = seeded_step(off, batch())
+    assert steps == []
+    assert_bitwise_same(seeded_step(on, batch()), plain)
+    (step,) = steps
+    assert step.log == [("offload", k) for k in range(layers - 1)] + [("prefetch", k) for k in reversed(range(layers - 1))]
+    if lora_dropout:  # the masks are really random: another seed gives another loss
+        assert not torch.equal(seeded_step(on, batch(), seed=8)[0], plain[0])
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_training_with_offload_matches_hf_step_for_step(steps):
+    hf = tiny_model("llama", lora=True, checkpointing=True, layers=4, lora_dropout=0.1)
+    optimized = sloth_fx.optimize(twin(hf), passes=[], memory_budget=0)
+    models = (hf, optimized)
+    before = [p.detach().clone() for p in hf.parameters() if p.requires_grad]
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    for step in range(4):
+        inputs = batch(b=2, s=7 + step, seed=step)
+        losses = []
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(100 + step)
+            loss = model(**inputs).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        assert torch.equal(*losses), (step, losses)
+    assert len(steps) == 4 and all(s.log.count(("prefetch", 0)) == 1 for s in steps)
+    for (name, p), q in zip(hf.named_parameters(), optimized.parameters()):
+        assert torch.equal(p, q), name
+    assert not any(torch.equal(p, q) for p, q in zip(before, [p for p in hf.parameters() if p.requires_grad]))
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_each_step_decides_and_explain_says_what_and_why(steps):
+    short, long = batch(b=1, s=4), batch(b=4, s=40)
+    between = estimate_activations(layers=4, tokens=20, hidden=64, intermediate=96, element_size=4).total
+    model = sloth_fx.optimize(tiny_model("llama", lora=True, checkpointing=True, layers=4), memory_budget=between)
+    loss_and_grads(model, short)
+    assert steps == []
+    text = sloth_fx.explain(model)
+    assert "checkpoint offload, off (latest): predicted activation memory 19.50 KiB (4 checkpointed layer inputs 4.00 KiB, " \
+           "recompute peak 15.50 KiB) fits in the budget of 97.50 KiB" in text
+    assert "checkpoint offload, on" not in text
+    loss_and_grads(model, long)
+    assert len(steps) == 1 and steps[0].log == [("offload", 0), ("offload", 1), ("offload", 2),
+                                                ("prefetch", 2), ("prefetch", 1), ("prefetch", 0)]
+    text = sloth_fx.explain(model)
+    assert "checkpoint offload, on (latest): predicted activation memory 780.00 KiB (4 checkpointed layer inputs " \
+           "160.00 KiB, recompute peak 620.00 KiB) is over the budget of 97.50 KiB: layer inputs offloaded to host " \
+           "memory, about 740.00 KiB kept on the device, still over the budget" in text
+    assert "checkpoint offload, off (latest)" in text
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_explain_says_why_not_without_checkpointing_or_budget():
+    model = sloth_fx.optimize(tiny_model("llama", lora=True))
+    loss_and_grads(model, batch())
+    assert "checkpoint offload, off (latest): no activation checkpointing" in sloth_fx.explain(model)
+    model = sloth_fx.optimize(tiny_model("llama", lora=True, checkpointing=True))
+    loss_and_grads(model, batch())
+    assert "no budget: no device memory to save on CPU (memory_budget sets one)" in sloth_fx.explain(model)
+
+
 # --- on a GPU: pinned memory, streams, device memory ----------------------------------------------
 
 def cuda_chain(layers, mib):
@@ -211,3 +366,26 @@ def test_gpu_memory_holds_a_fixed_number_of_layer_inputs():
     assert kept_plain >= (layers - 1) * size  # every layer's input but the first (counted in base), the output
     assert kept_moved <= 4 * size  # the last layer's input, the output, and copies still in flight
     assert peak_moved <= peak_plain - (layers - 8) * size  # three inputs kept and the recompute's own, not all
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_gpu_tiny_llama_offload_is_exact(lora_dropout):
+    original = tiny_model("llama", lora=True, checkpointing=True, layers=4, lora_dropout=lora_dropout).cuda()
+    off, on = sloth_fx.optimize(twin(original)), sloth_fx.optimize(twin(original), memory_budget=0)
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # a deterministic attention backward
+        plain = seeded_step(off, inputs)
+        assert_bitwise_same(seeded_step(off, inputs), plain)  # control: the step itself is deterministic
+        assert_bitwise_same(seeded_step(on, inputs), plain)
+    assert "checkpoint offload, on (latest)" in sloth_fx.explain(on)
+
+
+@pytest.mark.gpu
+def test_gpu_default_budget_is_what_the_device_can_hand_out():
+    free, total = torch.cuda.mem_get_info()
+    budget = device_budget(torch.device("cuda"), None)
+    assert 0 < budget <= total and budget >= 0.8 * free
+    model = tiny_model("llama", checkpointing=True).cuda()
+    decision = plan_offload(model, (), {k: v.cuda() for k, v in batch().items()}, None)
+    assert not decision.offload and "fits in the budget" in decision.text
