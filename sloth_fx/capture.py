@@ -162,9 +162,14 @@ class RegionRuntime:
             self._backend = Backend(self.passes, self.verify, self.report)
         return torch.compile(self._entry.__get__(module), backend=self._backend)
 
-    def limits(self) -> dict[str, int]:
-        """Room for every module's captures (one per layer without checkpointing, sizes of 1 twice that)."""
-        return {name: 4 * len(self.report.modules) + 8 for name in _LIMITS}
+    def dynamo_config(self) -> dict[str, Any]:
+        """Dynamo's settings while the region runs: room for every module's captures (one per layer
+        without checkpointing, sizes of 1 twice that), and no DDPOptimizer. Inside a DDP forward
+        Dynamo would split the region's graph at DDP's bucket boundaries (the first bucket holds
+        1 MiB: a real layer's adapters split it), cutting patterns apart. The split buys compiled
+        graphs an overlap of all-reduce with backward, which a rewritten graph has anyway: it runs
+        eagerly, so DDP's hooks fire as each gradient is made."""
+        return {**{name: 4 * len(self.report.modules) + 8 for name in _LIMITS}, "optimize_ddp": False}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_entry": None, "_backend": None}
@@ -198,7 +203,7 @@ class RegionGate:
         run = _Run([])
         token = _RUNNING.set(run)
         try:
-            with torch._dynamo.config.patch(self.runtime.limits()):
+            with torch._dynamo.config.patch(self.runtime.dynamo_config()):
                 out = self._compiled(*args, **kwargs)
         finally:
             _RUNNING.reset(token)
