@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from sloth_fx.capture import Installation, RegionGate, displaced, install, uninstall
 from sloth_fx.pass_manager import available_passes, get_pass
@@ -31,10 +32,15 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     never on CPU) keeps its checkpointed layers' inputs in host memory until their recompute
     (:mod:`sloth_fx.offload`), with the same loss and gradients bit for bit; ``explain`` gives the
     latest decision and the prediction. Calling it again replaces the earlier set-up. Returns
-    ``model`` itself; its sloth_fx state lives on it (copied by ``deepcopy``, saved by pickling).
+    ``model`` itself; its sloth_fx state lives on it (copied by ``deepcopy``, saved by pickling). A
+    model already wrapped in ``DistributedDataParallel`` is optimized inside the wrapper (state on
+    ``model.module``); an FSDP2 ``fully_shard`` model is the model itself, before or after sharding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    given = model
+    if isinstance(model, DistributedDataParallel):  # its forward calls the wrapped model's: the regions are there
+        model = model.module
     names = list(passes) if passes is not None else available_passes()
     for name in names:
         get_pass(name)
@@ -46,7 +52,7 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     if isinstance(previous, Installation):
         uninstall(previous)
     setattr(model, _ATTR, install(model, names, verify, padding_free, memory_budget))
-    return model
+    return given
 
 
 def report(model: nn.Module) -> Report:
