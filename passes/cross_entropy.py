@@ -22,13 +22,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.graph_edit import erase_dead, module_path, replace_with_call
-from sloth_fx.kernels.cross_entropy import LogitScale, linear_cross_entropy
+from sloth_fx.graph_edit import erase_dead, fake_value, module_path, replace_with_call
+from sloth_fx.kernels.cross_entropy import LogitScale, linear_cross_entropy, linear_cross_entropy_supports
 from sloth_fx.pass_manager import register_pass
-from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
-from sloth_fx.report import PassLog
+from sloth_fx.patterns import Match, trace_pattern
+from sloth_fx.rewrite import Rewrite, Site
 
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 LITERALS = ("vocab", "ignore_index", "reduction", "dtype")
 
 
@@ -52,14 +51,6 @@ def divided_causal_lm_loss(hidden, weight, labels, vocab, ignore_index, reductio
     return F.cross_entropy(logits.view(-1, vocab), labels, ignore_index=ignore_index, reduction=reduction)
 
 
-PATTERNS = [
-    trace_pattern(softcapped_causal_lm_loss, (*LITERALS, "cap")),
-    trace_pattern(multiplied_causal_lm_loss, (*LITERALS, "multiplier")),
-    trace_pattern(divided_causal_lm_loss, (*LITERALS, "divisor")),
-    trace_pattern(causal_lm_loss, LITERALS),
-]
-
-
 def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int,
                          num_items_in_batch: torch.Tensor | int | None, logit_softcap: float | None,
                          scale_op: str | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -72,44 +63,45 @@ def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     )
 
 
-@register_pass("cross_entropy")
-def cross_entropy_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
-    for pattern in PATTERNS:
-        for match in list(find_matches(gm.graph, pattern)):
-            where = module_path(match.inputs["hidden"]) or "lm_head"
-            reason = _refusal(match)
-            if reason:
-                log.refuse(where, f"{pattern.name}: {reason}")
-                continue
-            loss, num_items = _loss_and_divisor(match)
-            if match.literals["reduction"] == "sum" and num_items is None:
-                num_items = 1
-            returned = [n for n in match.nodes if _returned(n)]
-            scale = _logit_scale(match)
-            replace_with_call(
-                gm.graph, [loss], match.nodes + ([match.output] if loss is not match.output else []),
-                fused_causal_lm_loss, (match.inputs["hidden"], match.inputs["weight"], match.inputs["labels"]),
-                {"ignore_index": match.literals["ignore_index"], "num_items_in_batch": num_items,
-                 "logit_softcap": match.literals.get("cap"), **_scale_kwargs(scale)},
-            )
-            _return_none_for(gm.graph, returned)
-            vocab, dtype = match.literals["vocab"], fake_value(match.inputs["hidden"]).dtype
-            scaled = f", logits {'*' if scale.op == 'mul' else '/'} {scale.value}" if scale else ""
-            log.rewrite(where, f"{pattern.name}{scaled}, vocab {vocab}, {dtype}, reduction {match.literals['reduction']}"
-                               + (", logits returned as None" if returned else ""))
-    return gm
+def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
+    (match,) = matches
+    loss, num_items = _loss_and_divisor(match)
+    if match.literals["reduction"] == "sum" and num_items is None:
+        num_items = 1
+    returned = [n for n in match.nodes if _returned(n)]
+    scale = _logit_scale(match)
+    replace_with_call(
+        gm.graph, [loss], match.nodes + ([match.output] if loss is not match.output else []),
+        fused_causal_lm_loss, (match.inputs["hidden"], match.inputs["weight"], match.inputs["labels"]),
+        {"ignore_index": match.literals["ignore_index"], "num_items_in_batch": num_items,
+         "logit_softcap": match.literals.get("cap"), **_scale_kwargs(scale)},
+    )
+    _return_none_for(gm.graph, returned)
+    vocab, dtype = match.literals["vocab"], fake_value(match.inputs["hidden"]).dtype
+    scaled = f", logits {'*' if scale.op == 'mul' else '/'} {scale.value}" if scale else ""
+    return [Site(head_path(match), f"{match.pattern.name}{scaled}, vocab {vocab}, {dtype}, "
+                               f"reduction {match.literals['reduction']}" + (", logits returned as None" if returned else ""))]
 
 
-def _refusal(match: Match) -> str | None:
-    hidden, weight = fake_value(match.inputs["hidden"]), fake_value(match.inputs["weight"])
-    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in SUPPORTED or weight.dtype != hidden.dtype:
-        return "hidden states and lm_head weight must share one dtype of float32, float16, bfloat16"
+def head_path(match: Match) -> str:
+    return module_path(match.inputs["hidden"]) or "lm_head"
+
+
+def refusal(match: Match) -> str | None:
     if match.literals["dtype"] not in (None, torch.float32):
         return f"the loss runs in {match.literals['dtype']}, the fused op in float32"
     for name in ("multiplier", "divisor"):
         value = match.literals.get(name, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
             return f"the logit {name} is {value!r}, not a finite non-zero constant"
+    hidden, weight, labels = (fake_value(match.inputs[name]) for name in ("hidden", "weight", "labels"))
+    if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, labels)):
+        return "no shape information for the hidden states, the lm_head weight or the labels"
+    reason = linear_cross_entropy_supports(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
+                                           ignore_index=match.literals["ignore_index"],
+                                           logit_softcap=match.literals.get("cap"), logit_scale=_logit_scale(match))
+    if reason:
+        return reason
     if match.literals["reduction"] not in ("mean", "sum"):
         return f"reduction {match.literals['reduction']!r} is neither 'mean' nor 'sum'"
     for node in match.outside_users():
@@ -151,3 +143,12 @@ def _return_none_for(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     out = next(n for n in graph.nodes if n.op == "output")
     out.args = fx.node.map_arg(out.args, lambda n: None if n in nodes else n)
     erase_dead(graph, nodes)
+
+
+register_pass("cross_entropy", Rewrite(
+    [trace_pattern(softcapped_causal_lm_loss, (*LITERALS, "cap")),
+     trace_pattern(multiplied_causal_lm_loss, (*LITERALS, "multiplier")),
+     trace_pattern(divided_causal_lm_loss, (*LITERALS, "divisor")),
+     trace_pattern(causal_lm_loss, LITERALS)],
+    refusal, replace, where=head_path,
+))

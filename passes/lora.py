@@ -36,23 +36,20 @@ from __future__ import annotations
 
 import math
 import operator
-from collections import defaultdict
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.cost_model import lora_plan
-from sloth_fx.graph_edit import NotSchedulable, module_path, replace_with_call
-from sloth_fx.kernels.lora import lora_linear, lora_linear_group
+from sloth_fx.kernels.lora_plan import lora_plan
+from sloth_fx.graph_edit import fake_value, replace_with_call
+from sloth_fx.kernels.lora import lora_linear, lora_linear_group, lora_linear_supports
+from sloth_fx.kernels.toolkit import SUPPORTED_DTYPES, dtype_names
 from sloth_fx.pass_manager import register_pass
-from sloth_fx.passes.lora_4bit import find_4bit_lora, weight_shape
-from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
-from sloth_fx.report import PassLog
-
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
+from sloth_fx.passes.lora_4bit import QuantLoRAMatch, find_4bit_lora, weight_shape
+from sloth_fx.patterns import Match, find_matches, trace_pattern
+from sloth_fx.rewrite import Rewrite, Site, output_path
 
 def peft_lora(x, weight, lora_a, lora_b, scale, adapter_dtype, result_dtype):
     result = F.linear(x, weight, None)
@@ -81,24 +78,20 @@ DROPOUT_PATTERNS = [trace_pattern(f, ("scale", "p", "training", "adapter_dtype",
                     for f in (peft_lora_dropout, peft_lora_dropout_with_bias)]
 
 
-@register_pass("lora")
-def lora_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
+def find(gm: fx.GraphModule) -> list[tuple[Match, str | None]]:
+    """Dense matches (with and without dropout), then 4-bit ones with their 4-bit reasons."""
     matches = [m for pattern in PATTERNS for m in find_matches(gm.graph, pattern)]
     matches += [_keep_dropout(m) for pattern in DROPOUT_PATTERNS for m in find_matches(gm.graph, pattern)]
     # With fp32 adapters the pattern matches at the cast back and, cast absent, at the sum it
     # casts: the larger match (the one that takes the cast) is the rewrite.
     inner = {n for m in matches for n in m.nodes if n is not m.output}
-    checked = [(m, _refusal(m)) for m in matches if m.output not in inner]
-    checked += [(m, reason or _adapter_refusal(m)) for m, reason in find_4bit_lora(gm)]
-    groups: dict[fx.Node, list[Match]] = defaultdict(list)
-    for match, reason in checked:
-        if reason:
-            log.refuse(module_path(match.output), reason)
-        else:  # a linear with its own dropout is alone in its group, keyed by its dropout node
-            groups[match.inputs.get("xd", match.inputs["x"])].append(match)
-    for matches in groups.values():
-        _replace_group(gm.graph, matches, log)
-    return gm
+    return [(m, None) for m in matches if m.output not in inner] + find_4bit_lora(gm)
+
+
+def siblings(match: Match) -> fx.Node:
+    """Linears that read one input are one op; a linear with its own dropout is alone, keyed by
+    its dropout node."""
+    return match.inputs.get("xd", match.inputs["x"])
 
 
 def _keep_dropout(match: Match) -> Match:
@@ -111,8 +104,9 @@ def _keep_dropout(match: Match) -> Match:
     return match
 
 
-def _replace_group(graph: fx.Graph, matches: list[Match], log: PassLog) -> None:
-    names = [module_path(m.output) for m in matches]
+def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
+    graph = gm.graph
+    names = [output_path(m) for m in matches]
     x = matches[0].inputs["x"]
     args = (
         x,
@@ -129,31 +123,29 @@ def _replace_group(graph: fx.Graph, matches: list[Match], log: PassLog) -> None:
         fn, args = lora_linear, tuple(a[0] if isinstance(a, list) else a for a in args)
         if "xd" in matches[0].inputs:
             kwargs = {"xd": matches[0].inputs["xd"]}
-    try:
-        call = replace_with_call(graph, [m.output for m in matches], nodes, fn, args, kwargs)
-    except NotSchedulable as err:
-        for name in names:
-            log.refuse(name, str(err))
-        return
+    call = replace_with_call(graph, [m.output for m in matches], nodes, fn, args, kwargs)
     outputs = [call] if len(matches) == 1 else sorted(call.users, key=lambda item: item.args[1])
     for output, written in zip(outputs, writers):
         if written:
             _copy_for_writes(graph, output)
     value = fake_value(x)
     tokens = math.prod(_hint(d) for d in value.shape[:-1])
+    sites = []
     for m, name, written in zip(matches, names, writers):
         (out_features, in_features), a = weight_shape(m), fake_value(m.inputs["lora_a"])
         together = f", x read once for {len(matches)} linears" if len(matches) > 1 else ""
         ops = ", ".join(dict.fromkeys(_op_name(w) for w in written))
         copied = f", output copied for the in-place {ops}" if ops else ""
         dropout = f", lora_dropout p={m.literals['p']} kept in the graph" if "xd" in m.inputs else ""
-        log.rewrite(name, f"{in_features}->{out_features}, r={a.shape[0]}{together}{dropout}{copied}")
+        what = f"{in_features}->{out_features}, r={a.shape[0]}{together}{dropout}{copied}"
         if dropout:
-            log.notes.append(f"{name}: forward and dX factored (the adapters read the dropout's output, not x)")
+            sites.append(Site(name, what, f"{name}: forward and dX factored (the adapters read the dropout's output, not x)"))
             continue
         plan = lora_plan(tokens, in_features, out_features, a.shape[0], value.element_size())
         costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in plan.predicted.items())
-        log.notes.append(f"cost model at {tokens} tokens for {name}: forward {plan.forward}, dX {plan.backward_dx} ({costs})")
+        sites.append(Site(name, what, f"cost model at {tokens} tokens for {name}: forward {plan.forward}, "
+                                      f"dX {plan.backward_dx} ({costs})"))
+    return sites
 
 
 def in_place_writers(node: fx.Node) -> list[fx.Node]:
@@ -223,7 +215,11 @@ def _hint(size: int | torch.SymInt) -> int:
     return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
 
 
-def _refusal(match: Match) -> str | None:
+def refusal(match: Match) -> str | None:
+    """Why a LoRA linear must not be fused, or None: the adapters' checks, and for a dense base
+    its weight and dtype (a 4-bit base's were checked where it was found)."""
+    if isinstance(match, QuantLoRAMatch):
+        return _adapter_refusal(match)
     w = fake_value(match.inputs["weight"])
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return "the base weight is not a plain 2-D tensor"
@@ -231,6 +227,9 @@ def _refusal(match: Match) -> str | None:
     x = fake_value(match.inputs["x"])
     if reason is None and x.dtype != w.dtype:
         reason = f"input {x.dtype}, base {w.dtype}: the fused op needs x and W alike" + _autocast_hint(x, w.dtype)
+    if reason is None:
+        a, b, bias = (fake_value(match.inputs.get(name)) for name in ("lora_a", "lora_b", "bias"))
+        reason = lora_linear_supports(x, w, a, b, float(match.literals["scale"]), bias)
     return reason
 
 
@@ -241,8 +240,8 @@ def _adapter_refusal(match: Match) -> str | None:
     a, b = fake_value(match.inputs["lora_a"]), fake_value(match.inputs["lora_b"])
     if not all(isinstance(t, torch.Tensor) for t in (x, a, b)):
         return "an input of the LoRA linear is not a tensor"
-    if x.dtype not in SUPPORTED:
-        return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not one of {dtype_names(SUPPORTED_DTYPES)}"
     if a.dtype != b.dtype:
         return f"adapters {a.dtype}/{b.dtype}: the fused op needs A and B alike"
     if not isinstance(y, torch.Tensor) or y.dtype != x.dtype:
@@ -266,3 +265,6 @@ def _autocast_hint(x: torch.Tensor, base: torch.dtype) -> str:
     dtype = torch.get_autocast_dtype(device)
     flag = "bf16" if dtype == torch.bfloat16 else "fp16"
     return f" (autocast runs this float32 base in {dtype}: load the base in {dtype} to fuse it, or set {flag}=False)"
+
+
+register_pass("lora", Rewrite((), refusal, replace, group=siblings, find=find))

@@ -33,7 +33,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.patterns import CAST, Match, fake_value, find_matches, trace_pattern
+from sloth_fx.canonicalize import CAST
+from sloth_fx.graph_edit import fake_value
+from sloth_fx.patterns import Match, find_matches, trace_pattern
 
 VIEWS = ("view", torch.Tensor.view)
 Base4bit = tuple[fx.Node, fx.Node, tuple[int, int], list[fx.Node], "str | None"]  # x, W, [out, in], nodes, reason

@@ -11,14 +11,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from sloth_fx.graph_edit import module_path, replace_with_call
-from sloth_fx.kernels.rmsnorm import rmsnorm
+from sloth_fx.graph_edit import fake_value, replace_with_call
+from sloth_fx.kernels.rmsnorm import rmsnorm, rmsnorm_supports
 from sloth_fx.pass_manager import register_pass
-from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
-from sloth_fx.report import PassLog
-
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
+from sloth_fx.patterns import Match, trace_pattern
+from sloth_fx.rewrite import Rewrite, Site, output_path
 
 def llama_rmsnorm(x, weight, eps, compute_dtype, normed_dtype):
     h = x.to(compute_dtype)
@@ -33,34 +30,22 @@ def gemma_rmsnorm(x, weight, eps, compute_dtype, weight_dtype):
     return (h * (1.0 + weight.to(weight_dtype))).type_as(x)
 
 
-# Gemma's form first: the Llama pattern would also match inside it, with ``1 + w`` as the weight.
-PATTERNS = [
-    (trace_pattern(gemma_rmsnorm, ("eps", "compute_dtype", "weight_dtype")), 1.0),
-    (trace_pattern(llama_rmsnorm, ("eps", "compute_dtype", "normed_dtype")), 0.0),
-]
+OFFSETS = {"gemma_rmsnorm": 1.0, "llama_rmsnorm": 0.0}  # the weight is scaled as offset + w
 
 
-@register_pass("rmsnorm")
-def rmsnorm_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
-    for pattern, offset in PATTERNS:
-        for match in list(find_matches(gm.graph, pattern)):
-            where = module_path(match.output)
-            reason = _refusal(match)
-            if reason:
-                log.refuse(where, reason)
-                continue
-            x, weight = match.inputs["x"], match.inputs["weight"]
-            normed = match.literals.get("normed_dtype")
-            out_dtype = fake_value(match.output).dtype
-            replace_with_call(
-                gm.graph, [match.output], match.nodes, rmsnorm, (x, weight, float(match.literals["eps"])),
-                {"weight_offset": offset, "normed_dtype": normed, "out_dtype": out_dtype},
-            )
-            log.rewrite(where, f"{pattern.name}, hidden {fake_value(x).shape[-1]}, {fake_value(x).dtype}")
-    return gm
+def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
+    (match,) = matches
+    x, weight = match.inputs["x"], match.inputs["weight"]
+    out_dtype = fake_value(match.output).dtype
+    replace_with_call(
+        gm.graph, [match.output], match.nodes, rmsnorm, (x, weight, float(match.literals["eps"])),
+        {"weight_offset": OFFSETS[match.pattern.name], "normed_dtype": match.literals.get("normed_dtype"),
+         "out_dtype": out_dtype},
+    )
+    return [Site(output_path(match), f"{match.pattern.name}, hidden {fake_value(x).shape[-1]}, {fake_value(x).dtype}")]
 
 
-def _refusal(match: Match) -> str | None:
+def refusal(match: Match) -> str | None:
     """Why this match must not be rewritten, or None."""
     x, weight = fake_value(match.inputs["x"]), fake_value(match.inputs["weight"])
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
@@ -68,13 +53,22 @@ def _refusal(match: Match) -> str | None:
     compute = match.literals.get("compute_dtype")
     if compute not in (None, torch.float32) or (compute is None and x.dtype != torch.float32):
         return f"normalises in {compute or x.dtype}, the fused op normalises in float32"
-    if x.dtype not in SUPPORTED or weight.dtype not in SUPPORTED:
-        return f"dtype {x.dtype}/{weight.dtype} is not one of float32, float16, bfloat16"
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        return f"weight of shape {tuple(weight.shape)} does not scale the last axis ({x.shape[-1]})"
-    if not isinstance(match.literals.get("eps"), (int, float)):
+    eps = match.literals.get("eps")
+    if not isinstance(eps, (int, float)):
         return "eps is not a constant"
+    reason = rmsnorm_supports(x, weight, eps, normed_dtype=match.literals.get("normed_dtype"),
+                              out_dtype=fake_value(match.output).dtype)
+    if reason:
+        return reason
     shared = match.outside_users()
     if shared:
         return f"intermediate {shared[0].name} is also used outside the norm"
     return None
+
+
+# Gemma's form first: the Llama pattern would also match inside it, with ``1 + w`` as the weight.
+register_pass("rmsnorm", Rewrite(
+    [trace_pattern(gemma_rmsnorm, ("eps", "compute_dtype", "weight_dtype")),
+     trace_pattern(llama_rmsnorm, ("eps", "compute_dtype", "normed_dtype"))],
+    refusal, replace,
+))

@@ -10,67 +10,51 @@ rotate the whole last axis split at its middle (``h = D/2``). Partial rotary (HF
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.fx as fx
 
-from sloth_fx.graph_edit import NotSchedulable, module_path, replace_with_call
-from sloth_fx.kernels.rope import rope
+from sloth_fx.graph_edit import fake_value, replace_with_call
+from sloth_fx.kernels.rope import rope, rope_supports
 from sloth_fx.pass_manager import register_pass
-from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
-from sloth_fx.report import PassLog
-
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
+from sloth_fx.patterns import Match, trace_pattern
+from sloth_fx.rewrite import Rewrite, Site, output_path
 
 def rotary_embedding(x, cos, sin, half):
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
-PATTERN = trace_pattern(rotary_embedding, ("half",))
+def shared_tables(match: Match) -> tuple[fx.Node, fx.Node]:
+    """The q and the k rotation of one attention block share their cos/sin nodes."""
+    return match.inputs["cos"], match.inputs["sin"]
 
 
-@register_pass("rope")
-def rope_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
-    pairs: dict[tuple[fx.Node, fx.Node], list[Match]] = defaultdict(list)
-    for match in find_matches(gm.graph, PATTERN):
-        reason = _refusal(match)
-        if reason:
-            log.refuse(module_path(match.output), reason)
-        else:
-            pairs[(match.inputs["cos"], match.inputs["sin"])].append(match)
-    for (cos, sin), matches in pairs.items():
-        where = module_path(matches[0].output)
-        if len(matches) != 2:
-            log.refuse(where, f"{len(matches)} rotations share these cos/sin; the fused op rotates a q and a k pair")
-            continue
-        q, k = matches
-        nodes = q.nodes + k.nodes + [cos, sin]
-        try:
-            replace_with_call(
-                gm.graph, [q.output, k.output], nodes, rope,
-                (q.inputs["x"], k.inputs["x"], cos.args[0], sin.args[0]),
-            )
-        except NotSchedulable as err:
-            log.refuse(where, str(err))
-            continue
-        shape = fake_value(q.inputs["x"]).shape
-        hk = fake_value(k.inputs["x"]).shape[1]
-        log.rewrite(where, f"query rotation ({shape[1]} heads, head_dim {shape[-1]}), one launch with the key's")
-        log.rewrite(where, f"key rotation ({hk} heads), one launch with the query's")
-    return gm
+def pair_refusal(matches: list[Match]) -> str | None:
+    if len(matches) != 2:
+        return f"{len(matches)} rotations share these cos/sin; the fused op rotates a q and a k pair"
+    q, k = matches
+    cos, sin = shared_tables(q)
+    return rope_supports(*(fake_value(n) for n in (q.inputs["x"], k.inputs["x"], cos.args[0], sin.args[0])))
 
 
-def _refusal(match: Match) -> str | None:
+def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
+    q, k = matches
+    cos, sin = shared_tables(q)
+    replace_with_call(
+        gm.graph, [q.output, k.output], q.nodes + k.nodes + [cos, sin], rope,
+        (q.inputs["x"], k.inputs["x"], cos.args[0], sin.args[0]),
+    )
+    where, shape = output_path(q), fake_value(q.inputs["x"]).shape
+    return [Site(where, f"query rotation ({shape[1]} heads, head_dim {shape[-1]}), one launch with the key's"),
+            Site(where, f"key rotation ({fake_value(k.inputs['x']).shape[1]} heads), one launch with the query's")]
+
+
+def refusal(match: Match) -> str | None:
     x = fake_value(match.inputs["x"])
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         return "the rotated tensor is not [batch, heads, seq, head_dim]"
     if 2 * match.literals["half"] != x.shape[-1]:
         return f"rotate_half splits at {match.literals['half']}, not at the middle of {x.shape[-1]}"
-    if x.dtype not in SUPPORTED:
-        return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
     for name in ("cos", "sin"):
         node = match.inputs[name]
         table = fake_value(node)
@@ -83,3 +67,7 @@ def _refusal(match: Match) -> str | None:
     if shared:
         return f"intermediate {shared[0].name} is also used outside the rotation"
     return None
+
+
+register_pass("rope", Rewrite([trace_pattern(rotary_embedding, ("half",))], refusal, replace,
+                              group=shared_tables, check_group=pair_refusal))

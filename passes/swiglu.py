@@ -12,14 +12,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.graph_edit import module_path, replace_with_call
-from sloth_fx.kernels.swiglu import gated_mlp
+from sloth_fx.graph_edit import fake_value, replace_with_call
+from sloth_fx.kernels.swiglu import gated_mlp, gated_mlp_supports
 from sloth_fx.pass_manager import register_pass
-from sloth_fx.patterns import Match, fake_value, find_matches, trace_pattern
-from sloth_fx.report import PassLog
-
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
+from sloth_fx.patterns import Match, trace_pattern
+from sloth_fx.rewrite import Rewrite, Site, output_path
 
 def swiglu(gate, up):
     return F.silu(gate) * up
@@ -33,33 +30,28 @@ def geglu(gate, up):
     return F.gelu(gate) * up
 
 
-PATTERNS = [(trace_pattern(swiglu), "silu"), (trace_pattern(geglu_tanh), "gelu_tanh"), (trace_pattern(geglu), "gelu")]
+ACTIVATIONS = {"swiglu": "silu", "geglu_tanh": "gelu_tanh", "geglu": "gelu"}  # pattern -> the op's variant
 
 
-@register_pass("swiglu")
-def swiglu_pass(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
-    for pattern, activation in PATTERNS:
-        for match in list(find_matches(gm.graph, pattern)):
-            where = module_path(match.output)
-            reason = _refusal(match)
-            if reason:
-                log.refuse(where, f"{pattern.name}: {reason}")
-                continue
-            gate, up = match.inputs["gate"], match.inputs["up"]
-            replace_with_call(gm.graph, [match.output], match.nodes, gated_mlp, (gate, up), {"activation": activation})
-            log.rewrite(where, f"{pattern.name}, width {fake_value(gate).shape[-1]}")
-    return gm
+def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
+    (match,) = matches
+    gate, up = match.inputs["gate"], match.inputs["up"]
+    replace_with_call(gm.graph, [match.output], match.nodes, gated_mlp, (gate, up),
+                      {"activation": ACTIVATIONS[match.pattern.name]})
+    return [Site(output_path(match), f"{match.pattern.name}, width {fake_value(gate).shape[-1]}")]
 
 
-def _refusal(match: Match) -> str | None:
+def refusal(match: Match) -> str | None:
     gate, up = fake_value(match.inputs["gate"]), fake_value(match.inputs["up"])
     if not isinstance(gate, torch.Tensor) or not isinstance(up, torch.Tensor):
         return "no shape information for gate or up"
-    if gate.shape != up.shape:
-        return f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape (broadcasting is not fused)"
-    if gate.dtype != up.dtype or gate.dtype not in SUPPORTED:
-        return f"dtypes {gate.dtype}/{up.dtype}: the fused op takes one dtype of float32, float16, bfloat16"
+    reason = gated_mlp_supports(gate, up, ACTIVATIONS[match.pattern.name])
+    if reason:
+        return reason
     shared = match.outside_users()
     if shared:
         return f"the activation {shared[0].name} is also used outside the product"
     return None
+
+
+register_pass("swiglu", Rewrite([trace_pattern(swiglu), trace_pattern(geglu_tanh), trace_pattern(geglu)], refusal, replace))

@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sloth_fx.capture import Installation, RegionGate, displaced, install, uninstall
+from sloth_fx.kernels.toolkit import SUPPORTED_DTYPES
 from sloth_fx.pass_manager import available_passes, get_pass
 from sloth_fx.report import Report
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTR = "_sloth_fx"
 
 

@@ -20,6 +20,13 @@ class NotSchedulable(Exception):
     """The fused node cannot be placed after all its inputs and before all uses of its outputs."""
 
 
+def fake_value(node: Any) -> Any:
+    """The example value Dynamo recorded for a node (a FakeTensor), or the constant itself."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
 def module_path(node: fx.Node) -> str:
     """The module a node was traced in, relative to the captured region (``self_attn.q_proj``)."""
     stack = node.meta.get("nn_module_stack") or {}

@@ -1,8 +1,10 @@
 """The pass manager: runs registered passes over a captured graph and the graphs nested in it.
 
 A pass is a function ``(gm, log) -> gm`` that rewrites ``gm.graph`` in place and records in ``log``
-what it rewrote and what it refused. Passes register by name; ``optimize(passes=[...])`` picks them
-by that name. Canonicalization runs first, always. After every pass each graph is linted.
+what it rewrote and what it refused; a :class:`sloth_fx.rewrite.Rewrite` (patterns, a check and a
+replacement, with the engine owning the loop) is one. Passes register by name;
+``optimize(passes=[...])`` picks them by that name. Canonicalization runs first, always. After
+every pass each graph is linted.
 
 Higher-order ops that carry a body graph (activation checkpointing's ``tag_activation_checkpoint``,
 ``wrap``...) reference it through a ``get_attr`` node; the manager enters those bodies first, so a
@@ -16,6 +18,7 @@ from collections.abc import Callable
 
 import torch.fx as fx
 
+from sloth_fx.canonicalize import canonicalize
 from sloth_fx.report import PassLog
 
 GraphPass = Callable[[fx.GraphModule, PassLog], fx.GraphModule]
@@ -77,8 +80,6 @@ def subgraphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
 
 def run_pass(gm: fx.GraphModule, name: str) -> PassLog:
     """Run one pass over ``gm`` and every body graph nested in it; lint each graph afterwards."""
-    from sloth_fx.passes.canonicalize import canonicalize
-
     fn = get_pass(name)
     log = PassLog(name)
     for _, graph_module in subgraphs(gm):

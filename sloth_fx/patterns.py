@@ -9,7 +9,7 @@ A pattern is written as the reference computation, e.g.::
 
 Its arguments are *inputs* (bound to graph nodes: tensors) unless listed as *literals* (bound to
 constants in the graph: eps, dtypes). Both the pattern and the captured graph are put into the
-canonical form of ``passes/canonicalize.py`` first, so one spelling serves ``x.pow(2)``,
+canonical form of ``sloth_fx/canonicalize.py`` first, so one spelling serves ``x.pow(2)``,
 ``torch.pow(x, 2)`` and ``x ** 2``. The matcher then walks backwards from the pattern's output:
 
 - commutative operations (add, mul) match with their two operands in either order;
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from sloth_fx.canonicalize import CAST, canonicalize_graph
+
 COMMUTATIVE = {torch.add, torch.mul, operator.add, operator.mul}
-CAST = torch.Tensor.to
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,6 @@ class Match:
 
 def trace_pattern(fn: Callable[..., torch.Tensor], literals: Sequence[str] = ()) -> Pattern:
     """Trace ``fn`` with torch.fx into a canonical pattern graph."""
-    from sloth_fx.passes.canonicalize import canonicalize_graph
-
     gm = fx.symbolic_trace(fn)
     canonicalize_graph(gm.graph)
     names = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
@@ -160,9 +159,3 @@ def _restore(m: Match, saved: tuple[dict, dict, int]) -> None:
     m.inputs, m.literals = dict(inputs), dict(literals)
     del m.nodes[n:]
 
-
-def fake_value(node: Any) -> Any:
-    """The example value Dynamo recorded for a node (a FakeTensor), or the constant itself."""
-    if isinstance(node, fx.Node):
-        return node.meta.get("example_value", node.meta.get("val"))
-    return node

@@ -5,7 +5,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from sloth_fx.passes.canonicalize import canonicalize_graph
+from sloth_fx.canonicalize import canonicalize_graph
 from sloth_fx.patterns import find_matches, trace_pattern
 
 

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from sloth_fx.patterns import CAST, fake_value
+from sloth_fx.graph_edit import fake_value
+
+CAST = torch.Tensor.to  # the one spelling of a dtype cast
 
 OPERATORS = {
     operator.add: torch.add,
