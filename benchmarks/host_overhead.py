@@ -100,7 +100,7 @@ def make(op: str, tokens: int, seed: int = 0) -> tuple[Callable[[], object], lis
         return lambda: rope.rope(q, k, cos, sin), [q, k], [dq, dk]
     if op == "swiglu":
         gate, up = (randn(tokens, INTERMEDIATE).requires_grad_() for _ in range(2))
-        swiglu = kernel("swiglu")
+        swiglu = kernel("gated_mlp")
         return lambda: swiglu.gated_mlp(gate, up), [gate, up], [randn(tokens, INTERMEDIATE)]
     if op == "ce":  # the head is frozen in LoRA
         hidden, weight = randn(tokens, HIDDEN).requires_grad_(), randn(VOCAB, HIDDEN, std=HIDDEN ** -0.5)

@@ -172,7 +172,7 @@ def _rope_case(kv_heads: int) -> Case:
 
 
 def _swiglu_case(inter: int) -> Case:
-    sf = _lazy("sloth_fx.kernels.swiglu")
+    sf = _lazy("sloth_fx.kernels.gated_mlp")
 
     def make(dev: torch.device) -> tuple[list[torch.Tensor], dict[str, Any]]:
         return [_rand(T_TOKENS, inter, device=dev), _rand(T_TOKENS, inter, device=dev)], {}

@@ -23,7 +23,7 @@ from sloth_fx.report import PassLog
 
 GraphPass = Callable[[fx.GraphModule, PassLog], fx.GraphModule]
 
-PASS_ORDER = ["lora", "rmsnorm", "rope", "swiglu", "cross_entropy"]
+PASS_ORDER = ["lora", "rmsnorm", "rope", "gated_mlp", "cross_entropy"]
 _REGISTRY: dict[str, GraphPass] = {}
 _BUILTIN_MODULES = {name: f"sloth_fx.passes.{name}" for name in PASS_ORDER}
 

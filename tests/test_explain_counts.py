@@ -9,7 +9,7 @@ from tiny_models import batch, loss_and_grads, tiny_model
 import sloth_fx
 import sloth_fx.passes.lora as lora_pass
 import sloth_fx.passes.rmsnorm as rmsnorm_pass
-import sloth_fx.passes.swiglu as swiglu_pass
+import sloth_fx.passes.gated_mlp as gated_mlp_pass
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("reference_ops")
 @pytest.fixture
 def calls(monkeypatch):
     """Count each fused op's sites per call (a LoRA group call serves one site per weight)."""
-    counts = {"rmsnorm": 0, "swiglu": 0, "lora": 0}
+    counts = {"rmsnorm": 0, "gated_mlp": 0, "lora": 0}
 
     def counting(module, attr, name, sites):
         fn = getattr(module, attr)
@@ -29,7 +29,7 @@ def calls(monkeypatch):
         monkeypatch.setattr(module, attr, wrapper)
 
     counting(rmsnorm_pass, "rmsnorm", "rmsnorm", lambda args: 1)
-    counting(swiglu_pass, "gated_mlp", "swiglu", lambda args: 1)
+    counting(gated_mlp_pass, "gated_mlp", "gated_mlp", lambda args: 1)
     counting(lora_pass, "lora_linear", "lora", lambda args: 1)
     counting(lora_pass, "lora_linear_group", "lora", lambda args: len(args[1]))
     return counts
@@ -49,9 +49,9 @@ def test_explain_counts_equal_the_fused_calls(calls):
         report = sloth_fx.report(model)
         assert {name: report.count(name) for name in calls} == calls, (tuple(inputs["input_ids"].shape), calls)
         loss.backward()
-    assert calls == {"rmsnorm": 2 * 3 + 1, "swiglu": 3, "lora": 7 * 3}
+    assert calls == {"rmsnorm": 2 * 3 + 1, "gated_mlp": 3, "lora": 7 * 3}
     text = sloth_fx.explain(model)
-    assert "rewrite sites running in the model: cross_entropy 1, lora 21, rmsnorm 7, rope 6, swiglu 3" in text
+    assert "rewrite sites running in the model: cross_entropy 1, gated_mlp 3, lora 21, rmsnorm 7, rope 6" in text
     assert "padding-free, applied (latest): padding-free: 3 rows (right padding), 21 of 24 tokens" in text
 
 
@@ -78,7 +78,7 @@ def test_dora_counts_what_runs(calls):
     model(**batch()).loss.backward()
     report = sloth_fx.report(model)
     assert {name: report.count(name) for name in calls} == calls
-    assert calls["rmsnorm"] == 5 and calls["swiglu"] == 2
+    assert calls["rmsnorm"] == 5 and calls["gated_mlp"] == 2
     assert report.count("rope") == 4
 
 
@@ -92,4 +92,4 @@ def test_explain_after_merge_and_unload():
         p.requires_grad_(True)
     loss_and_grads(merged, batch())
     text = sloth_fx.explain(merged)
-    assert "rewrite sites running in the model: cross_entropy 1, rmsnorm 5, rope 4, swiglu 2" in text
+    assert "rewrite sites running in the model: cross_entropy 1, gated_mlp 2, rmsnorm 5, rope 4" in text

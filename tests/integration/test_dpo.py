@@ -32,5 +32,5 @@ def test_dpo_matches_the_unoptimized_run(with_reference, tmp_path):
     assert_same_training(trained(original, reference, tmp_path), trained(optimized, optimized_reference, tmp_path),
                          tmp_path)
     report = sloth_fx.report(optimized)
-    for name, sites in {"rmsnorm": 5, "rope": 4, "swiglu": 2, "lora": 14}.items():
+    for name, sites in {"rmsnorm": 5, "rope": 4, "gated_mlp": 2, "lora": 14}.items():
         assert report.count(name) == sites, sloth_fx.explain(optimized)

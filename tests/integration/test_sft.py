@@ -15,7 +15,7 @@ import sloth_fx
 
 trl = pytest.importorskip("trl")
 
-LAYER_REWRITES = {"rmsnorm": 5, "rope": 4, "swiglu": 2, "lora": 14}
+LAYER_REWRITES = {"rmsnorm": 5, "rope": 4, "gated_mlp": 2, "lora": 14}
 
 
 def trained(model, tmp_path, **arguments):

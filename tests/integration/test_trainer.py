@@ -26,7 +26,7 @@ def test_trainer_matches_the_unoptimized_run(arguments, tmp_path):
     optimized = sloth_fx.optimize(twin(original))
     assert_same_training(trained(original, tmp_path, **arguments), trained(optimized, tmp_path, **arguments), tmp_path)
     report = sloth_fx.report(optimized)
-    for name, sites in {"rmsnorm": 5, "rope": 4, "swiglu": 2, "lora": 14, "cross_entropy": 1}.items():
+    for name, sites in {"rmsnorm": 5, "rope": 4, "gated_mlp": 2, "lora": 14, "cross_entropy": 1}.items():
         assert report.count(name) == sites, sloth_fx.explain(optimized)
     if "gradient_accumulation_steps" in arguments:
         assert "reduction sum" in sloth_fx.explain(optimized)

@@ -13,7 +13,7 @@ from sloth_fx.kernels.lora import lora_linear_group
 from sloth_fx.kernels.lowrank_mm import lowrank_mm
 from sloth_fx.kernels.rmsnorm import rmsnorm
 from sloth_fx.kernels.rope import rope
-from sloth_fx.kernels.swiglu import gated_mlp
+from sloth_fx.kernels.gated_mlp import gated_mlp
 
 pytestmark = pytest.mark.gpu
 

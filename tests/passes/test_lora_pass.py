@@ -25,8 +25,8 @@ def test_every_pass_together_keeps_loss_and_gradients():
     optimized = sloth_fx.optimize(twin(original), verify=True)
     assert_same_training_step(original, optimized, batch())
     report = sloth_fx.report(optimized)
-    assert {p: report.count(p) for p in ("lora", "rmsnorm", "rope", "swiglu", "cross_entropy")} == {
-        "lora": 14, "rmsnorm": 5, "rope": 4, "swiglu": 2, "cross_entropy": 1}
+    assert {p: report.count(p) for p in ("lora", "rmsnorm", "rope", "gated_mlp", "cross_entropy")} == {
+        "lora": 14, "rmsnorm": 5, "rope": 4, "gated_mlp": 2, "cross_entropy": 1}
     assert "dropped by verify" not in sloth_fx.explain(optimized)
 
 

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from sloth_fx.graph_edit import fake_value, replace_with_call
-from sloth_fx.kernels.swiglu import gated_mlp, gated_mlp_supports
+from sloth_fx.kernels.gated_mlp import gated_mlp, gated_mlp_supports
 from sloth_fx.pass_manager import register_pass
 from sloth_fx.patterns import Match, trace_pattern
 from sloth_fx.rewrite import Rewrite, Site, output_path
@@ -54,4 +54,4 @@ def refusal(match: Match) -> str | None:
     return None
 
 
-register_pass("swiglu", Rewrite([trace_pattern(swiglu), trace_pattern(geglu_tanh), trace_pattern(geglu)], refusal, replace))
+register_pass("gated_mlp", Rewrite([trace_pattern(swiglu), trace_pattern(geglu_tanh), trace_pattern(geglu)], refusal, replace))

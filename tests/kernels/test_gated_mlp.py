@@ -1,4 +1,4 @@
-"""Tests for the fused gated-MLP activation (kernels/swiglu.py) against a float64 reference."""
+"""Tests for the fused gated-MLP activation (kernels/gated_mlp.py) against a float64 reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers.activations import ACT2FN
 
-from sloth_fx.kernels.swiglu import (
+from sloth_fx.kernels.gated_mlp import (
     ACTIVATIONS,
     GatedMLPFunction,
     _launch_bwd,
@@ -240,7 +240,7 @@ def test_gpu_past_int32_offsets() -> None:
 @pytest.mark.parametrize("activation", ACTS)
 def test_dispatch_off_triton_is_hf_exactly(activation: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where Triton does not run, gated_mlp() is HF's act(g) * up, bit for bit."""
-    import sloth_fx.kernels.swiglu as swiglu_module
+    import sloth_fx.kernels.gated_mlp as swiglu_module
 
     monkeypatch.setattr(swiglu_module, "use_triton", lambda *tensors: False)
     gen = fresh_generator()
