@@ -92,7 +92,7 @@ class LogitScale:
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                                    ignore_index: int = -100, num_items_in_batch: Tensor | int | None = None,
                                    logit_softcap: float | None = None, logit_scale: LogitScale | None = None) -> Tensor:
-    """HF's causal-LM loss on flattened tokens, in plain PyTorch (what the pass traces its pattern from).
+    """HF's causal-LM loss on flattened tokens, in plain PyTorch: the truth the fused op is tested against.
 
     ``hidden`` [N, H], ``weight`` [V, H], ``labels`` [N] int64, ``bias`` [V] or None.
     Exactly HF's computation: ``logits = F.linear(hidden, weight, bias)`` in the model dtype, scaled
