@@ -337,7 +337,7 @@ def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free:
     for region in regions:
         foreign = {path: _name(module.__dict__["forward"]) for path, module in region.modules if "forward" in module.__dict__}
         report.notes += [f"{path}: its forward was replaced by {name} before optimize; left as it is, unrewritten"
-                         for path, name in foreign.items()]
+                         + _what_replaced(name) for path, name in foreign.items()]
         modules = [(path, module) for path, module in region.modules if path not in foreign]
         if not modules:
             continue
@@ -356,9 +356,10 @@ def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free:
 def displaced(installation: Installation) -> list[str]:
     """What replaced a forward that ``install`` put in place (a trainer's own head, say): sloth_fx
     no longer runs there."""
-    return [f"{type(module).__name__}'s forward was replaced after optimize by {_name(module.__dict__.get('forward'))}; "
-            "sloth_fx does not run there" for module, _, ours in installation.replaced
-            if module.__dict__.get("forward") is not ours]
+    names = [(module, _name(module.__dict__.get("forward"))) for module, _, ours in installation.replaced
+             if module.__dict__.get("forward") is not ours]
+    return [f"{type(module).__name__}'s forward was replaced after optimize by {name}; sloth_fx does not run there"
+            + _what_replaced(name) for module, name in names]
 
 
 def uninstall(installation: Installation) -> None:
@@ -377,6 +378,16 @@ def uninstall(installation: Installation) -> None:
 def _replace_forward(installation: Installation, module: nn.Module, forward: Any) -> None:
     installation.replaced.append((module, module.__dict__.get("forward"), forward))
     module.forward = forward
+
+
+def _what_replaced(name: str) -> str:
+    """What it means where a trainer's own head took the causal-LM forward, and what to do."""
+    if "add_fused_lm_head" not in name:
+        return ""
+    return (" (TRL's chunked head: it computes the loss and TRL's per-token metrics without building the "
+            "logits, so sloth_fx's fused cross-entropy does not run; the decoder layers' rewrites do. TRL 1.x "
+            "installs it in SFTTrainer and DPOTrainer with no setting to turn it off: for sloth_fx's "
+            "fused loss, train with transformers.Trainer or a loop of your own)")
 
 
 def _name(forward: Any) -> str:

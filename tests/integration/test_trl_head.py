@@ -22,7 +22,9 @@ def sft_trainer(model, tmp_path):
 def test_explain_names_trls_head(tmp_path):
     model = sloth_fx.optimize(tiny_model("llama", lora=True))
     sft_trainer(model, tmp_path).train()
-    assert "add_fused_lm_head" in sloth_fx.explain(model)
+    text = sloth_fx.explain(model)
+    assert "add_fused_lm_head" in text and "train with transformers.Trainer or a loop of your own" in text
+    assert sloth_fx.report(model).count("lora") == 14
 
 
 def test_optimize_after_the_trainer_keeps_trls_head(tmp_path):
@@ -31,4 +33,6 @@ def test_optimize_after_the_trainer_keeps_trls_head(tmp_path):
     sloth_fx.optimize(trainer.model)
     trainer.train()
     assert sloth_fx.report(model).count("lora") == 14
-    assert "add_fused_lm_head" in sloth_fx.explain(model) and "left as it is, unrewritten" in sloth_fx.explain(model)
+    text = sloth_fx.explain(model)
+    assert "add_fused_lm_head" in text and "left as it is, unrewritten" in text
+    assert "fused cross-entropy does not run" in text
