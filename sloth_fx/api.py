@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sloth_fx.capture import Installation, RegionGate, displaced, install, uninstall
+from sloth_fx.capture import RegionGate
+from sloth_fx.install import Installation, displaced, install, uninstall
 from sloth_fx.kernels.toolkit import SUPPORTED_DTYPES
 from sloth_fx.pass_manager import available_passes, get_pass
 from sloth_fx.report import Report

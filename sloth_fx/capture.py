@@ -9,7 +9,8 @@ control flow; Dynamo can. sloth_fx compiles *regions*, not the whole model:
   once;
 - the decoder's other parametrised children (the final norm);
 - the head and loss: the causal-LM module's forward, with the decoder call made opaque
-  (``torch._dynamo.disable``), so the graph after that break is ``lm_head`` + loss.
+  (``torch._dynamo.disable``), so the graph after that break is ``lm_head`` + loss; its gate
+  prepares each training call first (:mod:`sloth_fx.head_gate`).
 
 The backend runs the passes and returns the rewritten ``GraphModule``, which runs eagerly, so
 autograd runs each fused op's own backward. Regions run compiled only when the module is training
@@ -24,7 +25,7 @@ each region of each ``optimize`` call compiles its own copy of the forward (:mod
 a second model, a ``deepcopy`` or a reloaded pickle never sees another's captures, its eps and
 scales stay the constants they are, and each has its own recompile budget, raised only inside its
 own calls. All of sloth_fx's state lives in the gate objects installed as the modules' ``forward``
-(picklable, copied with the model; a copy compiles afresh).
+(picklable, copied with the model; a copy compiles afresh), installed by :mod:`sloth_fx.install`.
 """
 
 from __future__ import annotations
@@ -42,10 +43,6 @@ from torch import nn
 
 from sloth_fx.checkpoint import replay_rng_in_checkpoints
 from sloth_fx.isolation import isolated
-from sloth_fx.memory_budget import plan_offload
-from sloth_fx.offload import offloading
-from sloth_fx.packed_attention import install_packed_attention, uninstall_packed_attention
-from sloth_fx.padding_free import plan
 from sloth_fx.pass_manager import run_pass, subgraphs
 from sloth_fx.report import Capture, RegionReport, Report
 from sloth_fx.verify import compare, concrete
@@ -197,7 +194,7 @@ class RegionGate:
 
     def run(self, args: tuple, kwargs: dict) -> Any:
         """The training forward, through the region's capture; records who ran what."""
-        _mark_batch_and_sequence_dynamic(args, kwargs)
+        mark_batch_and_sequence_dynamic(args, kwargs)
         if self._compiled is None:
             self._compiled = self.runtime.compile(self.module)
         run = _Run([])
@@ -214,192 +211,7 @@ class RegionGate:
         return {**self.__dict__, "_compiled": None}
 
 
-class HeadGate(RegionGate):
-    """The causal-LM module's gate, where a training call is prepared before Dynamo sees it:
-
-    - labels are checked (shape and dtype), so that bad ones raise a clear error, not a fake-tensor one;
-    - no KV cache unless the call asks for one (``use_cache=False``): training never reads it, and
-      each layer's guard on its own cache entry would capture every layer apart;
-    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.padding_free`);
-    - under checkpointing, the step offloads its layers' inputs when its predicted activation memory
-      is over ``memory_budget`` (:mod:`sloth_fx.memory_budget`).
-    """
-
-    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool,
-                 memory_budget: int | None) -> None:
-        super().__init__(module, path, runtime)
-        self.padding_free = padding_free
-        self.memory_budget = memory_budget
-        self.takes_use_cache = "use_cache" in inspect.signature(self.eager).parameters
-
-    def run(self, args: tuple, kwargs: dict) -> Any:
-        _check_labels(args, kwargs)
-        if self.takes_use_cache and "use_cache" not in kwargs:
-            kwargs = self.without_cache(kwargs)
-        if not self.padding_free:
-            return self.run_within_budget(args, kwargs)
-        packed = plan(kwargs) if not args else "input passed positionally"
-        if isinstance(packed, str):
-            self.runtime.owner.padding_free_decision(False, packed)
-            return self.run_within_budget(args, kwargs)
-        self.runtime.owner.padding_free_decision(True, packed.note)
-        return packed.restore(self.run_within_budget((), packed.kwargs))
-
-    def run_within_budget(self, args: tuple, kwargs: dict) -> Any:
-        """The region's run, offloading the checkpointed layers' inputs if this step's are over budget."""
-        decision = plan_offload(self.module, args, kwargs, self.memory_budget)
-        self.runtime.owner.offload_decision(decision.offload, decision.text)
-        with offloading(decision.offload):
-            return super().run(args, kwargs)
-
-
-    def without_cache(self, kwargs: dict) -> dict:
-        """``kwargs`` with ``use_cache=False``, computing what HF's run computes. Where HF would
-        build a cache (``config.use_cache``, no checkpointing), it reads no sequence boundaries
-        from ``position_ids`` (its packed-row detection needs no cache): a mask with nothing
-        masked keeps the row one causal sequence, as it was."""
-        out = {**kwargs, "use_cache": False}
-        decoder = self.module.get_decoder() if hasattr(self.module, "get_decoder") else None
-        caches = getattr(self.module.config, "use_cache", False) and not getattr(decoder, "gradient_checkpointing", False)
-        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if caches and kwargs.get("position_ids") is not None and kwargs.get("attention_mask") is None \
-                and isinstance(tokens, torch.Tensor):
-            out["attention_mask"] = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
-        return out
-
-
-def _check_labels(args: tuple, kwargs: dict) -> None:
-    labels = kwargs.get("labels")
-    if labels is None:
-        return
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    embeds = kwargs.get("inputs_embeds")
-    expected = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else None
-    if expected is None and isinstance(embeds, torch.Tensor):
-        expected = tuple(embeds.shape[:-1])
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"labels must be a tensor of integer token ids, got {_describe(labels)}")
-    if expected is not None and tuple(labels.shape) != expected:
-        raise ValueError(f"labels have shape {tuple(labels.shape)} but the inputs have {expected}: a causal LM "
-                         "takes one label per input token (-100 where nothing is predicted)")
-
-
-class OpaqueDecoder:
-    """Installed as the decoder's ``forward``: Dynamo treats the call as opaque (its layers are
-    regions of their own) and the head's graph after it sees dynamic batch and sequence sizes."""
-
-    def __init__(self, decoder: nn.Module) -> None:
-        self.decoder = decoder
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(type(self.decoder).forward.__get__(self.decoder))
-
-    @torch._dynamo.disable
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = type(self.decoder).forward(self.decoder, *args, **kwargs)
-        _mark_batch_and_sequence_dynamic(tuple(out.values()) if hasattr(out, "values") else (out,), {})
-        return out
-
-
-@dataclass
-class Installation:
-    """What ``install`` changed on a model, so that ``uninstall`` restores exactly that."""
-
-    report: Report
-    replaced: list[tuple[nn.Module, Any, Any]]  # (module, its instance-level forward before or None, ours)
-    packed_attention: nn.Module | None = None  # the model switched to packed attention
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # a copy (deepcopy, pickle) compiles afresh: what the original captured does not run in it
-        self.__dict__.update(state)
-        for region in self.report.regions.values():
-            region.forget()
-
-
-def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free: bool,
-            memory_budget: int | None = None) -> Installation:
-    """Route every region's training forward through Dynamo and the sloth_fx backend; with
-    ``padding_free``, switch the model to packed attention and pack padded batches; offload
-    checkpointed layers' inputs in steps over ``memory_budget`` (None: the free device memory)."""
-    report = Report()
-    installation = Installation(report, [])
-    regions, decoder, head = find_regions(model)
-    if not regions:
-        report.notes.append(f"{type(model).__name__} has no decoder with layers to capture; nothing to rewrite")
-        return installation
-    if padding_free and head is not None:
-        refused = install_packed_attention(model)
-        if refused is None:
-            installation.packed_attention = model
-        else:
-            report.notes.append(f"padding-free off: {refused}")
-    for region in regions:
-        foreign = {path: _name(module.__dict__["forward"]) for path, module in region.modules if "forward" in module.__dict__}
-        report.notes += [f"{path}: its forward was replaced by {name} before optimize; left as it is, unrewritten"
-                         + _what_replaced(name) for path, name in foreign.items()]
-        modules = [(path, module) for path, module in region.modules if path not in foreign]
-        if not modules:
-            continue
-        region_report = RegionReport(region.name, [path for path, _ in modules])
-        report.regions[region.name] = region_report
-        runtime = RegionRuntime(region.name, region_report, report, passes, verify)
-        for path, module in modules:
-            gate = (HeadGate(module, path, runtime, installation.packed_attention is not None, memory_budget)
-                    if module is head else RegionGate(module, path, runtime))
-            _replace_forward(installation, module, gate)
-    if decoder is not None and any(module is head for module, _, _ in installation.replaced):
-        _replace_forward(installation, decoder, OpaqueDecoder(decoder))
-    return installation
-
-
-def displaced(installation: Installation) -> list[str]:
-    """What replaced a forward that ``install`` put in place (a trainer's own head, say): sloth_fx
-    no longer runs there."""
-    names = [(module, _name(module.__dict__.get("forward"))) for module, _, ours in installation.replaced
-             if module.__dict__.get("forward") is not ours]
-    return [f"{type(module).__name__}'s forward was replaced after optimize by {name}; sloth_fx does not run there"
-            + _what_replaced(name) for module, name in names]
-
-
-def uninstall(installation: Installation) -> None:
-    """Put back every ``forward`` that ``install`` replaced, as it was."""
-    for module, previous, _ in reversed(installation.replaced):
-        if previous is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = previous
-    installation.replaced.clear()
-    if installation.packed_attention is not None:
-        uninstall_packed_attention(installation.packed_attention)
-        installation.packed_attention = None
-
-
-def _replace_forward(installation: Installation, module: nn.Module, forward: Any) -> None:
-    installation.replaced.append((module, module.__dict__.get("forward"), forward))
-    module.forward = forward
-
-
-def _what_replaced(name: str) -> str:
-    """What it means where a trainer's own head took the causal-LM forward, and what to do."""
-    if "add_fused_lm_head" not in name:
-        return ""
-    return (" (TRL's chunked head: it computes the loss and TRL's per-token metrics without building the "
-            "logits, so sloth_fx's fused cross-entropy does not run; the decoder layers' rewrites do. TRL 1.x "
-            "installs it in SFTTrainer and DPOTrainer with no setting to turn it off: for sloth_fx's "
-            "fused loss, train with transformers.Trainer or a loop of your own)")
-
-
-def _name(forward: Any) -> str:
-    """Who wrote ``forward``: its code's own name (``functools.wraps`` would lend it the class's)."""
-    fn = getattr(forward, "func", getattr(forward, "__func__", forward))  # functools.partial, bound method
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        return getattr(code, "co_qualname", code.co_name)
-    return type(fn).__qualname__
-
-
-def _mark_batch_and_sequence_dynamic(args: tuple, kwargs: dict) -> None:
+def mark_batch_and_sequence_dynamic(args: tuple, kwargs: dict) -> None:
     """Capture batch and sequence sizes as symbols from the first call, so that a new size never
     recaptures (only a size of 1 does, once: Dynamo specialises 0 and 1)."""
     for value in (*args, *kwargs.values()):
@@ -408,10 +220,6 @@ def _mark_batch_and_sequence_dynamic(args: tuple, kwargs: dict) -> None:
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= 2:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(t, 1)
-
-
-def _describe(value: Any) -> str:
-    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _prefix_of(root: nn.Module, target: nn.Module) -> str:

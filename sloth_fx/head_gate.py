@@ -1,0 +1,107 @@
+"""The head region's gate: where a training call is prepared before Dynamo sees it, and the
+decoder call that the head's graph treats as opaque (its layers are regions of their own)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from sloth_fx.capture import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
+from sloth_fx.memory_budget import plan_offload
+from sloth_fx.offload import offloading
+from sloth_fx.padding_free import plan
+
+
+class HeadGate(RegionGate):
+    """The causal-LM module's gate, where a training call is prepared before Dynamo sees it:
+
+    - labels are checked (shape and dtype), so that bad ones raise a clear error, not a fake-tensor one;
+    - no KV cache unless the call asks for one (``use_cache=False``): training never reads it, and
+      each layer's guard on its own cache entry would capture every layer apart;
+    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.padding_free`);
+    - under checkpointing, the step offloads its layers' inputs when its predicted activation memory
+      is over ``memory_budget`` (:mod:`sloth_fx.memory_budget`).
+    """
+
+    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool,
+                 memory_budget: int | None) -> None:
+        super().__init__(module, path, runtime)
+        self.padding_free = padding_free
+        self.memory_budget = memory_budget
+        self.takes_use_cache = "use_cache" in inspect.signature(self.eager).parameters
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        _check_labels(args, kwargs)
+        if self.takes_use_cache and "use_cache" not in kwargs:
+            kwargs = self.without_cache(kwargs)
+        if not self.padding_free:
+            return self.run_within_budget(args, kwargs)
+        packed = plan(kwargs) if not args else "input passed positionally"
+        if isinstance(packed, str):
+            self.runtime.owner.padding_free_decision(False, packed)
+            return self.run_within_budget(args, kwargs)
+        self.runtime.owner.padding_free_decision(True, packed.note)
+        return packed.restore(self.run_within_budget((), packed.kwargs))
+
+    def run_within_budget(self, args: tuple, kwargs: dict) -> Any:
+        """The region's run, offloading the checkpointed layers' inputs if this step's are over budget."""
+        decision = plan_offload(self.module, args, kwargs, self.memory_budget)
+        self.runtime.owner.offload_decision(decision.offload, decision.text)
+        with offloading(decision.offload):
+            return super().run(args, kwargs)
+
+
+    def without_cache(self, kwargs: dict) -> dict:
+        """``kwargs`` with ``use_cache=False``, computing what HF's run computes. Where HF would
+        build a cache (``config.use_cache``, no checkpointing), it reads no sequence boundaries
+        from ``position_ids`` (its packed-row detection needs no cache): a mask with nothing
+        masked keeps the row one causal sequence, as it was."""
+        out = {**kwargs, "use_cache": False}
+        decoder = self.module.get_decoder() if hasattr(self.module, "get_decoder") else None
+        caches = getattr(self.module.config, "use_cache", False) and not getattr(decoder, "gradient_checkpointing", False)
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if caches and kwargs.get("position_ids") is not None and kwargs.get("attention_mask") is None \
+                and isinstance(tokens, torch.Tensor):
+            out["attention_mask"] = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return out
+
+
+def _check_labels(args: tuple, kwargs: dict) -> None:
+    labels = kwargs.get("labels")
+    if labels is None:
+        return
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    expected = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else None
+    if expected is None and isinstance(embeds, torch.Tensor):
+        expected = tuple(embeds.shape[:-1])
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be a tensor of integer token ids, got {_describe(labels)}")
+    if expected is not None and tuple(labels.shape) != expected:
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the inputs have {expected}: a causal LM "
+                         "takes one label per input token (-100 where nothing is predicted)")
+
+
+class OpaqueDecoder:
+    """Installed as the decoder's ``forward``: Dynamo treats the call as opaque (its layers are
+    regions of their own) and the head's graph after it sees dynamic batch and sequence sizes."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        self.decoder = decoder
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.decoder).forward.__get__(self.decoder))
+
+    @torch._dynamo.disable
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = type(self.decoder).forward(self.decoder, *args, **kwargs)
+        mark_batch_and_sequence_dynamic(tuple(out.values()) if hasattr(out, "values") else (out,), {})
+        return out
+
+
+def _describe(value: Any) -> str:
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
