@@ -51,7 +51,7 @@ from .toolkit import (
     next_power_of_2, refusal, use_triton, validate,
 )
 
-__all__ = ["rmsnorm", "rmsnorm_reference", "rmsnorm_supports", "RMSNormFunction"]
+__all__ = ["rmsnorm", "rmsnorm_backward", "rmsnorm_reference", "rmsnorm_supports", "RMSNormFunction"]
 
 # A row whose next power of two fits in this many bytes (of x's dtype) is held in registers as one
 # tile: 64 KiB is 16384 fp32 / 32768 fp16 elements, the largest hidden sizes of current decoder
@@ -337,40 +337,50 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, rstd = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_dx or need_dw):
-            return None, None, None, None, None, None
-        n = x.shape[-1]
-        x2 = _as_rows(x)
-        dy2 = _as_rows(dy)
-        w = weight.contiguous()
-        m = x2.shape[0]
-        dx = _empty((m, n), x.dtype, x.device) if need_dx else None
-        dw = None
-        if m == 0:
-            if need_dw:
-                dw = torch.zeros_like(weight)
-            return (dx.view(x.shape) if need_dx else None), dw, None, None, None, None
+        dx, dw = rmsnorm_backward(dy, x, weight, rstd, ctx.weight_offset, ctx.normed_dtype,
+                                  need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        return dx, dw, None, None, None, None
 
-        rows_per_program, num_partials = _backward_grid(m, x.device)
-        dw_part = _empty((num_partials, n), torch.float32, x.device) if need_dw else None
-        block, single, num_warps = _block_config(n, x.element_size())
-        # Pointers of buffers a constexpr flag switches off are never dereferenced.
-        dx_arg = dx if need_dx else x2
-        dw_arg = dw_part if need_dw else rstd
-        with device_guard(x):
-            _rmsnorm_bwd_kernel[(num_partials,)](
-                dy2, x2, w, rstd, dx_arg, dw_arg,
-                dy2.stride(0), x2.stride(0), dx_arg.stride(0),
-                m, n, rows_per_program, ctx.weight_offset,
-                HAS_OFFSET=ctx.weight_offset != 0.0, ROUND=_ROUND_CODES[ctx.normed_dtype],
-                BLOCK=block, SINGLE_TILE=single,
-                COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, num_warps=num_warps,
-            )
+
+def rmsnorm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, weight_offset: float,
+                     normed_dtype: torch.dtype | None, *, need_dx: bool, need_dw: bool
+                     ) -> tuple[Tensor | None, Tensor | None]:
+    """``(dx, dw)`` of RMSNorm (the formulas of :class:`RMSNormFunction`) from the forward's ``x``
+    and per-row fp32 ``rstd``: ``dx`` in x.dtype and x's shape, ``dw`` in weight.dtype; each None
+    when not asked for. Also the backward of every op that normalises as this one does."""
+    if not (need_dx or need_dw):
+        return None, None
+    n = x.shape[-1]
+    x2 = _as_rows(x)
+    dy2 = _as_rows(dy)
+    w = weight.contiguous()
+    m = x2.shape[0]
+    dx = _empty((m, n), x.dtype, x.device) if need_dx else None
+    dw = None
+    if m == 0:
         if need_dw:
-            # Second stage of the dw reduction: sum the per-program partial rows (fp32).
-            dw = dw_part.sum(dim=0).to(weight.dtype)
-        return (dx.view(x.shape) if need_dx else None), dw, None, None, None, None
+            dw = torch.zeros_like(weight)
+        return (dx.view(x.shape) if need_dx else None), dw
+
+    rows_per_program, num_partials = _backward_grid(m, x.device)
+    dw_part = _empty((num_partials, n), torch.float32, x.device) if need_dw else None
+    block, single, num_warps = _block_config(n, x.element_size())
+    # Pointers of buffers a constexpr flag switches off are never dereferenced.
+    dx_arg = dx if need_dx else x2
+    dw_arg = dw_part if need_dw else rstd
+    with device_guard(x):
+        _rmsnorm_bwd_kernel[(num_partials,)](
+            dy2, x2, w, rstd, dx_arg, dw_arg,
+            dy2.stride(0), x2.stride(0), dx_arg.stride(0),
+            m, n, rows_per_program, weight_offset,
+            HAS_OFFSET=weight_offset != 0.0, ROUND=_ROUND_CODES[normed_dtype],
+            BLOCK=block, SINGLE_TILE=single,
+            COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, num_warps=num_warps,
+        )
+    if need_dw:
+        # Second stage of the dw reduction: sum the per-program partial rows (fp32).
+        dw = dw_part.sum(dim=0).to(weight.dtype)
+    return (dx.view(x.shape) if need_dx else None), dw
 
 
 def _check_dtype(what: str, dtype: torch.dtype | None, allow_none: bool = False) -> None:
