@@ -1,4 +1,4 @@
-"""An optimized tiny Llama with PEFT LoRA under TRL's ``DPOTrainer``, with the adapters disabled
+"""An optimized tiny Llama or Mistral with PEFT LoRA under TRL's ``DPOTrainer``, with the adapters disabled
 as the reference (no reference model) or with an optimized reference model: the un-optimized
 run's losses and adapters.
 
@@ -8,7 +8,7 @@ policy's decoder layers run their rewrites. TRL's own chunked head computes the 
 
 import pytest
 from tiny_models import tiny_model, twin
-from trainer_kit import SHARED_ARGS, assert_same_training, preference_dataset, tokenizer
+from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, preference_dataset, tokenizer
 
 import sloth_fx
 
@@ -18,16 +18,17 @@ trl = pytest.importorskip("trl")
 def trained(model, reference, tmp_path):
     args = trl.DPOConfig(output_dir=str(tmp_path / "run"), bf16=False, **SHARED_ARGS)
     trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=preference_dataset(),
-                             processing_class=tokenizer())
+                             processing_class=tokenizer(), callbacks=[FirstStepGradients()])
     trainer.train()
     return trainer
 
 
 @pytest.mark.parametrize("with_reference", [False, True], ids=["adapters_off", "reference_model"])
-def test_dpo_matches_the_unoptimized_run(with_reference, tmp_path):
-    original = tiny_model("llama", lora=True)
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_dpo_matches_the_unoptimized_run(family, with_reference, tmp_path):
+    original = tiny_model(family, lora=True)
     optimized = sloth_fx.optimize(twin(original))
-    reference = tiny_model("llama", seed=1) if with_reference else None
+    reference = tiny_model(family, seed=1) if with_reference else None
     optimized_reference = sloth_fx.optimize(twin(reference)) if with_reference else None
     assert_same_training(trained(original, reference, tmp_path), trained(optimized, optimized_reference, tmp_path),
                          tmp_path)

@@ -1,4 +1,4 @@
-"""An optimized tiny Llama with PEFT LoRA under TRL's ``SFTTrainer``: plain, packed and
+"""An optimized tiny Llama or Mistral with PEFT LoRA under TRL's ``SFTTrainer``: plain, packed and
 padding-free runs log the un-optimized run's losses and save the same adapters.
 
 TRL 1.x puts its own chunked head on the model (``add_fused_lm_head``: per-token log-probs, never
@@ -9,7 +9,7 @@ the decoder layers' rewrites do.
 import pytest
 import torch
 from tiny_models import tiny_model, twin
-from trainer_kit import SHARED_ARGS, assert_same_training, text_dataset, tokenizer
+from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, text_dataset, tokenizer
 
 import sloth_fx
 
@@ -20,7 +20,8 @@ LAYER_REWRITES = {"rmsnorm": 5, "rope": 4, "gated_mlp": 2, "lora": 14}
 
 def trained(model, tmp_path, **arguments):
     args = trl.SFTConfig(output_dir=str(tmp_path / "run"), **{**SHARED_ARGS, **arguments})
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=text_dataset(), processing_class=tokenizer())
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=text_dataset(), processing_class=tokenizer(),
+                            callbacks=[FirstStepGradients()])
     trainer.train()
     return trainer
 
@@ -30,9 +31,10 @@ def trained(model, tmp_path, **arguments):
     {"packing": True, "max_length": 16},  # TRL's default bfd packing: padding-free rows with position ids
     {"padding_free": True, "max_length": None},
 ], ids=["plain", "packing", "padding_free"])
-def test_sft_matches_the_unoptimized_run(arguments, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_sft_matches_the_unoptimized_run(family, arguments, tmp_path):
     arguments = {"bf16": False, **arguments}  # float32 model, float32 compute: see the next test for bf16
-    original = tiny_model("llama", lora=True)
+    original = tiny_model(family, lora=True)
     optimized = sloth_fx.optimize(twin(original))
     assert_same_training(trained(original, tmp_path, **arguments), trained(optimized, tmp_path, **arguments), tmp_path)
     report = sloth_fx.report(optimized)

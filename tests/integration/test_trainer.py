@@ -1,9 +1,9 @@
-"""An optimized tiny Llama with PEFT LoRA under ``transformers.Trainer``: the same losses and
+"""An optimized tiny Llama or Mistral with PEFT LoRA under ``transformers.Trainer``: the same losses and
 saved adapters as the un-optimized model's run, with every rewrite in place, the fused loss included."""
 
 import pytest
 from tiny_models import tiny_model, twin
-from trainer_kit import SHARED_ARGS, assert_same_training, token_dataset
+from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, token_dataset
 from transformers import Trainer, TrainingArguments
 
 import sloth_fx
@@ -11,7 +11,7 @@ import sloth_fx
 
 def trained(model, tmp_path, **arguments) -> Trainer:
     args = TrainingArguments(output_dir=str(tmp_path / "run"), **{**SHARED_ARGS, **arguments})
-    trainer = Trainer(model=model, args=args, train_dataset=token_dataset())
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=[FirstStepGradients()])
     trainer.train()
     return trainer
 
@@ -21,8 +21,9 @@ def trained(model, tmp_path, **arguments) -> Trainer:
     {"gradient_accumulation_steps": 2},  # the loss is summed and divided by num_items_in_batch
     {"gradient_checkpointing": True},  # enabled by Trainer after optimize
 ], ids=["defaults", "accumulation", "checkpointing"])
-def test_trainer_matches_the_unoptimized_run(arguments, tmp_path):
-    original = tiny_model("llama", lora=True)
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_trainer_matches_the_unoptimized_run(family, arguments, tmp_path):
+    original = tiny_model(family, lora=True)
     optimized = sloth_fx.optimize(twin(original))
     assert_same_training(trained(original, tmp_path, **arguments), trained(optimized, tmp_path, **arguments), tmp_path)
     report = sloth_fx.report(optimized)

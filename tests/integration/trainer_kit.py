@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Trainer
+from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback
 
 WORDS = 98
 
@@ -64,18 +64,42 @@ def losses(trainer: Trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+class FirstStepGradients(TrainerCallback):
+    """Keeps the gradients the optimizer is about to apply at the first step, where both runs'
+    weights are still the same: the exactness check proper (see :func:`assert_same_training`)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if not self.grads:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def first_step_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, FirstStepGradients)]
+    return callback.grads
+
+
 # AdamW moves every adapter element by about the learning rate a step whatever its gradient's size,
 # so where a gradient element is near zero, a rounding-sized difference in it (a fused op sums in
-# another order) moves the element by a visible fraction of a step. Measured on the SFT packing run
-# here: gradients at every step as close to a float64 run as HF's own (within 1.6x), and saved
-# adapters apart by up to 6.8e-6 after 3 steps of 1e-2 (DPO's: 6.9e-6). The adapters are compared to 0.5% of
-# one step; the losses, which no such normalisation amplifies, to ``rtol``.
-ADAPTER_ATOL = 5e-3 * SHARED_ARGS["learning_rate"]
+# another order) moves the element by a visible fraction of a step after a few steps. Measured
+# here: first-step gradients as close to a float64 run as HF's own (within 1.7x), saved adapters
+# apart by up to 8.3e-5 after 3 steps of 1e-2 (DPO, Mistral, a reference model). So exactness is
+# judged on the first step's gradients, and the adapters after 3 steps to 2% of one step (a wrong
+# gradient moves an element by whole steps).
+ADAPTER_ATOL = 2e-2 * SHARED_ARGS["learning_rate"]
 
 
 def assert_same_training(original: Trainer, optimized: Trainer, tmp_path: Path, rtol: float = 1e-5) -> None:
-    """Both trainers logged the same loss at every step (relative ``rtol``) and save the same
-    adapters (``save_pretrained`` of each model, tensor by tensor, to :data:`ADAPTER_ATOL`)."""
+    """Both trainers applied the same gradients at the first step (relative 1e-4, or 1e-5 of the
+    tensor's largest element), logged the same loss at every step (relative ``rtol``) and save the
+    same adapters (``save_pretrained`` of each model, tensor by tensor, to :data:`ADAPTER_ATOL`)."""
+    reference, grads = first_step_gradients(original), first_step_gradients(optimized)
+    assert reference.keys() == grads.keys() and reference
+    for name, g in reference.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()),
+                                   msg=lambda m: f"first-step gradient of {name}: {m}")
     assert len(losses(original)) == len(losses(optimized)) == SHARED_ARGS["max_steps"]
     for step, (a, b) in enumerate(zip(losses(original), losses(optimized))):
         assert abs(a - b) <= rtol * abs(a), f"step {step}: loss {b} against {a} without sloth_fx"
