@@ -444,22 +444,18 @@ def _bad(kind: str):
     return cases[kind]
 
 
-@pytest.mark.parametrize(
-    "kind",
-    ["x_float64", "x_int", "w_float64", "normed_float64", "out_int", "w_shape_short", "w_shape_2d",
-     "x_scalar", "x_zero_width", "devices", "x_not_tensor"],
-)
+BAD_KINDS = ["x_float64", "x_int", "w_float64", "normed_float64", "out_int", "w_shape_short", "w_shape_2d",
+             "x_scalar", "x_zero_width", "devices", "x_not_tensor"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
 def test_bad_inputs_raise(kind: str) -> None:
     err, match, args, kw = _bad(kind)
     with pytest.raises(err, match=match):
         rmsnorm(*args, EPS, **kw)
 
 
-@pytest.mark.parametrize(
-    "kind",
-    ["x_float64", "x_int", "w_float64", "normed_float64", "out_int", "w_shape_short", "w_shape_2d",
-     "x_scalar", "x_zero_width", "devices", "x_not_tensor"],
-)
+@pytest.mark.parametrize("kind", BAD_KINDS)
 def test_supports_answers_what_the_op_raises(kind: str) -> None:
     _, match, args, kw = _bad(kind)
     reason = rmsnorm_supports(*args, EPS, **kw)
