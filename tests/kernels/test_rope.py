@@ -14,14 +14,8 @@ from transformers.models.bamba.modeling_bamba import (
 )
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from sloth_fx.kernels.rope import (
-    RoPEFunction,
-    _empty_bhsd,
-    _launch,
-    rope,
-    rope_reference,
-    rope_supports,
-)
+from sloth_fx.kernels.rope import RoPEFunction, rope, rope_reference, rope_supports
+from sloth_fx.kernels.rope_kernel import empty_bhsd, rotate_into
 
 _seed = itertools.count(1234)
 
@@ -189,14 +183,14 @@ def test_poisoned_outputs_all_written(shape: tuple[int, ...], dtype: torch.dtype
     gen = fresh_generator()
     q, k = make_qk(b, s, hq, hk, d, dtype, device, gen)
     cos, sin = random_tables(b, s, rot, dtype, device, gen)
-    q_out = _empty_bhsd(q.shape, dtype, device).fill_(float("nan"))
-    k_out = _empty_bhsd(k.shape, dtype, device).fill_(float("nan"))
-    _launch(q, k, cos, sin, q_out, k_out, backward=False)
+    q_out = empty_bhsd(q.shape, dtype, device).fill_(float("nan"))
+    k_out = empty_bhsd(k.shape, dtype, device).fill_(float("nan"))
+    rotate_into(q, k, cos, sin, q_out, k_out, backward=False)
     gq = torch.randn(q.shape, generator=gen).to(device, dtype)
     gk = torch.randn(k.shape, generator=gen).to(device, dtype)
-    dq = _empty_bhsd(q.shape, dtype, device).fill_(float("nan"))
-    dk = _empty_bhsd(k.shape, dtype, device).fill_(float("nan"))
-    _launch(gq, gk, cos, sin, dq, dk, backward=True)
+    dq = empty_bhsd(q.shape, dtype, device).fill_(float("nan"))
+    dk = empty_bhsd(k.shape, dtype, device).fill_(float("nan"))
+    rotate_into(gq, gk, cos, sin, dq, dk, backward=True)
     rq, rk, rdq, rdk = reference64(q, k, cos, sin, gq, gk)
     for out, ref in ((q_out, rq), (k_out, rk), (dq, rdq), (dk, rdk)):
         assert torch.isfinite(out).all()
@@ -211,9 +205,9 @@ def test_backward_is_not_the_inverse_rotation_for_general_tables(device: torch.d
     cos, sin = random_tables(1, 2, 8, torch.float32, device, gen)
     gq = torch.randn(q.shape, generator=gen).to(device)
     gk = torch.randn(k.shape, generator=gen).to(device)
-    dq = _empty_bhsd(q.shape, torch.float32, device)
-    dk = _empty_bhsd(k.shape, torch.float32, device)
-    _launch(gq, gk, cos, sin, dq, dk, backward=True)
+    dq = empty_bhsd(q.shape, torch.float32, device)
+    dk = empty_bhsd(k.shape, torch.float32, device)
+    rotate_into(gq, gk, cos, sin, dq, dk, backward=True)
     _, _, rdq, rdk = reference64(q, k, cos, sin, gq, gk)
     assert rel_err(dq, rdq) < 1e-5 and rel_err(dk, rdk) < 1e-5
     naive, _ = rope_reference(gq.double(), gk.double(), cos.double(), -sin.double())
@@ -329,9 +323,9 @@ def test_gpu_poisoned_bf16() -> None:
     gen = fresh_generator()
     q, k = make_qk(2, 33, 5, 3, 80, torch.bfloat16, device, gen)
     cos, sin = random_tables(2, 33, 80, torch.bfloat16, device, gen)
-    q_out = _empty_bhsd(q.shape, q.dtype, device).fill_(float("nan"))
-    k_out = _empty_bhsd(k.shape, k.dtype, device).fill_(float("nan"))
-    _launch(q, k, cos, sin, q_out, k_out, backward=False)
+    q_out = empty_bhsd(q.shape, q.dtype, device).fill_(float("nan"))
+    k_out = empty_bhsd(k.shape, k.dtype, device).fill_(float("nan"))
+    rotate_into(q, k, cos, sin, q_out, k_out, backward=False)
     rq, rk = rope_reference(q.double(), k.double(), cos.double(), sin.double())
     for out, ref in ((q_out, rq), (k_out, rk)):
         assert torch.isfinite(out).all()
