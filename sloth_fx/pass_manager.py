@@ -24,16 +24,19 @@ from sloth_fx.report import PassLog
 GraphPass = Callable[[fx.GraphModule, PassLog], fx.GraphModule]
 
 PASS_ORDER = ["lora", "rmsnorm", "rope", "gated_mlp", "cross_entropy"]
+# Built in, but run only where optimize(passes=[...]) names them (after the passes they build on).
+OPT_IN = ["add_rmsnorm"]
 _REGISTRY: dict[str, GraphPass] = {}
-_BUILTIN_MODULES = {name: f"sloth_fx.passes.{name}" for name in PASS_ORDER}
+_BUILTIN_MODULES = {name: f"sloth_fx.passes.{name}" for name in PASS_ORDER + OPT_IN}
 
 
 def register_pass(name: str, fn: GraphPass | None = None) -> Callable:
-    """Register ``fn`` as the pass ``name`` (usable as a decorator). A research pass is one function."""
+    """Register ``fn`` as the pass ``name`` (usable as a decorator). A research pass is one function;
+    a new name joins the default order, at its end (the built-in opt-in passes do not)."""
 
     def add(f: GraphPass) -> GraphPass:
         _REGISTRY[name] = f
-        if name not in PASS_ORDER:
+        if name not in PASS_ORDER and name not in OPT_IN:
             PASS_ORDER.append(name)
         return f
 
@@ -43,12 +46,12 @@ def register_pass(name: str, fn: GraphPass | None = None) -> Callable:
 def get_pass(name: str) -> GraphPass:
     _load_builtin(name)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown pass {name!r}; known passes: {available_passes()}")
+        raise ValueError(f"unknown pass {name!r}; known passes: {available_passes()}, opt-in: {OPT_IN}")
     return _REGISTRY[name]
 
 
 def available_passes() -> list[str]:
-    """Every pass that can run here, in the default order."""
+    """The default passes: every one that can run here, in order (the opt-in ones are not)."""
     for name in PASS_ORDER:
         _load_builtin(name)
     return [name for name in PASS_ORDER if name in _REGISTRY]

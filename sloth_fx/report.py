@@ -19,6 +19,7 @@ class Rewrite:
     pass_name: str
     location: str
     detail: str = ""
+    takes_over: str | None = None  # the earlier pass whose fused op at ``location`` this one replaced
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class PassLog:
     refusals: list[Refusal] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def rewrite(self, location: str, detail: str = "") -> None:
-        self.rewrites.append(Rewrite(self.pass_name, location, detail))
+    def rewrite(self, location: str, detail: str = "", takes_over: str | None = None) -> None:
+        self.rewrites.append(Rewrite(self.pass_name, location, detail, takes_over))
 
     def refuse(self, location: str, reason: str) -> None:
         self.refusals.append(Refusal(self.pass_name, location, reason))
@@ -57,7 +58,15 @@ class Capture:
     modules: dict[str, int] = field(default_factory=dict)  # module path -> calls
 
     def rewrites(self) -> list[Rewrite]:
-        return [rw for log in self.logs for rw in log.rewrites]
+        """The rewrites that run: one that a later pass took over (its fused op replaced in turn)
+        is left out, so that each fused call in the graph is counted once."""
+        running = [rw for log in self.logs for rw in log.rewrites]
+        for later in [rw for rw in running if rw.takes_over]:
+            earlier = next((rw for rw in running if (rw.pass_name, rw.location) == (later.takes_over, later.location)),
+                           None)
+            if earlier is not None:
+                running.remove(earlier)
+        return running
 
 
 @dataclass

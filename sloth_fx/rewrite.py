@@ -31,11 +31,14 @@ from sloth_fx.report import PassLog
 
 class Site(NamedTuple):
     """One rewritten site for the report: where (the module path in the region), what was put
-    there, and a note on how it was decided (the cost model's choice, say), if any."""
+    there, a note on how it was decided (the cost model's choice, say), if any, and the earlier
+    pass whose fused op there this rewrite replaced, if any (the report then counts this site
+    alone, as what runs)."""
 
     where: str
     what: str
     note: str | None = None
+    takes_over: str | None = None
 
 
 def output_path(match: Match) -> str:
@@ -95,6 +98,6 @@ class Rewrite:
                 log.refuse(self.where(match), reason)
             return
         for site in sites:
-            log.rewrite(site.where, site.what)
+            log.rewrite(site.where, site.what, site.takes_over)
             if site.note is not None:
                 log.notes.append(site.note)
