@@ -6,7 +6,7 @@
     out = out + alpha · a·b        with accumulate=True (out read, then written once)
 
 with the sum over K accumulated in fp32 and the result rounded once into ``out``'s dtype
-(fp32 when ``out`` is not given). It is not a differentiable op: :mod:`sloth_fx.kernels.lora`
+(fp32 when ``out`` is not given). It is not a differentiable op: :mod:`sloth_fx.kernels.lora_function`
 calls it from its written-out backward. In a LoRA step every product with the rank ``r`` as one
 of its three dimensions goes through it:
 

@@ -1,0 +1,201 @@
+"""The autograd Function of the LoRA linears: their forward and backward written out as products.
+
+For the linears ``y_i = x·W_iᵀ (+ b_i) + s_i · (x·A_iᵀ)·B_iᵀ`` of :mod:`~sloth_fx.kernels.lora` (the
+op: what PEFT computes, the inputs it takes, the plan of each linear). Every product with the rank
+as a dimension goes through :func:`~sloth_fx.kernels.lowrank_mm.lowrank_mm`.
+
+Forward (``xa = x·[A_1; A_2; …]ᵀ`` in one product, fp32, ``x`` read once for every adapter)::
+
+    factored   y_i = x·W_iᵀ (+ b_i);   y_i += s_i · xa_i·B_iᵀ      (in place, one rounding for the sum)
+    merged     W'_i = W_i + s_i·B_i·A_i (fp32 sum, rounded once, a temporary);   y_i = x·W'_iᵀ (+ b_i)
+
+Saved for backward: ``x`` (for dA, and dW if the base trains) and ``xa`` (fp32 ``[T, sum r_i]``,
+for dB); the parameters are saved too and cost no memory. Backward, with ``g_i = s_i · dY_i·B_i``
+(fp32 ``[T, r_i]``, computed once, used by dX and dA)::
+
+    dX   = Σ_i dY_i·W_i  +  [g_1 … g_n]·[A_1; …; A_n]        one buffer: the first product writes it,
+                                                             the others accumulate in place
+           (a merged sibling contributes dY_i·W'_i instead of both of its terms)
+    dA_i = g_iᵀ·x            (all siblings in one product: [g_1 … g_n]ᵀ·x)
+    dB_i = s_i · dY_iᵀ·xa_i   db_i = Σ_rows dY_i            dW_i = dY_iᵀ·x (only if W_i trains)
+
+dA and dB are accumulated in fp32 and rounded once to the adapters' dtype.
+
+With ``xd`` (one linear, both forms factored: ``x`` and ``xd`` differ, so ``W + s·B·A`` does not
+apply) the two inputs split the gradient, and autograd carries ``d(xd)`` into dropout's backward::
+
+    xa = xd·Aᵀ      dX = dY·W      d(xd) = g·A  (rounded once to xd's dtype)      dA = gᵀ·xd
+
+``xd`` is saved instead of ``x`` for dA (``x`` only if ``W`` trains); dB is unchanged.
+
+A bitsandbytes 4-bit base weight is dequantized for the product that needs it — once in forward,
+once again in backward — and never kept alive from one to the other: on CUDA into a scratch
+buffer that the next 4-bit product of that shape overwrites, which is safe because the products
+run in stream order (do not run these ops concurrently from several streams or threads; see
+:func:`~sloth_fx.kernels.toolkit.dense_weight`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .lowrank_mm import lowrank_mm, split_k_for
+from .toolkit import dense_weight, is_4bit
+
+__all__ = ["LoRAGroupFunction"]
+
+
+def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+    """``W + s·B·A`` summed in fp32 and rounded once to ``dtype``: a temporary, never kept."""
+    merged = w.clone() if w.dtype == dtype else w.to(dtype)
+    return lowrank_mm(b, a, alpha=s, out=merged, accumulate=True)
+
+
+class LoRAGroupFunction(torch.autograd.Function):
+    """``apply(x, xd, scales, plans, n, *weights, *lora_as, *lora_bs, *biases)`` -> n outputs.
+
+    Forward and backward formulas, and what is saved, in the module doc. ``xd`` is None (the
+    adapters read ``x``) or, for one linear (``n == 1``) with factored plans, the adapters' own
+    input (PEFT's ``dropout(x)``). ``plans`` holds one :class:`~sloth_fx.kernels.lora_plan.LoRAPlan`
+    per linear. Inputs are validated by :func:`~sloth_fx.kernels.lora.lora_linear_group`; call that,
+    not this.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, scales, plans, n, *params):
+        weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
+        x2 = x.reshape(-1, x.shape[-1])  # a view when x's last dims are contiguous, else a copy
+        src = x if xd is None else xd  # what the adapters read
+        ranks = [a.shape[0] for a in lora_as]
+        # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
+        a_cat = lora_as[0] if n == 1 else torch.cat(lora_as)
+        xa = lowrank_mm(src.reshape(-1, src.shape[-1]), a_cat.t())
+        outs = []
+        for w, a, b, bias, s, xa_i, plan in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1), plans):
+            dense = dense_weight(w, x.dtype, scratch=True)
+            if plan.forward == "merged":
+                dense = _merged_weight(dense, a, b, s, x.dtype)
+            y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
+            del dense
+            if plan.forward != "merged":
+                lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True)
+            outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+        need = ctx.needs_input_grad
+        need_w = any(need[5 + i] for i in range(n))
+        need_a = any(need[5 + n + i] for i in range(n))
+        need_xa = any(need[5 + 2 * n + i] for i in range(n))  # dB
+        # x for dW, and for dA when the adapters read it; xd for dA when they read xd
+        keep_x = need_w or (need_a and xd is None)
+        keep_xd = need_a and xd is not None
+        dense_params = [None if is_4bit(p) else p for p in params]
+        ctx.save_for_backward(x if keep_x else None, xd if keep_xd else None, xa if need_xa else None, *dense_params)
+        ctx.quantized = {i: w for i, w in enumerate(weights) if is_4bit(w)}  # frozen leaves: no cycle
+        ctx.x_shape, ctx.scales, ctx.plans, ctx.n, ctx.ranks = x.shape, scales, plans, n, ranks
+        ctx.adapters_read_x = xd is None
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, xd, xa, *params = ctx.saved_tensors
+        n, scales, ranks, plans = ctx.n, ctx.scales, ctx.ranks, ctx.plans
+        for i, w in ctx.quantized.items():
+            params[i] = w
+        weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
+        need = ctx.needs_input_grad
+        need_dx, need_dxd = need[0], need[1]
+        need_w = [need[5 + i] for i in range(n)]
+        need_a = [need[5 + n + i] for i in range(n)]
+        need_b = [need[5 + 2 * n + i] for i in range(n)]
+        need_bias = [biases[i] is not None and need[5 + 3 * n + i] for i in range(n)]
+        cd = grads[0].dtype
+        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
+        src = x2 if ctx.adapters_read_x else (xd.reshape(-1, xd.shape[-1]) if xd is not None else None)
+        xa_split = xa.split(ranks, dim=1) if xa is not None else [None] * n
+        dys = [g.reshape(-1, g.shape[-1]) for g in grads]
+
+        # g = [s_1·dY_1·B_1, …, s_n·dY_n·B_n], fp32 [T, sum r_i]: used by dX (or d(xd)) and dA
+        offsets = [sum(ranks[:i]) for i in range(n)]
+        adapter_dx = need_dx and ctx.adapters_read_x
+        need_g = [need_a[i] or need_dxd or (adapter_dx and plans[i].backward_dx == "factored") for i in range(n)]
+        g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
+        for lo, hi in _runs(need_g):
+            _thin_products([(dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1,
+                           g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]])
+        d_w, d_a, d_b, d_bias = [None] * n, [None] * n, [None] * n, [None] * n
+        for lo, hi in _runs(need_b):
+            parts = _thin_products([(dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0)
+            for i, part in zip(range(lo, hi), parts):
+                d_b[i] = part.to(lora_bs[i].dtype)
+        for i in range(n):
+            if need_w[i]:
+                d_w[i] = dys[i].t() @ x2
+            if need_bias[i]:
+                d_bias[i] = dys[i].sum(0, dtype=torch.float32).to(biases[i].dtype)
+
+        dx = None
+        if need_dx:
+            for i in range(n):
+                weight = dense_weight(weights[i], cd, scratch=True)
+                if plans[i].backward_dx == "merged":
+                    weight = _merged_weight(weight, lora_as[i], lora_bs[i], scales[i], cd)
+                dx = dys[i] @ weight if dx is None else dx.addmm_(dys[i], weight)
+                del weight
+            if adapter_dx:
+                for lo, hi in _runs([plans[i].backward_dx == "factored" for i in range(n)]):
+                    a_run = lora_as[lo] if hi - lo == 1 else torch.cat(lora_as[lo:hi])
+                    lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]], a_run, out=dx, accumulate=True)
+        dxd = None
+        if need_dxd:  # one linear (n == 1): d(xd) = g·A, rounded once to the adapters' dtype (xd's)
+            dxd = torch.empty(g.shape[0], lora_as[0].shape[1], device=g.device, dtype=lora_as[0].dtype)
+            dxd = lowrank_mm(g, lora_as[0], out=dxd).reshape(ctx.x_shape)
+        for lo, hi in _runs(need_a):
+            rows = lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]].t(), src)  # every dA in one product
+            for i, part in zip(range(lo, hi), rows.split(ranks[lo:hi], dim=0)):
+                d_a[i] = part.to(lora_as[i].dtype)
+        dx = dx.reshape(ctx.x_shape) if dx is not None else None
+        return (dx, dxd, None, None, None, *d_w, *d_a, *d_b, *d_bias)
+
+
+def _thin_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dim: int,
+                   out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``alpha_i·a_i·b_i`` for each product: into consecutive slices of the fp32 ``out`` along
+    ``dim`` (0: rows, 1: columns), or without ``out`` as fresh results; returned.
+
+    When the products are cut into the same number of K slices (and, without ``out``, stack as
+    rows of equal width), their partial sums share one buffer and are summed in one pass instead
+    of one pass each: the same additions in the same order (``lowrank_mm``'s ``partials``), fewer
+    launches. The fresh results are then rows of one tensor.
+    """
+    splits = {split_k_for(a, b) for a, b, _ in products}
+    split = splits.pop() if len(splits) == 1 else 1
+    if out is None and split > 1 and dim == 0 and len({b.shape[1] for _, b, _ in products}) == 1:
+        a0, b0, _ = products[0]
+        out = torch.empty(sum(a.shape[0] for a, _, _ in products), b0.shape[1], device=a0.device, dtype=torch.float32)
+    if out is None:
+        return [lowrank_mm(a, b, alpha=alpha) for a, b, alpha in products]
+    sizes = [a.shape[0] if dim == 0 else b.shape[1] for a, b, _ in products]
+    parts = out.split(sizes, dim=dim)
+    if split > 1:
+        partials = torch.empty(split, *out.shape, device=out.device, dtype=torch.float32)
+        for (a, b, alpha), part in zip(products, partials.split(sizes, dim=dim + 1)):
+            lowrank_mm(a, b, alpha=alpha, partials=part)
+        torch.sum(partials, dim=0, out=out)
+    else:
+        for (a, b, alpha), part in zip(products, parts):
+            lowrank_mm(a, b, alpha=alpha, out=part)
+    return list(parts)
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """The maximal runs ``[lo, hi)`` of consecutive true flags: the siblings whose slices of
+    ``g`` are adjacent columns and so go into one product."""
+    runs, lo = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and lo is None:
+            lo = i
+        elif not flag and lo is not None:
+            runs.append((lo, i))
+            lo = None
+    return runs
