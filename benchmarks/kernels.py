@@ -199,6 +199,7 @@ def _swiglu_case(inter: int) -> Case:
 
 def _lce_case(vocab: int) -> Case:
     sf = _lazy("sloth_fx.kernels.cross_entropy")
+    sf_reference = _lazy("sloth_fx.kernels.cross_entropy_reference")
 
     def make(dev: torch.device) -> tuple[list[torch.Tensor], dict[str, Any]]:
         hidden = _rand(T_TOKENS, HIDDEN, device=dev)
@@ -218,7 +219,7 @@ def _lce_case(vocab: int) -> Case:
         make,
         {
             "sloth_fx": lambda h_, w, y: sf().linear_cross_entropy(h_, w, y),
-            "torch": lambda h_, w, y: sf().linear_cross_entropy_reference(h_, w, y),
+            "torch": lambda h_, w, y: sf_reference().linear_cross_entropy_reference(h_, w, y),
             "liger": liger,
         },
         e * (t * h + vocab * h) + 8 * t + 4,

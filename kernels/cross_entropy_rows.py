@@ -1,6 +1,6 @@
 """The loss of rows of logits and its gradient, written over the logits: the Triton side of the
-fused lm_head + cross-entropy (:mod:`sloth_fx.kernels.cross_entropy` makes the logits chunk by
-chunk and takes the gradient on through the matmuls).
+fused lm_head + cross-entropy (:mod:`sloth_fx.kernels.cross_entropy_chunks` makes the logits chunk
+by chunk and takes the gradient on through the matmuls).
 
 For a row ``x`` of pre-cap logits (model dtype, read as fp32), ``z = cap * tanh(x / cap)`` with a
 soft-cap (``z = x`` without), its label ``y`` and the fp32 factor ``s`` (``1/n_valid`` for the

@@ -17,13 +17,10 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sloth_fx.kernels.cross_entropy as ce
-from sloth_fx.kernels.cross_entropy import (
-    LinearCrossEntropyFunction,
-    chunk_rows,
-    linear_cross_entropy,
-    linear_cross_entropy_reference,
-    linear_cross_entropy_supports,
-)
+import sloth_fx.kernels.cross_entropy_chunks as chunks
+from sloth_fx.kernels.cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy, linear_cross_entropy_supports
+from sloth_fx.kernels.cross_entropy_chunks import chunk_rows
+from sloth_fx.kernels.cross_entropy_reference import LogitScale, linear_cross_entropy_reference
 
 _seed = itertools.count(1234)
 
@@ -53,7 +50,7 @@ def poison_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ce, "_empty", poisoned)
+    monkeypatch.setattr(chunks, "_empty", poisoned)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +180,7 @@ def case_id(c) -> str:
 def test_matches_oracle_and_reference(case, dtype, device, monkeypatch):
     n, h, v, bias, cap, nib, rows, block, ignore = case
     if block is not None:
-        monkeypatch.setattr(ce, "_MAX_BLOCK_V", block)
+        monkeypatch.setattr(chunks, "_MAX_BLOCK_V", block)
     inp = make_inputs(n, h, v, dtype, device, bias=bias, ignore=ignore, logit_std=8.0 if cap else 2.0)
     kw = dict(num_items_in_batch=num_items(nib, inp.labels), logit_softcap=cap)
     budget = None if rows is None else rows * v * inp.hidden.element_size()
@@ -201,7 +198,7 @@ def test_matches_oracle_and_reference(case, dtype, device, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_grad_output_not_one(dtype, device, monkeypatch):
-    monkeypatch.setattr(ce, "_MAX_BLOCK_V", 64)
+    monkeypatch.setattr(chunks, "_MAX_BLOCK_V", 64)
     inp = make_inputs(19, 24, 300, dtype, device, bias=True)
     out = run(linear_cross_entropy, inp, grad_scale=3.7, memory_budget_bytes=4 * 300 * inp.hidden.element_size())
     ref64 = run(oracle, inp, dtype=torch.float64, grad_scale=3.7)
@@ -230,7 +227,7 @@ def test_frozen_weight_computes_no_weight_grad(device, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("d_weight accumulated for a frozen weight")
 
-    monkeypatch.setattr(ce, "_accumulate_d_weight", forbidden)
+    monkeypatch.setattr(chunks, "_accumulate_d_weight", forbidden)
     inp = make_inputs(21, 24, 200, torch.float32, device, bias=False)
     out = run(linear_cross_entropy, inp, grads=(True, False, False), memory_budget_bytes=4 * 200 * 4)
     assert out[1][1] is None
@@ -328,13 +325,13 @@ def test_chunk_buffer_is_bounded_and_results_do_not_depend_on_it(device, monkeyp
     n, h, v = 40, 16, 300
     inp = make_inputs(n, h, v, torch.float32, device, bias=True)
     allocations: list[tuple[int, ...]] = []
-    poisoned = ce._empty
+    poisoned = chunks._empty
 
     def spy(shape, dtype, dev):
         allocations.append(tuple(shape))
         return poisoned(shape, dtype, dev)
 
-    monkeypatch.setattr(ce, "_empty", spy)
+    monkeypatch.setattr(chunks, "_empty", spy)
     results = {}
     for rows in (1, 3, 7, 40):
         budget = rows * v * 4
@@ -472,7 +469,7 @@ def test_supports_takes_fake_tensors():
         labels = torch.empty(10, dtype=torch.long)
         assert linear_cross_entropy_supports(hidden, weight, labels, num_items_in_batch=torch.empty(())) is None
         assert "weight dtype" in linear_cross_entropy_supports(hidden, weight.float(), labels)
-        assert "not finite" in linear_cross_entropy_supports(hidden, weight, labels, logit_scale=ce.LogitScale("div", 0.0))
+        assert "not finite" in linear_cross_entropy_supports(hidden, weight, labels, logit_scale=LogitScale("div", 0.0))
 
 
 def test_ignored_label_may_be_any_value(device):
@@ -553,7 +550,7 @@ def test_token_count_changing_between_calls(dtype, device, monkeypatch):
     """Row tiles are cached per vocabulary: N = 5, 17, 5 tokens (several vocab blocks, several
     chunks) each match float64 and the reference, and the second N = 5 call repeats the first bit
     for bit, gradient scaling by a grad_output != 1 included."""
-    monkeypatch.setattr(ce, "_MAX_BLOCK_V", 64)
+    monkeypatch.setattr(chunks, "_MAX_BLOCK_V", 64)
     inputs = {n: make_inputs(n, 24, 300, dtype, device, bias=True) for n in (5, 17)}
     runs = []
     for n in (5, 17, 5):
