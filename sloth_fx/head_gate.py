@@ -3,6 +3,7 @@ decoder call that the head's graph treats as opaque (its layers are regions of t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -13,6 +14,7 @@ from sloth_fx.capture import RegionGate, RegionRuntime, mark_batch_and_sequence_
 from sloth_fx.memory_budget import plan_offload
 from sloth_fx.offload import offloading
 from sloth_fx.padding_free import plan
+from sloth_fx.report import Report
 
 
 class HeadGate(RegionGate):
@@ -21,16 +23,12 @@ class HeadGate(RegionGate):
     - labels are checked (shape and dtype), so that bad ones raise a clear error, not a fake-tensor one;
     - no KV cache unless the call asks for one (``use_cache=False``): training never reads it, and
       each layer's guard on its own cache entry would capture every layer apart;
-    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.padding_free`);
-    - under checkpointing, the step offloads its layers' inputs when its predicted activation memory
-      is over ``memory_budget`` (:mod:`sloth_fx.memory_budget`).
+    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.padding_free`).
     """
 
-    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool,
-                 memory_budget: int | None) -> None:
+    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool) -> None:
         super().__init__(module, path, runtime)
         self.padding_free = padding_free
-        self.memory_budget = memory_budget
         self.takes_use_cache = "use_cache" in inspect.signature(self.eager).parameters
 
     def run(self, args: tuple, kwargs: dict) -> Any:
@@ -38,21 +36,13 @@ class HeadGate(RegionGate):
         if self.takes_use_cache and "use_cache" not in kwargs:
             kwargs = self.without_cache(kwargs)
         if not self.padding_free:
-            return self.run_within_budget(args, kwargs)
+            return super().run(args, kwargs)
         packed = plan(kwargs) if not args else "input passed positionally"
         if isinstance(packed, str):
             self.runtime.owner.padding_free_decision(False, packed)
-            return self.run_within_budget(args, kwargs)
-        self.runtime.owner.padding_free_decision(True, packed.note)
-        return packed.restore(self.run_within_budget((), packed.kwargs))
-
-    def run_within_budget(self, args: tuple, kwargs: dict) -> Any:
-        """The region's run, offloading the checkpointed layers' inputs if this step's are over budget."""
-        decision = plan_offload(self.module, args, kwargs, self.memory_budget)
-        self.runtime.owner.offload_decision(decision.offload, decision.text)
-        with offloading(decision.offload):
             return super().run(args, kwargs)
-
+        self.runtime.owner.padding_free_decision(True, packed.note)
+        return packed.restore(super().run((), packed.kwargs))
 
     def without_cache(self, kwargs: dict) -> dict:
         """``kwargs`` with ``use_cache=False``, computing what HF's run computes. Where HF would
@@ -85,12 +75,24 @@ def _check_labels(args: tuple, kwargs: dict) -> None:
                          "takes one label per input token (-100 where nothing is predicted)")
 
 
+def _describe(value: Any) -> str:
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 class OpaqueDecoder:
     """Installed as the decoder's ``forward``: Dynamo treats the call as opaque (its layers are
-    regions of their own) and the head's graph after it sees dynamic batch and sequence sizes."""
+    regions of their own) and the head's graph after it sees dynamic batch and sequence sizes.
 
-    def __init__(self, decoder: nn.Module) -> None:
+    Every training call reaches the layers through here, the head's own or a trainer's that calls
+    the backbone itself (TRL's fused head), so this is where a step decides whether its
+    checkpointed layers' inputs wait in host memory: when its predicted activation memory is over
+    ``memory_budget`` (:mod:`sloth_fx.memory_budget`, :mod:`sloth_fx.offload`).
+    """
+
+    def __init__(self, decoder: nn.Module, owner: Report, memory_budget: int | None) -> None:
         self.decoder = decoder
+        self.owner = owner
+        self.memory_budget = memory_budget
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -98,10 +100,15 @@ class OpaqueDecoder:
 
     @torch._dynamo.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = type(self.decoder).forward(self.decoder, *args, **kwargs)
+        with self.within_budget(args, kwargs):
+            out = type(self.decoder).forward(self.decoder, *args, **kwargs)
         mark_batch_and_sequence_dynamic(tuple(out.values()) if hasattr(out, "values") else (out,), {})
         return out
 
-
-def _describe(value: Any) -> str:
-    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+    def within_budget(self, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager[Any]:
+        """A training call's offload decision, recorded for explain; nothing outside training."""
+        if not (self.decoder.training and torch.is_grad_enabled()):
+            return contextlib.nullcontext()
+        decision = plan_offload(self.decoder, args, kwargs, self.memory_budget)
+        self.owner.offload_decision(decision.offload, decision.text)
+        return offloading(decision.offload)

@@ -58,11 +58,11 @@ def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free:
         report.regions[region.name] = region_report
         runtime = RegionRuntime(region.name, region_report, report, passes, verify)
         for path, module in modules:
-            gate = (HeadGate(module, path, runtime, installation.packed_attention is not None, memory_budget)
+            gate = (HeadGate(module, path, runtime, installation.packed_attention is not None)
                     if module is head else RegionGate(module, path, runtime))
             _replace_forward(installation, module, gate)
     if decoder is not None and any(module is head for module, _, _ in installation.replaced):
-        _replace_forward(installation, decoder, OpaqueDecoder(decoder))
+        _replace_forward(installation, decoder, OpaqueDecoder(decoder, report, memory_budget))
     return installation
 
 

@@ -100,7 +100,7 @@ def device_budget(device: torch.device, memory_budget: int | None) -> int | None
 
 
 def plan_offload(model: nn.Module, args: tuple, kwargs: dict[str, Any], memory_budget: int | None) -> OffloadDecision:
-    """This training call's decision for ``model`` (a HF causal LM) on its inputs."""
+    """This training call's decision for ``model`` (the decoder, or a HF causal LM) on its inputs."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = _checkpointed_layers(decoder) if isinstance(decoder, nn.Module) else 0
     if not layers:

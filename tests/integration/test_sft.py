@@ -61,3 +61,14 @@ def test_sft_on_a_bfloat16_base_keeps_the_lora_rewrites(tmp_path):
     reference = trained(original, tmp_path)
     torch.testing.assert_close(torch.tensor(trainer.state.log_history[-2]["loss"]),
                                torch.tensor(reference.state.log_history[-2]["loss"]), rtol=2e-3, atol=0)
+
+
+def test_sft_offloads_checkpointed_layers_under_trls_head(tmp_path):
+    """TRL's head calls the backbone itself, past sloth_fx's head gate: the decoder call still
+    decides each step's offload, and the run is the un-optimized one's."""
+    arguments = {"bf16": False, "gradient_checkpointing": True}
+    original = tiny_model("llama", lora=True, layers=4)  # more layers than offloading keeps on the device
+    optimized = sloth_fx.optimize(twin(original), memory_budget=0)
+    assert_same_training(trained(original, tmp_path, **arguments), trained(optimized, tmp_path, **arguments), tmp_path)
+    text = sloth_fx.explain(optimized)
+    assert "add_fused_lm_head" in text and "checkpoint offload, on (latest)" in text, text
