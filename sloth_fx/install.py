@@ -98,8 +98,9 @@ def _what_replaced(name: str) -> str:
     if "add_fused_lm_head" not in name:
         return ""
     return (" (TRL's chunked head: it computes the loss and TRL's per-token metrics without building the "
-            "logits, so sloth_fx's fused cross-entropy does not run; the decoder layers' rewrites do. TRL 1.x "
-            "installs it in SFTTrainer and DPOTrainer with no setting to turn it off: for sloth_fx's "
+            "logits, so sloth_fx's fused cross-entropy does not run, nor does its packing of padded batches "
+            "(TRL's padding_free=True packs them); the decoder layers' rewrites do, and the offload budget. "
+            "TRL 1.x installs it in SFTTrainer and DPOTrainer with no setting to turn it off: for sloth_fx's "
             "fused loss, train with transformers.Trainer or a loop of your own)")
 
 
