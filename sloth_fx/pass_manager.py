@@ -25,7 +25,7 @@ GraphPass = Callable[[fx.GraphModule, PassLog], fx.GraphModule]
 
 PASS_ORDER = ["lora", "rmsnorm", "rope", "gated_mlp", "cross_entropy"]
 # Built in, but run only where optimize(passes=[...]) names them (after the passes they build on).
-OPT_IN = ["add_rmsnorm"]
+OPT_IN = ["add_rmsnorm", "chunked_mlp"]
 _REGISTRY: dict[str, GraphPass] = {}
 _BUILTIN_MODULES = {name: f"sloth_fx.passes.{name}" for name in PASS_ORDER + OPT_IN}
 

@@ -1,0 +1,188 @@
+"""The chunked-MLP pass on tiny models: each layer's MLP runs over chunks of tokens, with the loss
+and input gradients of the unchunked run and parameter gradients as close to a float64 run as
+its; the same masks as an eager model chunked alike under lora_dropout; offloading changes no
+number; short rows unchunked; off by default; the sites and a refusal in the report (the memory
+bound and the other refusals: test_chunked_mlp_graph.py)."""
+
+import types
+
+import pytest
+import torch
+from chunk_calls import count_chunk_checkpoints
+from tiny_models import assert_refused_unchanged, batch, tiny_model, twin
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+import sloth_fx
+from sloth_fx import token_chunks
+from sloth_fx.passes import chunked_mlp
+
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
+CHUNK = 16
+EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(autouse=True)
+def chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", CHUNK)
+
+
+@pytest.fixture
+def checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return count_chunk_checkpoints(monkeypatch)
+
+
+def step(model: nn.Module, inputs: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """Loss, the gradient of the input embeddings and of every trainable parameter, for one step."""
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().to(dtype).requires_grad_()
+    model.zero_grad(set_to_none=True)
+    loss = model(inputs_embeds=embeds, labels=inputs["labels"]).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), embeds.grad, grads
+
+
+def error(x: torch.Tensor, truth: torch.Tensor) -> float:
+    """``||x - t|| / ||t||``: a sum over chunks is judged as a whole, not elementwise."""
+    return ((x.double() - truth).norm() / truth.norm()).item()
+
+
+def assert_as_close_to_float64(x: torch.Tensor, unchunked: torch.Tensor, truth: torch.Tensor, what: str) -> None:
+    """No further from the float64 value than the unchunked run is, but for a rounding's worth."""
+    chunked_error, unchunked_error = error(x, truth), error(unchunked, truth)
+    assert chunked_error <= 2 * unchunked_error + EPS, f"{what}: {chunked_error} vs {unchunked_error}"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_same_training_step_as_unchunked(family, checkpointing, checkpoints):
+    """2 rows of 37 tokens, 5 chunks a layer (the last of 10): the loss and the input gradient of
+    the unchunked run up to rounding, every gradient as close to float64 as the unchunked one."""
+    original = tiny_model(family, lora=True, checkpointing=checkpointing)
+    passes = sloth_fx.available_passes()
+    unchunked = sloth_fx.optimize(twin(original), passes=passes)
+    chunked = sloth_fx.optimize(twin(original), passes=[*passes, "chunked_mlp"])
+    inputs = batch(s=37)
+    loss, embeds_grad, grads = step(chunked, inputs)
+    assert checkpoints[:10] == [16, 16, 16, 16, 10] * 2  # the forward of the 2 layers
+    loss_u, embeds_grad_u, grads_u = step(unchunked, inputs)
+    loss_t, embeds_grad_t, grads_t = step(twin(original).double(), inputs, torch.float64)
+    # A row's product rounds alike in any number of rows only where the BLAS makes it so (MKL's
+    # small-row kernels do not): the same values, up to rounding, not bit for bit.
+    torch.testing.assert_close(loss, loss_u, rtol=1e-6, atol=0)
+    torch.testing.assert_close(embeds_grad, embeds_grad_u, rtol=1e-5, atol=1e-7)
+    assert_as_close_to_float64(embeds_grad, embeds_grad_u, embeds_grad_t, "input gradient")
+    assert grads.keys() == grads_u.keys() and len(grads) == 28
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_u[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        assert_as_close_to_float64(grads[name], grads_u[name], grads_t[name], name)
+
+
+def run_mlps_in_chunks(model: nn.Module, chunk: int) -> None:
+    """Make each MLP of ``model`` (eager) run its rows chunk by chunk, as the pass does."""
+    for name, mlp in model.named_modules():
+        if name.endswith(".mlp"):
+            def forward(self, x, whole=mlp.forward):
+                out = torch.cat([whole(rows) for rows in x.reshape(-1, x.shape[-1]).split(chunk)])
+                return out.view(*x.shape[:-1], out.shape[-1])
+            mlp.forward = types.MethodType(forward, mlp)
+
+
+def seeded(model: nn.Module, inputs: dict[str, torch.Tensor], seed: int):
+    torch.manual_seed(seed)
+    return step(model, inputs)
+
+
+def test_lora_dropout_replays_its_masks_in_each_chunk(monkeypatch):
+    """With lora_dropout under checkpointing, the masks are drawn chunk by chunk: the step is the
+    one of the eager model whose MLPs run chunk by chunk, and each chunk's recompute draws its
+    forward's masks again (without the replay the gradients are another step's)."""
+    original = tiny_model("llama", lora=True, lora_dropout=0.1, checkpointing=True)
+    chunked = sloth_fx.optimize(twin(original), passes=[*sloth_fx.available_passes(), "chunked_mlp"])
+    reference = twin(original)
+    run_mlps_in_chunks(reference, CHUNK)
+    inputs = batch(s=37)
+    for seed in (7, 8):
+        loss, embeds_grad, grads = seeded(chunked, inputs, seed)
+        loss_ref, embeds_grad_ref, grads_ref = seeded(reference, inputs, seed)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+        torch.testing.assert_close(embeds_grad, embeds_grad_ref, rtol=1e-5, atol=1e-7)
+        for name in grads_ref:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert not torch.equal(seeded(chunked, inputs, 7)[0], seeded(chunked, inputs, 8)[0])
+    checkpoint = token_chunks.checkpoint
+    forgetful = lambda *a, **k: checkpoint(*a, **{**k, "preserve_rng_state": False})  # noqa: E731
+    monkeypatch.setattr(token_chunks, "checkpoint", forgetful)
+    grads = seeded(chunked, inputs, 7)[2]
+    grads_ref = seeded(reference, inputs, 7)[2]
+    assert not all(torch.allclose(grads[n], grads_ref[n], rtol=1e-5, atol=1e-7) for n in grads_ref)
+
+
+def test_with_offloaded_checkpointing_bit_for_bit():
+    """Offloading the checkpointed layers' inputs (5 layers, a budget of 0) changes no number of
+    the chunked run, dropout included: the chunks' checkpoints nest inside the layers'."""
+    original = tiny_model("llama", lora=True, lora_dropout=0.1, checkpointing=True, layers=5)
+    passes = [*sloth_fx.available_passes(), "chunked_mlp"]
+    kept = sloth_fx.optimize(twin(original), passes=passes)
+    offloaded = sloth_fx.optimize(twin(original), passes=passes, memory_budget=0)
+    loss, embeds_grad, grads = seeded(offloaded, batch(s=37), 3)
+    loss_kept, embeds_grad_kept, grads_kept = seeded(kept, batch(s=37), 3)
+    assert sloth_fx.report(offloaded).offload.keys() == {"on"}
+    assert torch.equal(loss, loss_kept) and torch.equal(embeds_grad, embeds_grad_kept)
+    assert all(torch.equal(grads[name], grads_kept[name]) for name in grads_kept)
+
+
+def test_rows_within_a_chunk_run_as_they_were(checkpoints, monkeypatch):
+    """18 tokens against chunks of 32: no checkpoint, and every number as without the pass."""
+    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 32)
+    original = tiny_model("llama", lora=True, checkpointing=True)
+    passes = sloth_fx.available_passes()
+    chunked = sloth_fx.optimize(twin(original), passes=[*passes, "chunked_mlp"])
+    unchunked = sloth_fx.optimize(twin(original), passes=passes)
+    loss, embeds_grad, grads = step(chunked, batch())
+    loss_u, embeds_grad_u, grads_u = step(unchunked, batch())
+    assert checkpoints == []
+    assert torch.equal(loss, loss_u) and torch.equal(embeds_grad, embeds_grad_u)
+    assert all(torch.equal(grads[name], grads_u[name]) for name in grads_u)
+    assert sloth_fx.report(chunked).count("chunked_mlp") == 2
+
+
+def test_report_and_opt_in():
+    """Off by default; named after the default passes it outlines their fused ops; named first,
+    the passes after it rewrite inside the outlined MLP all the same."""
+    assert "chunked_mlp" not in sloth_fx.available_passes()
+    original = tiny_model("llama", lora=True, checkpointing=True)
+    default = sloth_fx.optimize(twin(original))
+    after = sloth_fx.optimize(twin(original), passes=[*sloth_fx.available_passes(), "chunked_mlp"], verify=True)
+    first = sloth_fx.optimize(twin(original), passes=["chunked_mlp", *sloth_fx.available_passes()])
+    losses = [step(model, batch(s=37))[0] for model in (default, after, first)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    assert torch.equal(losses[1], losses[2])
+    assert sloth_fx.report(default).count("chunked_mlp") == 0
+    for model in (after, first):
+        report = sloth_fx.report(model)
+        assert report.sites("chunked_mlp") == [f"base_model.model.model.layers.{i}.mlp" for i in (0, 1)]
+        assert report.count("lora") == 14 and report.count("gated_mlp") == 2 and not report.refusals()
+    assert "dropped by verify" not in sloth_fx.explain(after)
+    assert ("chunked_mlp: rewrote mlp  (chunks of 16 tokens, each checkpointed, where a batch has more; hidden 64; "
+            "outlined lora_linear_group, gated_mlp, lora_linear)") in sloth_fx.explain(after)
+    assert "hidden 64; outlined linear, mul, add, silu)" in sloth_fx.explain(first)
+
+
+class TokenMixingMLP(LlamaMLP):
+    """A look-alike whose output mixes tokens: a running sum over the sequence."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).cumsum(1)
+
+
+def test_token_mixing_mlp_is_refused_by_name():
+    model = tiny_model("llama", lora=True)
+    for name, module in model.named_modules():
+        if name.endswith(".mlp"):
+            module.__class__ = TokenMixingMLP
+    report = assert_refused_unchanged(model, "chunked_mlp")
+    reasons = {refusal.reason for refusal in report.refusals("chunked_mlp")}
+    assert len(reasons) == 1 and reasons.pop().endswith("(cumsum) is not known to act on each token alone")
+    assert "chunked_mlp: refused mlp: " in sloth_fx.explain(model)
