@@ -18,9 +18,9 @@ Backward, given ``dy`` and ``dh`` (the gradient from ``h``'s other uses, the nex
     dx = dresidual = dh_total    # the add passes its gradient to both operands
     dw = RMSNorm's dw            # sum over rows of dy * round_normed(h * r)
 
-``dh_norm`` and ``dw`` are kernels/rmsnorm.py's backward (``rmsnorm_backward``) run on ``h``.
-Forward saves ``h`` (its own output, no copy), ``weight`` (a parameter) and the per-row fp32
-``rstd``; ``x`` and ``residual`` are not kept.
+``dh_norm`` and ``dw`` are RMSNorm's backward (``rmsnorm_backward``, kernels/rmsnorm_kernel.py) run
+on ``h``. Forward saves ``h`` (its own output, no copy), ``weight`` (a parameter) and the per-row
+fp32 ``rstd``; ``x`` and ``residual`` are not kept.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .rmsnorm import _ROUND_CODES, _as_rows, _block_config, _empty, _round_to, rmsnorm_backward, rmsnorm_reference
-from .rmsnorm import _check as _check_rmsnorm, _signature as _rmsnorm_signature
+from .rmsnorm import _check as _check_rmsnorm, _signature as _rmsnorm_signature, rmsnorm_reference
+from .rmsnorm_kernel import _ROUND_CODES, _as_rows, _block_config, _empty, _round_to, rmsnorm_backward
 from .toolkit import UnsupportedType, UnsupportedValue, device_guard, refusal, use_triton, validate
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "add_rmsnorm_supports", "AddRMSNormFunction"]

@@ -22,7 +22,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sloth_fx.kernels.add_rmsnorm as fused
-import sloth_fx.kernels.rmsnorm as rms
+import sloth_fx.kernels.rmsnorm_kernel as rms_kernel
 from sloth_fx.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_reference, add_rmsnorm_supports
 from sloth_fx.kernels.rmsnorm import rmsnorm
 
@@ -40,7 +40,7 @@ def poison_and_seed(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequ
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(fused, "_empty", nan_empty)
-    monkeypatch.setattr(rms, "_empty", nan_empty)
+    monkeypatch.setattr(rms_kernel, "_empty", nan_empty)
 
 
 def variant(name: str, dtype: torch.dtype) -> tuple[float, torch.dtype, dict]:
@@ -121,8 +121,8 @@ def test_kernel_forward_backward(shape, dtype, name, device) -> None:
 @pytest.mark.parametrize("shape", [(3, 100), (2, 2, 128), (7, 65)], ids=str)
 def test_kernel_looped_tiles(shape, dtype, device, monkeypatch) -> None:
     """128-byte tiles force the looped path (rows of several tiles, a partial last one)."""
-    monkeypatch.setattr(rms, "_MAX_TILE_BYTES", 128)
-    assert not rms._block_config(shape[-1], torch.tensor([], dtype=dtype).element_size())[1]
+    monkeypatch.setattr(rms_kernel, "_MAX_TILE_BYTES", 128)
+    assert not rms_kernel._block_config(shape[-1], torch.tensor([], dtype=dtype).element_size())[1]
     check(*inputs(shape, dtype, device, "llama"))
 
 
@@ -162,7 +162,7 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-@pytest.mark.parametrize("module,kernel", [(fused, "_add_rmsnorm_fwd_kernel"), (rms, "_rmsnorm_bwd_kernel")])
+@pytest.mark.parametrize("module,kernel", [(fused, "_add_rmsnorm_fwd_kernel"), (rms_kernel, "_rmsnorm_bwd_kernel")])
 def test_poisoned_outputs_are_caught(module, kernel, device, monkeypatch) -> None:
     """A kernel that writes nothing leaves NaN, and NaN never passes the checks."""
     monkeypatch.setattr(module, kernel, _NoLaunch())

@@ -32,6 +32,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import sloth_fx.kernels.rmsnorm as rms
+import sloth_fx.kernels.rmsnorm_kernel as rms_kernel
 from sloth_fx.kernels.rmsnorm import RMSNormFunction, rmsnorm, rmsnorm_reference, rmsnorm_supports
 
 EPS = 1e-6
@@ -58,7 +59,7 @@ def poison_buffers(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReque
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(rms, "_empty", nan_empty)
+    monkeypatch.setattr(rms_kernel, "_empty", nan_empty)
 
 
 def variant_args(variant: str, x_dtype: torch.dtype) -> tuple[torch.dtype, dict]:
@@ -237,7 +238,7 @@ def test_kernel_forward_backward(shape, dtype, variant, device) -> None:
 
 def test_kernel_single_long_row(device) -> None:
     """Hidden 16384 fp32: the longest row held as one tile."""
-    assert rms._block_config(16384, 4)[1]
+    assert rms_kernel._block_config(16384, 4)[1]
     x = make_x((1, 1, 16384), torch.float32, device).requires_grad_()
     w = make_weight(16384, torch.float32, device, "llama")
     y = check_against_fp64(x, w, dict(normed_dtype=torch.float32))
@@ -246,7 +247,7 @@ def test_kernel_single_long_row(device) -> None:
 
 def test_kernel_row_longer_than_a_tile(device) -> None:
     """Hidden 40000 fp16 is beyond one 64 KiB tile: the looped kernels, without patching."""
-    block, single, _ = rms._block_config(40000, 2)
+    block, single, _ = rms_kernel._block_config(40000, 2)
     assert not single and block == 32768
     x = make_x((1, 2, 40000), torch.float16, device).requires_grad_()
     w = make_weight(40000, torch.float16, device, "llama")
@@ -262,8 +263,8 @@ def test_kernel_looped_tiles(shape, dtype, variant, device, monkeypatch) -> None
     """Small tiles (128 bytes: 32 fp32 / 64 fp16 elements) force the looped path on small
     shapes: several tiles per row, a partial last tile, exact multiples, and several rows per
     backward program so the dw partial accumulates in memory."""
-    monkeypatch.setattr(rms, "_MAX_TILE_BYTES", 128)
-    block, single, _ = rms._block_config(shape[-1], torch.tensor([], dtype=dtype).element_size())
+    monkeypatch.setattr(rms_kernel, "_MAX_TILE_BYTES", 128)
+    block, single, _ = rms_kernel._block_config(shape[-1], torch.tensor([], dtype=dtype).element_size())
     assert not single and block in (32, 64)
     w_dtype, kw = variant_args(variant, dtype)
     x = make_x(shape, dtype, device).requires_grad_()
@@ -273,12 +274,12 @@ def test_kernel_looped_tiles(shape, dtype, variant, device, monkeypatch) -> None
 
 
 def test_block_config() -> None:
-    assert rms._block_config(4096, 2) == (4096, True, 16)
-    assert rms._block_config(1024, 2) == (1024, True, 4)
-    assert rms._block_config(11, 4) == (16, True, 1)
-    assert rms._block_config(1, 4) == (1, True, 1)
-    assert rms._block_config(32768, 2)[:2] == (32768, True)
-    assert rms._block_config(16385, 4)[:2] == (16384, False)
+    assert rms_kernel._block_config(4096, 2) == (4096, True, 16)
+    assert rms_kernel._block_config(1024, 2) == (1024, True, 4)
+    assert rms_kernel._block_config(11, 4) == (16, True, 1)
+    assert rms_kernel._block_config(1, 4) == (1, True, 1)
+    assert rms_kernel._block_config(32768, 2)[:2] == (32768, True)
+    assert rms_kernel._block_config(16385, 4)[:2] == (16384, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -293,7 +294,7 @@ def test_kernel_non_contiguous(layout, dtype, device) -> None:
     elif layout == "sliced":
         base = make_x((3, 5, n + 64), dtype, device).requires_grad_()
         x = base[..., 16 : 16 + n]
-        assert rms._as_rows(x).data_ptr() == x.data_ptr()  # no copy: the row stride is used
+        assert rms_kernel._as_rows(x).data_ptr() == x.data_ptr()  # no copy: the row stride is used
     else:
         base = make_x((3, n, 5), dtype, device).requires_grad_()
         x = base.transpose(-1, -2)
@@ -355,7 +356,7 @@ def test_kernel_partial_grads(which, device) -> None:
 def test_kernel_eps_matters(variant, tiles, device, monkeypatch) -> None:
     """Inputs with mean(x^2) of the order of eps, so that eps is not lost in the sum."""
     if tiles == "looped":
-        monkeypatch.setattr(rms, "_MAX_TILE_BYTES", 64)
+        monkeypatch.setattr(rms_kernel, "_MAX_TILE_BYTES", 64)
     w_dtype, kw = variant_args(variant, torch.float32)
     x = (0.3 * torch.randn((3, 4, 40), device=device)).requires_grad_()
     w = make_weight(40, w_dtype, device, variant)
@@ -393,7 +394,7 @@ def test_same_dtype_check_catches_missing_rounding(device) -> None:
 def test_poisoned_buffers_are_detected(kernel, device, monkeypatch) -> None:
     """The NaN poisoning reaches the outputs if a kernel skips its writes: with one launch
     skipped, the checks must fail."""
-    monkeypatch.setattr(rms, kernel, _NoLaunch())
+    monkeypatch.setattr(rms_kernel, kernel, _NoLaunch())
     x = make_x((2, 3, 16), torch.float32, device).requires_grad_()
     w = make_weight(16, torch.float32, device, "llama")
     with pytest.raises(AssertionError):
