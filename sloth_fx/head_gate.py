@@ -13,7 +13,7 @@ from torch import nn
 from sloth_fx.capture import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
 from sloth_fx.memory_budget import plan_offload
 from sloth_fx.offload import offloading
-from sloth_fx.padding_free import plan
+from sloth_fx.padding_free import BOUNDARIES, plan
 from sloth_fx.report import Report
 
 
@@ -47,13 +47,18 @@ class HeadGate(RegionGate):
     def without_cache(self, kwargs: dict) -> dict:
         """``kwargs`` with ``use_cache=False``, computing what HF's run computes. Where HF would
         build a cache (``config.use_cache``, no checkpointing), it reads no sequence boundaries
-        from ``position_ids`` (its packed-row detection needs no cache): a mask with nothing
-        masked keeps the row one causal sequence, as it was."""
+        from ``position_ids`` (its packed-row detection needs no cache), and its sdpa, which
+        packed attention stands in for, never reads a collator's ``cu_seq_lens``: a mask with
+        nothing masked and no boundaries keep the row one causal sequence, as it was."""
         out = {**kwargs, "use_cache": False}
         decoder = self.module.get_decoder() if hasattr(self.module, "get_decoder") else None
         caches = getattr(self.module.config, "use_cache", False) and not getattr(decoder, "gradient_checkpointing", False)
+        if not caches:
+            return out
+        if self.padding_free:
+            out = {k: v for k, v in out.items() if k not in BOUNDARIES}
         tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if caches and kwargs.get("position_ids") is not None and kwargs.get("attention_mask") is None \
+        if kwargs.get("position_ids") is not None and kwargs.get("attention_mask") is None \
                 and isinstance(tokens, torch.Tensor):
             out["attention_mask"] = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         return out

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-_BOUNDARIES = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+BOUNDARIES = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 @dataclass
@@ -83,7 +83,7 @@ def plan(kwargs: dict[str, Any]) -> PaddingFree | str:
         return reason
     tokens = _tokens(kwargs)
     mask = kwargs.get("attention_mask")
-    if any(kwargs.get(k) is not None for k in _BOUNDARIES):
+    if any(kwargs.get(k) is not None for k in BOUNDARIES):
         if mask is not None:
             return "sequence boundaries already given, with an attention mask"
         # the collator's own boundaries: only spare HF its dense packed mask

@@ -47,3 +47,17 @@ def test_packed_row_trains_as_hf_trains_it(checkpointing):
     assert_same_training_step(original, optimized, packed_row())
     decision = sloth_fx.report(optimized).padding_free
     assert decision == ({"applied": "packed row: 3 sequences given boundaries"} if checkpointing else {"not applied": "no padding"})
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_collator_boundaries_train_as_hf_trains_them(checkpointing):
+    """A collator's cu_seq_lens beside position_ids (DataCollatorWithFlattening's flash-attention
+    kwargs): HF's sdpa never reads them, and without checkpointing its cache-building call reads no
+    boundaries at all: sloth_fx computes the same, packing per sequence only where HF does."""
+    original = tiny_model("llama", lora=True, checkpointing=checkpointing)
+    optimized = sloth_fx.optimize(twin(original))
+    cu = torch.tensor([0, 5, 8, 12], dtype=torch.int32)
+    inputs = {**packed_row(), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 5, "max_length_k": 5}
+    assert_same_training_step(original, optimized, inputs)
+    decision = sloth_fx.report(optimized).padding_free
+    assert decision == ({"applied": "packed row with boundaries"} if checkpointing else {"not applied": "no padding"})
