@@ -13,7 +13,7 @@ from torch import nn
 from sloth_fx.capture import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
 from sloth_fx.memory_budget import plan_offload
 from sloth_fx.offload import offloading
-from sloth_fx.padding_free import BOUNDARIES, plan
+from sloth_fx.padding_free import BOUNDARIES, call_tokens, plan
 from sloth_fx.report import Report
 
 
@@ -57,7 +57,7 @@ class HeadGate(RegionGate):
             return out
         if self.padding_free:
             out = {k: v for k, v in out.items() if k not in BOUNDARIES}
-        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        tokens = call_tokens((), kwargs)
         if kwargs.get("position_ids") is not None and kwargs.get("attention_mask") is None \
                 and isinstance(tokens, torch.Tensor):
             out["attention_mask"] = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
@@ -68,11 +68,10 @@ def _check_labels(args: tuple, kwargs: dict) -> None:
     labels = kwargs.get("labels")
     if labels is None:
         return
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    embeds = kwargs.get("inputs_embeds")
-    expected = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else None
-    if expected is None and isinstance(embeds, torch.Tensor):
-        expected = tuple(embeds.shape[:-1])
+    tokens = call_tokens(args, kwargs)
+    expected = None
+    if isinstance(tokens, torch.Tensor):  # token ids, or embeddings with a hidden axis last
+        expected = tuple(tokens.shape[:-1] if tokens.is_floating_point() else tokens.shape)
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be a tensor of integer token ids, got {_describe(labels)}")
     if expected is not None and tuple(labels.shape) != expected:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sloth_fx.padding_free import call_tokens
+
 # Chosen to come near the H100 probe of issue 15 (Llama-2-7B, bf16, one row of 65,536 tokens, 27.3
 # GiB of activations, 16 of them the 32 layers' inputs): 26.7 GiB predicted. The rest is mostly the
 # recomputed MLP's [T x intermediate] products; one data point cannot tell the hidden-wide share
@@ -107,9 +109,7 @@ def plan_offload(model: nn.Module, args: tuple, kwargs: dict[str, Any], memory_b
         return OffloadDecision(False, "no activation checkpointing: no layer input is kept for a recompute")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = getattr(config, "hidden_size", None)
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(tokens, torch.Tensor):
-        tokens = kwargs.get("inputs_embeds")
+    tokens = call_tokens(args, kwargs)
     if not isinstance(hidden, int) or not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
         return OffloadDecision(False, "no prediction: the config gives no hidden_size or the call no token ids")
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden

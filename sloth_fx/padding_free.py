@@ -81,7 +81,7 @@ def plan(kwargs: dict[str, Any]) -> PaddingFree | str:
     reason = _unsupported(kwargs)
     if reason is not None:
         return reason
-    tokens = _tokens(kwargs)
+    tokens = call_tokens((), kwargs)
     mask = kwargs.get("attention_mask")
     if any(kwargs.get(k) is not None for k in BOUNDARIES):
         if mask is not None:
@@ -106,14 +106,17 @@ def _unsupported(kwargs: dict[str, Any]) -> str | None:
         return "output_attentions: attention weights have no padded layout to restore"
     if kwargs.get("return_dict") is False:
         return "return_dict=False"
-    tokens = _tokens(kwargs)
+    tokens = call_tokens((), kwargs)
     if tokens is None or tokens.dim() < 2:
         return "no batched input_ids or inputs_embeds"
     return None
 
 
-def _tokens(kwargs: dict[str, Any]) -> torch.Tensor | None:
-    return kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+def call_tokens(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A causal-LM call's tokens: its ``input_ids`` (by keyword, or first positional), else its
+    ``inputs_embeds``; None when it has neither."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return ids if ids is not None else kwargs.get("inputs_embeds")
 
 
 def _packed_row(kwargs: dict[str, Any], tokens: torch.Tensor) -> PaddingFree | str:
