@@ -3,9 +3,8 @@
 A :class:`Rewrite` is a pass (``rewrite(gm, log)``, registered with ``register_pass``). For each of
 its patterns in turn (each sees the graph as the earlier ones left it) the driver finds every
 match, asks ``check`` why it must not be rewritten (``None``: it may; the report names the
-pattern beside the reason), gathers the accepted
-matches into groups by ``group`` (each match alone by default), asks ``check_group`` the same of a
-group, and calls ``replace`` on it. Every refusal goes to the report with its reason, at each site
+pattern beside the reason), gathers the accepted matches into groups by ``group`` (each match
+alone by default), asks ``check_group`` the same of a group, and calls ``replace`` on it. Every refusal goes to the report with its reason, at each site
 it concerns, and nothing of a refused group is rewritten: a replacement that cannot be placed
 (``graph_edit.NotSchedulable``) leaves the graph as it was. ``replace`` returns the sites it
 rewrote, :class:`Site` s for the report.
@@ -26,7 +25,6 @@ import torch.fx as fx
 from sloth_fx.graph_edit import NotSchedulable, module_path
 from sloth_fx.patterns import Match, Pattern, find_matches
 from sloth_fx.report import PassLog
-
 
 
 class Site(NamedTuple):
