@@ -42,9 +42,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.kernels.lora_plan import lora_plan
 from sloth_fx.graph_edit import fake_value, replace_with_call
 from sloth_fx.kernels.lora import lora_linear, lora_linear_group, lora_linear_supports
+from sloth_fx.kernels.lora_plan import lora_plan
 from sloth_fx.kernels.toolkit import SUPPORTED_DTYPES, dtype_names
 from sloth_fx.pass_manager import register_pass
 from sloth_fx.passes.lora_4bit import QuantLoRAMatch, find_4bit_lora, weight_shape
