@@ -15,6 +15,9 @@
 #   --layers N          override model depth (smoke runs)     --steps N  steps per run (default 8)
 #   --e2e-timeout S     per run at most (default 240)
 #   --no-tests | --tests-timeout S (default 120)   --no-kernels | --kernels-timeout S (default 150)
+#   --tests-workers N   pytest-xdist processes for the GPU tests when xdist is installed (default 8:
+#                       the tests are mostly compile time, which is host work)
+#   --profile CONFIG[:SYSTEMS]  before e2e: GPU busy share, kernels and host functions of a step
 #   --kernel-ops LIST   subset of ops              --maxlen LO:HI:GRAN[:SYSTEMS]  run E6's bisection
 #   --lora-plans        per projection: PEFT vs each fused LoRA form, with the cost model's prediction
 #   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
@@ -25,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET=540 CONFIGS=E1,E2,E3 SYSTEMS=hf,liger,compile,unsloth,sloth_fx LAYERS="" STEPS=8
-LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" EXTRA=()
+LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 TESTS_WORKERS=8 PROFILE="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift ;;
@@ -36,6 +39,8 @@ while [ $# -gt 0 ]; do
     --e2e-timeout) E2E_TIMEOUT=$2; shift ;;
     --no-tests) TESTS=0 ;;
     --tests-timeout) TESTS_TIMEOUT=$2; shift ;;
+    --tests-workers) TESTS_WORKERS=$2; shift ;;
+    --profile) PROFILE=$2; shift ;;
     --no-kernels) KERNELS=0 ;;
     --kernels-timeout) KERNELS_TIMEOUT=$2; shift ;;
     --kernel-ops) KOPS=$2; shift ;;
@@ -93,9 +98,21 @@ say "installed; $(tr '\n' ';' <"$RES/versions.txt")"
 # 2. GPU tests.
 if [ "$TESTS" = 1 ]; then
   T=$(min "$TESTS_TIMEOUT" "$(left)")
-  say "pytest -m gpu (timeout ${T}s)"
-  timeout "$T" $PY -m pytest -m gpu tests -q -p no:cacheprovider >"$RES/pytest_gpu.log" 2>&1
+  XDIST=()
+  $PY -c "import xdist" 2>/dev/null && [ "$TESTS_WORKERS" -gt 1 ] && XDIST=(-n "$TESTS_WORKERS")
+  say "pytest -m gpu ${XDIST[*]} (timeout ${T}s)"
+  timeout "$T" $PY -m pytest -m gpu tests -q -p no:cacheprovider "${XDIST[@]}" >"$RES/pytest_gpu.log" 2>&1
   say "pytest exit $?: $(tail -n 1 "$RES/pytest_gpu.log")"
+fi
+
+# 2b. Profile: where one configuration's step goes, per system.
+if [ -n "$PROFILE" ]; then
+  IFS=: read -r PCFG PSYS <<<"$PROFILE"
+  T=$(min 240 $(( $(left) - 60 )))
+  say "profile $PCFG (${PSYS:-sloth_fx}; timeout ${T}s)"
+  timeout "$T" $PY -m benchmarks profile --config "$PCFG" --systems "${PSYS:-sloth_fx}" --steps 6 --warmup 3 \
+      --results "$RES" ${LAYERS:+--layers "$LAYERS"} >>"$LOG" 2>&1
+  say "profile exit $?"
 fi
 
 # 3. End-to-end runs (the table), leaving room for kernels and the report.
