@@ -136,16 +136,21 @@ def _mode(a: torch.dtype, b: torch.dtype, interpret: bool) -> int:
 
 def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor | None = None,
                          accumulate: bool = False) -> torch.Tensor:
-    """:func:`lowrank_mm` in plain PyTorch: the product in fp32 (fp64 if an operand is fp64)."""
+    """:func:`lowrank_mm` in plain PyTorch: the product in fp32 (fp64 if an operand is fp64).
+
+    An accumulated product is one ``addmm`` (the sum ``out + alpha·a·b`` in the product's epilogue,
+    in place when ``out`` is already wide): the fewest kernels and host calls for the small products
+    that take this path on CUDA."""
     wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    result = a.to(wide) @ b.to(wide)
+    a, b = a.to(wide), b.to(wide)
+    if accumulate and out.dtype == wide:
+        return out.addmm_(a, b, alpha=alpha)
+    if accumulate:
+        return out.copy_(torch.addmm(out.to(wide), a, b, alpha=alpha))
+    result = a @ b
     if alpha != 1.0:
         result *= alpha
-    if out is None:
-        return result
-    if accumulate:
-        result += out.to(wide)
-    return out.copy_(result)
+    return result if out is None else out.copy_(result)
 
 
 def _block(size: int, lo: int, hi: int) -> int:
