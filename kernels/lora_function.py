@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .lowrank_mm import lowrank_mm, split_k_for
+from .lowrank_mm import lowrank_mm, runs_wide, split_k_for
 from .toolkit import dense_weight, is_4bit
 
 __all__ = ["LoRAGroupFunction"]
@@ -114,6 +114,10 @@ class LoRAGroupFunction(torch.autograd.Function):
         src = x2 if ctx.adapters_read_x else (xd.reshape(-1, xd.shape[-1]) if xd is not None else None)
         xa_split = xa.split(ranks, dim=1) if xa is not None else [None] * n
         dys = [g.reshape(-1, g.shape[-1]) for g in grads]
+        # dY_i is read by two products, g_i and dB_i, of one volume: where they run on the reference
+        # path (small steps on CUDA, or CPU), widen it once instead of once in each
+        thin_dys = [dy.float() if need_b[i] and runs_wide(dy, lora_bs[i]) and dy.dtype in (torch.float16, torch.bfloat16)
+                    else dy for i, dy in enumerate(dys)]
 
         # g = [s_1·dY_1·B_1, …, s_n·dY_n·B_n], fp32 [T, sum r_i]: used by dX (or d(xd)) and dA
         offsets = [sum(ranks[:i]) for i in range(n)]
@@ -121,11 +125,11 @@ class LoRAGroupFunction(torch.autograd.Function):
         need_g = [need_a[i] or need_dxd or (adapter_dx and plans[i].backward_dx == "factored") for i in range(n)]
         g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
         for lo, hi in _runs(need_g):
-            _thin_products([(dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1,
+            _thin_products([(thin_dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1,
                            g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]])
         d_w, d_a, d_b, d_bias = [None] * n, [None] * n, [None] * n, [None] * n
         for lo, hi in _runs(need_b):
-            parts = _thin_products([(dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0)
+            parts = _thin_products([(thin_dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0)
             for i, part in zip(range(lo, hi), parts):
                 d_b[i] = part.to(lora_bs[i].dtype)
         for i in range(n):

@@ -58,7 +58,7 @@ from .toolkit import (
     SUPPORTED_DTYPES, cdiv, device_guard, interpreting, multi_processor_count, next_power_of_2, use_triton,
 )
 
-__all__ = ["lowrank_mm", "lowrank_mm_reference", "split_k_for"]
+__all__ = ["lowrank_mm", "lowrank_mm_reference", "runs_wide", "split_k_for"]
 
 HOST_BOUND_VOLUME = 2**30  # M·N·K below which a CUDA product is cheaper as PyTorch ops (see above)
 
@@ -210,6 +210,12 @@ def split_k_for(a: torch.Tensor, b: torch.Tensor) -> int:
         return 1
     m, k = a.shape
     return _launch(m, b.shape[1], k, True, None, a.device).grid[2] if m and b.shape[1] and k else 1
+
+
+def runs_wide(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``lowrank_mm(a, b)`` takes the reference path, which copies both operands to fp32
+    (or fp64): a caller with one operand in several such products may widen it once itself."""
+    return not _triton_path((a, b), a.shape[0], b.shape[1], a.shape[1])
 
 
 def _triton_path(tensors: tuple[torch.Tensor, ...], m: int, n: int, k: int) -> bool:
