@@ -1,4 +1,5 @@
-"""How each row of the table prepares its model: hf, liger, compile, sloth_fx, sloth_fx_noce, unsloth.
+"""How each row of the table prepares its model: hf, liger, compile, sloth_fx, sloth_fx_noce,
+sloth_fx_offload, unsloth.
 
 Every system starts from the same random-init weights (configs + seed), gets the same LoRA
 (r=16, alpha=16, dropout 0, seven projections) and the same AdamW over the adapters. Imports of the
@@ -53,7 +54,7 @@ def prepare(system: str, cfg: Config, device: torch.device | str, seed: int, **o
         raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
     prepare_fn = {
         "hf": _hf, "liger": _liger, "compile": _compile, "sloth_fx": _sloth_fx, "sloth_fx_noce": _sloth_fx_noce,
-        "unsloth": _unsloth,
+        "sloth_fx_offload": _sloth_fx_offload, "unsloth": _unsloth,
     }[system]
     return prepare_fn(cfg, device, seed, **opts)
 
@@ -87,13 +88,16 @@ def _compile(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Pr
 
 
 def _sloth_fx(
-    cfg: Config, device: torch.device | str, seed: int, passes: list[str] | None = None, **_: Any
+    cfg: Config, device: torch.device | str, seed: int, passes: list[str] | None = None,
+    memory_budget: int | None = None, **_: Any
 ) -> Prepared:
-    """``sloth_fx.optimize(model, passes)`` on the PEFT model (``None``: every available pass); the
-    passes go into the notes, and once trained, the rewrites per pass and ``sloth_fx.explain``."""
+    """``sloth_fx.optimize(model, passes, memory_budget=...)`` on the PEFT model (``None``: every
+    available pass, the free GPU memory as budget); the passes go into the notes, and once trained,
+    the rewrites per pass and ``sloth_fx.explain``."""
     import sloth_fx
 
-    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed), passes=passes)
+    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed), passes=passes,
+                              memory_budget=memory_budget)
     passes = passes if passes is not None else sloth_fx.available_passes()
 
     def report() -> dict[str, Any]:
@@ -112,6 +116,13 @@ def _sloth_fx_noce(cfg: Config, device: torch.device | str, seed: int, **_: Any)
 
     passes = [p for p in sloth_fx.available_passes() if p != "cross_entropy"]
     return _sloth_fx(cfg, device, seed, passes=passes)
+
+
+def _sloth_fx_offload(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
+    """sloth_fx with a memory budget of 0 bytes: every checkpointed step offloads its layers'
+    inputs to pinned host memory and prefetches them for backward (beside ``sloth_fx``: what the
+    offload costs where it was not needed)."""
+    return _sloth_fx(cfg, device, seed, memory_budget=0)
 
 
 # ---------------------------------------------------------------------------------------- unsloth

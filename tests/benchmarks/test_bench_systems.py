@@ -49,3 +49,13 @@ def test_reports_list_noce_between_unsloth_and_sloth_fx(tmp_path):
     assert {p.name for p in paths} == {"tokens_per_s.png", "peak_memory.png", "loss_E5.png"}
     no_noce = report.summary_table([r for r in rows if r["system"] != "sloth_fx_noce"])
     assert no_noce.splitlines()[0] == "| config | hf | sloth_fx |"
+
+
+def test_offload_system_offloads_every_checkpointed_step():
+    cfg = get_config("tiny", checkpointing=True, layers=6)  # more layers than offloading keeps on the device
+    prepared = prepare("sloth_fx_offload", cfg, "cpu", 0)
+    train_steps(prepared, batches_for(cfg, 1, 0), torch.device("cpu"))
+    assert "checkpoint offload, on (latest)" in str(sloth_fx.explain(prepared.model))
+    plain = prepare("sloth_fx", cfg, "cpu", 0)
+    train_steps(plain, batches_for(cfg, 1, 0), torch.device("cpu"))
+    assert "checkpoint offload, off (latest)" in str(sloth_fx.explain(plain.model))
