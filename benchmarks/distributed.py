@@ -184,10 +184,18 @@ def launch(system: str, config: str, processes: int, global_batch: int, out: Pat
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     label = {"system": system, "config": config, "processes": processes, "global_batch": global_batch}
     row = run_worker(cmd, out, timeout=timeout, label=label, env=env, log_path=out.with_suffix(".log"))
-    failed = sorted(out.parent.glob(f"{out.name}.rank*.failed"))
+    failed = [json.loads(p.read_text()) for p in sorted(out.parent.glob(f"{out.name}.rank*.failed"))]
     if row.get("status") != "ok" and failed:
-        row["reason"] = "; ".join(f"rank {f['rank']}: {f['reason']}" for f in map(lambda p: json.loads(p.read_text()), failed))
+        row["reason"] = "; ".join(f"rank {f['rank']}: {f['reason']}" for f in failed)
     return row
+
+
+def _ok(row: dict[str, Any] | None) -> bool:
+    return row is not None and row.get("status") == "ok"
+
+
+def _tokens(row: dict[str, Any] | None) -> str:
+    return f"{row['tokens_per_s_per_gpu']:.0f}" if _ok(row) else "—"
 
 
 def _gib(row: dict[str, Any] | None) -> str:
@@ -202,18 +210,15 @@ def summary_table(rows: list[dict[str, Any]], gpus: int, per_gpu_batch: int) -> 
     head = (f"| system | tokens/s per GPU, 1 GPU | tokens/s per GPU, {gpus} GPUs | scaling efficiency "
             f"| peak GiB per rank, 1 GPU | peak GiB per rank, {gpus} GPUs | max rel. loss diff, {gpus} GPUs vs 1 | failures |")
     lines = [head, "| --- " * 8 + "|"]
+    by_run = {(r["system"], r["processes"], r["global_batch"]): r for r in rows}
     for system in dict.fromkeys(r["system"] for r in rows):
-        def run(p: int, g: int) -> dict[str, Any] | None:
-            return next((r for r in rows if r["system"] == system and r["processes"] == p and r["global_batch"] == g), None)
-
-        one, many, check = run(1, per_gpu_batch), run(gpus, gpus * per_gpu_batch), run(1, gpus * per_gpu_batch)
-        ok = lambda r: r is not None and r.get("status") == "ok"  # noqa: E731
-        tps = lambda r: f"{r['tokens_per_s_per_gpu']:.0f}" if ok(r) else "—"  # noqa: E731
-        eff = f"{many['tokens_per_s_per_gpu'] / one['tokens_per_s_per_gpu']:.1%}" if ok(one) and ok(many) else "—"
-        diff = stats.max_relative_difference(many["losses"], check["losses"]) if ok(many) and ok(check) else None
+        one, many, check = (by_run.get((system, p, g)) for p, g in
+                            ((1, per_gpu_batch), (gpus, gpus * per_gpu_batch), (1, gpus * per_gpu_batch)))
+        eff = f"{many['tokens_per_s_per_gpu'] / one['tokens_per_s_per_gpu']:.1%}" if _ok(one) and _ok(many) else "—"
+        diff = stats.max_relative_difference(many["losses"], check["losses"]) if _ok(many) and _ok(check) else None
         failures = "; ".join(f"{r['processes']}x{r['global_batch']}: {str(r.get('reason'))[:120]}"
-                             for r in (one, many, check) if r is not None and not ok(r)).replace("|", "/")
-        lines.append(f"| {system} | {tps(one)} | {tps(many)} | {eff} | {_gib(one)} | {_gib(many)} "
+                             for r in (one, many, check) if r is not None and not _ok(r)).replace("|", "/")
+        lines.append(f"| {system} | {_tokens(one)} | {_tokens(many)} | {eff} | {_gib(one)} | {_gib(many)} "
                      f"| {'—' if diff is None else f'{diff:.2e}'} | {failures} |")
     return "\n".join(lines)
 
