@@ -100,6 +100,13 @@ def train_steps(prepared: Any, batches: list[Batch], device: torch.device) -> di
     return {"step_times": step_times, "losses": losses, "peak_bytes": peak}
 
 
+def require_timed_steps(steps: int, warmup: int, allow_few_steps: bool) -> None:
+    """Raise unless ``steps`` leaves at least ``MIN_TIMED_STEPS`` after ``warmup`` (or the caller
+    allows fewer: probes, tests)."""
+    if steps - warmup < MIN_TIMED_STEPS and not allow_few_steps:
+        raise ValueError(f"need at least {MIN_TIMED_STEPS} timed steps after {warmup} warm-up, got {steps} steps")
+
+
 def run_e2e(
     system: str,
     cfg: Config,
@@ -114,8 +121,7 @@ def run_e2e(
     Raises on failure (the worker turns exceptions into failure rows)."""
     from benchmarks.systems import Unsupported, prepare
 
-    if steps - warmup < MIN_TIMED_STEPS and not opts.pop("allow_few_steps", False):
-        raise ValueError(f"need at least {MIN_TIMED_STEPS} timed steps after {warmup} warm-up, got {steps} steps")
+    require_timed_steps(steps, warmup, opts.pop("allow_few_steps", False))
     dev = torch.device(device)
     row: dict[str, Any] = {"system": system, "config": cfg.id, "config_desc": cfg.describe(), "status": "running"}
     row["matmul_flops"] = measure_matmul_rate(dev)
@@ -132,8 +138,20 @@ def run_e2e(
     row.update(res)
     if prepared.after_training is not None:
         row["notes"].update(prepared.after_training())
-    row["first_step_s"] = res["step_times"][0]
-    timed = stats.timed_steps(res["step_times"], warmup)
+    row.update(step_figures(cfg, batches, res["step_times"], warmup, row["matmul_flops"]))
+    row["status"] = "ok"
+    return row
+
+
+def step_figures(
+    cfg: Config, batches: list[Batch], step_times: list[float], warmup: int, matmul_flops: float | None
+) -> dict[str, Any]:
+    """A run's throughput from the batch and the time of each step (one batch per step): the first
+    step's time, the median step time and, over the steps after ``warmup``, tokens/s over all
+    positions and over real tokens, FLOPs per step and MFU (``None`` without ``matmul_flops``);
+    slots and real tokens per step over every step."""
+    row: dict[str, Any] = {"first_step_s": step_times[0]}
+    timed = stats.timed_steps(step_times, warmup)
     med = stats.median(timed)
     slots = sum(b.slots for b in batches) / len(batches)
     real = sum(b.real_tokens for b in batches) / len(batches)
@@ -147,8 +165,7 @@ def run_e2e(
     row["slots_per_step"], row["real_tokens_per_step"] = slots, real
     per_step_flops = [flops_mod.step_flops(cfg.shape, b.lengths, cfg.checkpointing)["total"] for b in timed_batches]
     row["flops_per_step"] = sum(per_step_flops) / len(per_step_flops)
-    row["mfu"] = sum(per_step_flops) / sum(timed) / row["matmul_flops"] if row["matmul_flops"] else None
-    row["status"] = "ok"
+    row["mfu"] = sum(per_step_flops) / sum(timed) / matmul_flops if matmul_flops else None
     return row
 
 

@@ -1,6 +1,7 @@
 """Results on disk and markdown tables.
 
-Files in a results folder: ``e2e_<config>_<system>.json`` (one row each), ``kernels.json``,
+Files in a results folder: ``e2e_<config>_<system>.json`` and ``sft_<config>_<system>.json`` (one
+row each, of the same shape: ``python -m benchmarks e2e`` and ``sft``), ``kernels.json``,
 ``maxlen.json``, ``env.json``; ``write_report`` adds ``report.md`` and the plots of
 ``benchmarks/plots.py``: ``tokens_per_s.png``, ``peak_memory.png`` and ``loss_<config>.png``.
 """
@@ -21,8 +22,9 @@ MIB = 1024**2
 
 
 def load_rows(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every e2e row JSON in the folder."""
-    return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("e2e_*.json"))]
+    """Every e2e and SFTTrainer row JSON in the folder (their config ids differ: ``R1``, ``SFT-pf/R1``)."""
+    d = Path(results_dir)
+    return [json.loads(p.read_text()) for stage in ("e2e", "sft") for p in sorted(d.glob(f"{stage}_*.json"))]
 
 
 def ordered(values: Iterable[str], preferred: Sequence[str]) -> list[str]:

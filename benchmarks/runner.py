@@ -121,10 +121,13 @@ def run_suite(
     command: Callable[[str, str, Path], list[str]] | None = None,
     label_config: Callable[[str], str | None] | None = None,
     bar: RunBar | None = None,
+    file_prefix: str = "e2e",
 ) -> list[dict[str, Any]]:
     """Every (config, system) pair in its own subprocess; the rows, loss differences attached.
     ``timeout`` may be a function (re-read before each run: a shrinking time budget); ``progress``
-    gets a line as each run starts and ends, ``bar`` (if any) shows how many runs are done."""
+    gets a line as each run starts and ends, ``bar`` (if any) shows how many runs are done. Each
+    row and worker log is ``<file_prefix>_<config>_<system>.json`` / ``.log`` in ``results_dir``
+    (another stage of the same configurations takes its own prefix so as not to overwrite them)."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -133,7 +136,7 @@ def run_suite(
     with bar.over(len(pairs)) if bar else nullcontext():
         for i, (cfg, system) in enumerate(pairs):
             t = timeout() if callable(timeout) else timeout
-            out = results_dir / f"e2e_{_safe(cfg)}_{system}.json"
+            out = results_dir / f"{file_prefix}_{_safe(cfg)}_{system}.json"
             label = {"system": system, "config": (label_config(cfg) if label_config else None) or cfg}
             if bar:
                 bar.begin(f"{cfg} {system}")
@@ -143,7 +146,7 @@ def run_suite(
                 cmd = command(system, cfg, out) if command else worker_command(system, cfg, out, **(worker_opts or {}))
                 if progress:
                     progress(f"[{i + 1}/{len(pairs)}] {cfg} {system} (timeout {t:.0f} s)")
-                row = run_worker(cmd, out, timeout=t, label=label, env=env, log_path=results_dir / f"e2e_{_safe(cfg)}_{system}.log")
+                row = run_worker(cmd, out, timeout=t, label=label, env=env, log_path=results_dir / f"{file_prefix}_{_safe(cfg)}_{system}.log")
             out.write_text(json.dumps(row, indent=1, default=str))
             if progress:
                 progress(f"    -> {summarize_row(row)}")
@@ -152,7 +155,7 @@ def run_suite(
             rows.append(row)
     attach_loss_diffs(rows)
     for (cfg, system), r in zip(pairs, rows):
-        (results_dir / f"e2e_{_safe(cfg)}_{system}.json").write_text(json.dumps(r, indent=1, default=str))
+        (results_dir / f"{file_prefix}_{_safe(cfg)}_{system}.json").write_text(json.dumps(r, indent=1, default=str))
     return rows
 
 
