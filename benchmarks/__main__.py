@@ -1,14 +1,15 @@
 """Command line of the benchmark harness.
 
     python -m benchmarks e2e --configs E1,E2,E3 --systems hf,liger,compile,unsloth,sloth_fx --results DIR
+    python -m benchmarks sft --config R1 --systems hf,liger,unsloth,sloth_fx --results DIR
     python -m benchmarks kernels --results DIR
     python -m benchmarks lora-plans --results DIR
     python -m benchmarks maxlen --config E6 --systems hf,sloth_fx --lo 4096 --hi 65536 --results DIR
     python -m benchmarks profile --config E1 --layers 2 --systems hf,sloth_fx --results DIR
     python -m benchmarks report --results DIR
-    python -m benchmarks worker --system hf --config E2 --out row.json     (one run; used by e2e)
+    python -m benchmarks worker --system hf --config E2 --out row.json     (one run; used by e2e, sft)
 
-Each e2e run and each maxlen probe is its own subprocess; ``--budget-s`` bounds the whole command
+Each e2e or sft run and each maxlen probe is its own subprocess; ``--budget-s`` bounds the whole command
 (each subprocess gets the time left, at most ``--timeout``).
 """
 
@@ -60,14 +61,18 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
     from benchmarks.configs import get_config
     from benchmarks.e2e import classify_failure, environment, run_e2e
+    from benchmarks.sft import run_sft, sft_label
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     row: dict[str, Any] = {"system": a.system, "config": a.config}
     try:
         cfg = get_config(a.config, **_overrides(a))
         row.update(config=cfg.id, config_desc=cfg.describe())
+        if a.stage == "sft":
+            row.update(sft_label(cfg))
+        run = run_sft if a.stage == "sft" else run_e2e
         row.update(
-            run_e2e(
+            run(
                 a.system, cfg, device=device, steps=a.steps, warmup=a.warmup, seed=a.seed,
                 unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps,
             )
@@ -89,6 +94,21 @@ def _deadline(budget: float | None) -> Any:
 
 def cmd_e2e(a: argparse.Namespace) -> int:
     from benchmarks.configs import get_config
+
+    names = a.configs.split(",")
+    return _run_stage(a, names, {n: get_config(n, **_overrides(a)).id for n in names}, stage="e2e")
+
+
+def cmd_sft(a: argparse.Namespace) -> int:
+    from benchmarks.configs import get_config
+    from benchmarks.sft import sft_label
+
+    return _run_stage(a, [a.config], {a.config: sft_label(get_config(a.config, **_overrides(a)))["config"]}, stage="sft")
+
+
+def _run_stage(a: argparse.Namespace, names: list[str], ids: dict[str, str], stage: str) -> int:
+    """Each of ``a.systems`` on each configuration of ``names`` in its own worker (``--stage``),
+    rows labelled with ``ids`` and written as ``<stage>_<config>_<system>.json``; then the report."""
     from benchmarks.e2e import environment
     from benchmarks.progress import RunBar
     from benchmarks.report import summary_table, write_report
@@ -99,13 +119,13 @@ def cmd_e2e(a: argparse.Namespace) -> int:
     res.mkdir(parents=True, exist_ok=True)
     (res / "env.json").write_text(json.dumps(environment(), indent=1))
     left = _deadline(a.budget_s)
-    names = a.configs.split(",")
-    ids = {n: get_config(n, **_overrides(a)).id for n in names}
     opts = dict(_overrides(a), steps=a.steps, warmup=a.warmup, seed=a.seed, device=a.device,
                 unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps)
+    if stage != "e2e":
+        opts["stage"] = stage
     rows = run_suite(
         a.systems.split(","), names, res, timeout=lambda: left(a.timeout), worker_opts=opts,
-        progress=con.log, label_config=ids.get, bar=RunBar(con),
+        progress=con.log, label_config=ids.get, bar=RunBar(con), file_prefix=stage,
     )
     con.print(summary_table(rows))
     con.log(f"report: {write_report(res)}")
@@ -194,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--system", required=True, choices=SYSTEMS)
     w.add_argument("--config", required=True)
     w.add_argument("--out", required=True)
+    w.add_argument("--stage", choices=["e2e", "sft"], default="e2e",
+                   help="e2e: the harness's own step loop; sft: TRL's SFTTrainer, padding_free=True")
     _add_model_args(w)
 
     e = sub.add_parser("e2e", help="end-to-end runs, each system in its own subprocess")
@@ -203,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--timeout", type=float, default=600, help="seconds per run at most")
     e.add_argument("--budget-s", type=float, default=None, help="seconds for the whole command")
     _add_model_args(e)
+
+    t = sub.add_parser("sft", help="TRL's SFTTrainer with padding_free=True, each system in its own subprocess")
+    t.add_argument("--config", default="R1", help=f"one of {','.join(CONFIGS)}")
+    t.add_argument("--systems", default="hf,liger,unsloth,sloth_fx")
+    t.add_argument("--results", default="results/latest")
+    t.add_argument("--timeout", type=float, default=600, help="seconds per run at most")
+    t.add_argument("--budget-s", type=float, default=None, help="seconds for the whole command")
+    _add_model_args(t)
 
     k = sub.add_parser("kernels", help="kernel microbenchmarks (GPU)")
     k.add_argument("--ops", default=None, help="comma-separated subset of op names")
@@ -234,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--results", default="results/latest")
 
     a = p.parse_args(argv)
-    return {"worker": cmd_worker, "e2e": cmd_e2e, "kernels": cmd_kernels, "maxlen": cmd_maxlen, "lora-plans": cmd_lora_plans,
+    return {"worker": cmd_worker, "e2e": cmd_e2e, "sft": cmd_sft, "kernels": cmd_kernels, "maxlen": cmd_maxlen, "lora-plans": cmd_lora_plans,
             "profile": cmd_profile, "report": cmd_report}[a.cmd](a)
 
 
