@@ -19,6 +19,7 @@
 #                       the tests are mostly compile time, which is host work)
 #   --profile CONFIG[:SYSTEMS]  before e2e: GPU busy share, kernels and host functions of a step
 #   --kernel-ops LIST   subset of ops              --maxlen LO:HI:GRAN[:SYSTEMS]  run E6's bisection
+#   --sft SYSTEMS[:CONFIG]  after e2e: TRL's SFTTrainer with padding_free=True (CONFIG default R1)
 #   --lora-plans        per projection: PEFT vs each fused LoRA form, with the cost model's prediction
 #   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
 #   --fresh             forget earlier results on this (warm) machine; by default rows of earlier
@@ -28,7 +29,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET=540 CONFIGS=E1,E2,E3 SYSTEMS=hf,liger,compile,unsloth,sloth_fx LAYERS="" STEPS=8
-LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 TESTS_WORKERS=8 PROFILE="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" EXTRA=()
+LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 TESTS_WORKERS=8 PROFILE="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" SFT="" EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift ;;
@@ -45,6 +46,7 @@ while [ $# -gt 0 ]; do
     --kernels-timeout) KERNELS_TIMEOUT=$2; shift ;;
     --kernel-ops) KOPS=$2; shift ;;
     --maxlen) MAXLEN=$2; shift ;;
+    --sft) SFT=$2; shift ;;
     --lora-plans) LORA_PLANS=1 ;;
     --unsloth-offload) EXTRA+=(--unsloth-offload) ;;
     --fresh) FRESH=1 ;;
@@ -121,6 +123,15 @@ if [ "$CONFIGS" != none ]; then
   B=$(( $(left) - RESERVE ))
   say "e2e (budget ${B}s, at most ${E2E_TIMEOUT}s a run)"
   $PY -m benchmarks e2e --configs "$CONFIGS" --systems "$SYSTEMS" --results "$RES" --budget-s "$B" \
+      --timeout "$E2E_TIMEOUT" --steps "$STEPS" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+fi
+
+# 3b. TRL's SFTTrainer, padding-free (the row users read first), leaving room for kernels and the report.
+if [ -n "$SFT" ]; then
+  IFS=: read -r SSYS SCFG <<<"$SFT"
+  B=$(( $(left) - (KERNELS == 1 ? 90 : 20) ))
+  say "sft ${SCFG:-R1} ($SSYS; budget ${B}s, at most ${E2E_TIMEOUT}s a run)"
+  $PY -m benchmarks sft --config "${SCFG:-R1}" --systems "$SSYS" --results "$RES" --budget-s "$B" \
       --timeout "$E2E_TIMEOUT" --steps "$STEPS" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
 fi
 
