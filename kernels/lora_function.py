@@ -114,24 +114,23 @@ class LoRAGroupFunction(torch.autograd.Function):
         src = x2 if ctx.adapters_read_x else (xd.reshape(-1, xd.shape[-1]) if xd is not None else None)
         xa_split = xa.split(ranks, dim=1) if xa is not None else [None] * n
         dys = [g.reshape(-1, g.shape[-1]) for g in grads]
-        # dY_i is read by two products, g_i and dB_i, of one volume: where they run on the reference
-        # path (small steps on CUDA, or CPU), widen it once instead of once in each
-        thin_dys = [dy.float() if need_b[i] and runs_wide(dy, lora_bs[i]) and dy.dtype in (torch.float16, torch.bfloat16)
-                    else dy for i, dy in enumerate(dys)]
-
         # g = [s_1·dY_1·B_1, …, s_n·dY_n·B_n], fp32 [T, sum r_i]: used by dX (or d(xd)) and dA
         offsets = [sum(ranks[:i]) for i in range(n)]
         adapter_dx = need_dx and ctx.adapters_read_x
         need_g = [need_a[i] or need_dxd or (adapter_dx and plans[i].backward_dx == "factored") for i in range(n)]
-        g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
-        for lo, hi in _runs(need_g):
-            _thin_products([(thin_dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1,
-                           g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]])
-        d_w, d_a, d_b, d_bias = [None] * n, [None] * n, [None] * n, [None] * n
-        for lo, hi in _runs(need_b):
-            parts = _thin_products([(thin_dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0)
-            for i, part in zip(range(lo, hi), parts):
-                d_b[i] = part.to(lora_bs[i].dtype)
+        d_w, d_a, d_bias = [None] * n, [None] * n, [None] * n
+        if all(runs_wide(dy, b) for dy, b in zip(dys, lora_bs)):
+            g, d_b = _thin_grads_wide(dys, lora_bs, xa, scales, ranks, any(need_g), need_b)
+        else:
+            g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
+            for lo, hi in _runs(need_g):
+                _thin_products([(dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1,
+                               g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]])
+            d_b = [None] * n
+            for lo, hi in _runs(need_b):
+                parts = _thin_products([(dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0)
+                for i, part in zip(range(lo, hi), parts):
+                    d_b[i] = part.to(lora_bs[i].dtype)
         for i in range(n):
             if need_w[i]:
                 d_w[i] = dys[i].t() @ x2
@@ -160,6 +159,40 @@ class LoRAGroupFunction(torch.autograd.Function):
                 d_a[i] = part.to(lora_as[i].dtype)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         return (dx, dxd, None, None, None, *d_w, *d_a, *d_b, *d_bias)
+
+
+def _thin_grads_wide(dys: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], xa: torch.Tensor | None,
+                     scales: Sequence[float], ranks: Sequence[int], need_g: bool,
+                     need_b: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """``g`` and the ``dB_i`` of a group whose thin products all take ``lowrank_mm``'s reference
+    path (small steps on CUDA; CPU): every sibling in one wide product each, so that a step of
+    many small calls launches a few products instead of two per sibling::
+
+        dY = [dY_1 … dY_n]  (widened once)      B = blockdiag(B_1, …, B_n)
+        g  = dY·B  -> [dY_1·B_1 … dY_n·B_n]      dYᵀ·xa -> block (i, i) is dY_iᵀ·xa_i
+
+    then ``s_i`` applied to each block: the terms of the products one by one (the other blocks
+    add exact zeros or are not read), summed in fp32 (fp64 for fp64 operands), rounded once.
+    """
+    wide = torch.promote_types(dys[0].dtype, torch.float32)
+    dy = (dys[0] if len(dys) == 1 else torch.cat(dys, dim=1)).to(wide)
+    cols = [sum(ranks[:i]) for i in range(len(ranks) + 1)]
+    rows = [sum(d.shape[1] for d in dys[:i]) for i in range(len(dys) + 1)]
+    g = None
+    if need_g:
+        b = lora_bs[0] if len(lora_bs) == 1 else torch.block_diag(*lora_bs)
+        g = dy @ b.to(wide)
+        for i, s in enumerate(scales):
+            if s != 1.0:
+                g[:, cols[i]:cols[i + 1]] *= s
+    d_b: list[torch.Tensor | None] = [None] * len(dys)
+    if any(need_b):
+        every = dy.t() @ xa.to(wide)
+        for i, s in enumerate(scales):
+            if need_b[i]:
+                block = every[rows[i]:rows[i + 1], cols[i]:cols[i + 1]]
+                d_b[i] = (block * s if s != 1.0 else block).to(lora_bs[i].dtype)
+    return g, d_b
 
 
 def _thin_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dim: int,
