@@ -39,11 +39,14 @@ def _cell(row: dict[str, Any] | None) -> str:
     if row.get("status") != "ok":
         return "failed: " + str(row.get("reason", "unknown")).replace("|", "/").replace("\n", " ")[:160]
     peak = row.get("peak_bytes")
-    return f"{row['tokens_per_s']:.0f}" + (f" ({peak / GIB:.2f})" if peak else "")
+    rate = row.get("real_tokens_per_s") or row["tokens_per_s"]
+    return f"{rate:.0f}" + (f" ({peak / GIB:.2f})" if peak else "")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Config x system: ``tokens/s (peak allocated GiB)`` or the failure reason."""
+    """Config x system: ``real tokens/s (peak allocated GiB)`` or the failure reason. Real tokens
+    leave padding out: on fixed-length data they are all the tokens, on padded batches they are
+    what a padded step's slots hold of data."""
     systems = ordered((r["system"] for r in rows), SYSTEMS)
     configs = ordered((r["config"] for r in rows), list(CONFIGS))
     by = {(r["config"], r["system"]): r for r in rows}
@@ -64,21 +67,22 @@ def _fmt(v: Any, spec: str, scale: float = 1.0) -> str:
 def detail_table(rows: list[dict[str, Any]]) -> str:
     """One line per row with every figure."""
     head = (
-        "| config | system | tokens/s | real tokens/s | step s (median) | peak GiB | model GiB | setup s "
-        "| first step s | MFU % | max rel. loss diff vs hf | status |"
+        "| config | system | tokens/s | real tokens/s | step s (median) | peak GiB | peak GiB after warm-up "
+        "| model GiB | setup s | first step s | MFU % | max rel. loss diff vs hf | status |"
     )
-    lines = [head, "| --- " * 12 + "|"]
+    lines = [head, "| --- " * 13 + "|"]
     systems = list(SYSTEMS)
     key = lambda r: (list(CONFIGS).index(r["config"]) if r["config"] in CONFIGS else 99,
                      systems.index(r["system"]) if r["system"] in systems else 99)
     for r in sorted(rows, key=key):
         if r.get("status") != "ok":
-            lines.append(f"| {r['config']} | {r['system']} |" + " — |" * 9 + f" {_cell(r)} |")
+            lines.append(f"| {r['config']} | {r['system']} |" + " — |" * 10 + f" {_cell(r)} |")
             continue
         lines.append(
             f"| {r['config']} | {r['system']} | {_fmt(r.get('tokens_per_s'), '.0f')} "
             f"| {_fmt(r.get('real_tokens_per_s'), '.0f')} | {_fmt(r.get('step_time_s'), '.3f')} "
-            f"| {_fmt(r.get('peak_bytes'), '.2f', 1 / GIB)} | {_fmt(r.get('model_bytes'), '.2f', 1 / GIB)} "
+            f"| {_fmt(r.get('peak_bytes'), '.2f', 1 / GIB)} | {_fmt(r.get('timed_peak_bytes'), '.2f', 1 / GIB)} "
+            f"| {_fmt(r.get('model_bytes'), '.2f', 1 / GIB)} "
             f"| {_fmt(r.get('setup_s'), '.1f')} | {_fmt(r.get('first_step_s'), '.2f')} "
             f"| {_fmt(r.get('mfu'), '.1f', 100)} | {_fmt(r.get('loss_max_rel_diff_vs_hf'), '.2e')} | ok |"
         )
@@ -150,7 +154,7 @@ def write_report(results_dir: str | Path) -> Path:
 
         plot_results(rows, d)
         parts += [
-            "## End to end: tokens/s (peak allocated GiB)", "", summary_table(rows), "",
+            "## End to end: real tokens/s (peak allocated GiB)", "", summary_table(rows), "",
             "## End to end: every figure", "", detail_table(rows), "",
             "Plots: tokens_per_s.png, peak_memory.png, loss_<config>.png.", "",
         ]

@@ -38,6 +38,19 @@ def test_summary_table_has_every_system_number_and_reason():
     assert e1.count("|") == 7
 
 
+def test_summary_counts_real_tokens_of_padded_batches():
+    padded = dict(_fake_rows()[0], config="R1", config_desc="R1 real-length, padded", tokens_per_s=5306.0,
+                  real_tokens_per_s=1732.0)
+    t = report.summary_table([padded])
+    assert "1732 (24.15)" in t and "5306" not in t
+
+
+def test_detail_table_gives_the_peak_after_warm_up_beside_the_whole_run():
+    row = dict(_fake_rows()[0], timed_peak_bytes=20.5 * GIB)
+    hf = report.detail_table([row]).splitlines()[2]
+    assert "| 24.15 | 20.50 | 13.00 |" in hf
+
+
 def test_detail_table_rows():
     t = report.detail_table(_fake_rows())
     lines = [l for l in t.splitlines() if l.startswith("| E")]
