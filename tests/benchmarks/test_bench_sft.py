@@ -4,6 +4,7 @@ system in its own worker; rows of the e2e shape that the report puts in its tabl
 import json
 
 import pytest
+import torch
 
 from benchmarks.__main__ import main
 
@@ -47,3 +48,15 @@ def test_a_system_that_cannot_run_fails_its_own_row(results):
     assert r["status"] == "failed" and r["reason"] and r["config"] == "SFT-pf/tiny"
     report = (d / "report.md").read_text()
     assert "SFTTrainer padding_free tiny" in report and "failed:" in report
+
+
+def test_step_batches_joins_micro_batches_and_refuses_a_batch_recorded_twice():
+    from benchmarks.data import Batch
+    from benchmarks.sft import step_batches
+
+    fed = [Batch({"input_ids": torch.arange(n)[None] + 10 * n}, [n]) for n in (3, 4, 5, 6)]
+    assert step_batches(fed, 4) == fed
+    joined = step_batches(fed, 2)
+    assert [b.lengths for b in joined] == [[3, 4], [5, 6]] and [b.slots for b in joined] == [7, 11]
+    assert step_batches(fed, 3) is None
+    assert step_batches([fed[0], fed[0], fed[1], fed[1]], 2) is None
