@@ -134,8 +134,9 @@ def fed_batch(inputs: dict[str, Any]) -> Batch:
 def step_batches(fed: list[Batch], steps: int) -> list[Batch] | None:
     """One :class:`Batch` per optimizer step from the batches ``training_step`` was handed: the
     same list when there is one a step; the micro-batches of each step joined when a trainer
-    hands a whole number of them per step (Unsloth's patched SFTTrainer handed 16 batches over 8
-    steps on the H200, unexplained so far); None when the count is no multiple of ``steps``, or
+    hands a whole number of them per step (Unsloth's patched SFTTrainer accumulates 2 per step,
+    its log says, whatever ``SFTConfig`` asked: 16 batches over 8 steps on the H200); tokens/s
+    then counts every micro-batch of a step. None when the count is no multiple of ``steps``, or
     when two batches of a step are equal (one batch recorded twice would count its tokens twice)."""
     if not fed or len(fed) % steps:
         return None
