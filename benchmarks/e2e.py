@@ -118,6 +118,21 @@ def require_timed_steps(steps: int, warmup: int, allow_few_steps: bool) -> None:
         raise ValueError(f"need at least {MIN_TIMED_STEPS} timed steps after {warmup} warm-up, got {steps} steps")
 
 
+def timed_prepare(system: str, cfg: Config, dev: torch.device, seed: int,
+                  opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``prepare(system, cfg, ...)`` and the set-up figures of its row: the device's measured matmul
+    rate (for MFU), the seconds preparing took and the model's bytes on the device."""
+    from benchmarks.systems import prepare
+
+    setup: dict[str, Any] = {"matmul_flops": measure_matmul_rate(dev)}
+    t0 = time.perf_counter()
+    prepared = prepare(system, cfg, dev, seed, **opts)
+    synchronize(dev)
+    setup["setup_s"] = time.perf_counter() - t0
+    setup["model_bytes"] = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+    return prepared, setup
+
+
 def run_e2e(
     system: str,
     cfg: Config,
@@ -130,20 +145,16 @@ def run_e2e(
 ) -> dict[str, Any]:
     """Prepare ``system`` on ``cfg`` and train ``steps`` steps; the result row as a dict.
     Raises on failure (the worker turns exceptions into failure rows)."""
-    from benchmarks.systems import Unsupported, prepare
+    from benchmarks.systems import Unsupported
 
     require_timed_steps(steps, warmup, opts.pop("allow_few_steps", False))
     dev = torch.device(device)
     row: dict[str, Any] = {"system": system, "config": cfg.id, "config_desc": cfg.describe(), "status": "running"}
-    row["matmul_flops"] = measure_matmul_rate(dev)
     batches = batches_for(cfg, steps, seed)
-    t0 = time.perf_counter()
-    prepared = prepare(system, cfg, dev, seed, **opts)
-    synchronize(dev)
-    row["setup_s"] = time.perf_counter() - t0
+    prepared, setup = timed_prepare(system, cfg, dev, seed, opts)
+    row.update(setup)
     if cfg.data == "packed" and not prepared.packed_ok:
         raise Unsupported(f"{system} takes no packed input")
-    row["model_bytes"] = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     row["notes"] = prepared.notes
     res = train_steps(prepared, batches, dev, warmup)
     row.update(res)

@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.configs import Config
 from benchmarks.data import Batch, batches_for
-from benchmarks.e2e import measure_matmul_rate, require_timed_steps, step_figures, synchronize
+from benchmarks.e2e import require_timed_steps, step_figures, synchronize, timed_prepare
 
 CONFIG_PREFIX = "SFT-pf"  # an SFT row's config id is "SFT-pf/<e2e config id>"
 
@@ -179,18 +179,12 @@ def run_sft(
     """Prepare ``system`` on ``cfg`` and train ``steps`` steps with SFTTrainer (padding-free); the
     result row as a dict, the shape of an e2e row. Raises on failure (the worker turns exceptions
     into failure rows)."""
-    from benchmarks.systems import prepare
-
     require_timed_steps(steps, warmup, opts.pop("allow_few_steps", False))
     dev = torch.device(device)
     row: dict[str, Any] = {"system": system, **sft_label(cfg), "status": "running"}
-    row["matmul_flops"] = measure_matmul_rate(dev)
     dataset = sft_dataset(cfg, steps, seed)
-    t0 = time.perf_counter()
-    prepared = prepare(system, cfg, dev, seed, **opts)
-    synchronize(dev)
-    row["setup_s"] = time.perf_counter() - t0
-    row["model_bytes"] = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+    prepared, setup = timed_prepare(system, cfg, dev, seed, opts)
+    row.update(setup)
     import trl  # after prepare: a system that cannot run fails without waiting for TRL's import
     from trl import SFTTrainer
 
