@@ -138,15 +138,16 @@ def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0
                          accumulate: bool = False) -> torch.Tensor:
     """:func:`lowrank_mm` in plain PyTorch: the product in fp32 (fp64 if an operand is fp64).
 
-    An accumulated product is one ``addmm`` (the sum ``out + alpha·a·b`` in the product's epilogue,
-    in place when ``out`` is already wide): the fewest kernels and host calls for the small products
-    that take this path on CUDA."""
+    An accumulated product takes the fewest kernels and bytes, for the small products that take
+    this path on CUDA: into a wide ``out``, one in-place ``addmm`` (the sum in the product's
+    epilogue); into a 16-bit ``out``, the wide product and one in-place ``add_``, which sums
+    ``out + alpha·(a·b)`` in fp32 and rounds once into ``out`` (no wide copy of ``out``)."""
     wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     a, b = a.to(wide), b.to(wide)
     if accumulate and out.dtype == wide:
         return out.addmm_(a, b, alpha=alpha)
     if accumulate:
-        return out.copy_(torch.addmm(out.to(wide), a, b, alpha=alpha))
+        return out.add_(a @ b, alpha=alpha)
     result = a @ b
     if alpha != 1.0:
         result *= alpha
