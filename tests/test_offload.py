@@ -419,4 +419,4 @@ def test_gpu_offload_lowers_the_peak_of_a_checkpointed_llama_from_the_first_step
         assert on == (budget == 0)
         del model
     for step, (plain, moved) in enumerate(zip(peaks[None], peaks[0])):
-        assert moved <= plain - (layers - 6) * layer_input, (step, plain, moved)
+        assert moved <= plain - (layers - 8) * layer_input, (step, plain, moved)  # ~3 layers kept, copies in flight
