@@ -158,7 +158,7 @@ def cmd_lora_plans(a: argparse.Namespace) -> int:
 
 def cmd_maxlen(a: argparse.Namespace) -> int:
     from benchmarks.maxlen import search_system
-    from benchmarks.report import maxlen_table
+    from benchmarks.report import maxlen_file, maxlen_table, safe_name
     from benchmarks.runner import run_worker, worker_command
 
     con = _console()
@@ -170,7 +170,7 @@ def cmd_maxlen(a: argparse.Namespace) -> int:
         t = left(a.timeout)
         if t <= 0:
             return {"status": "failed", "reason": "not run: time budget spent"}
-        out = res / f"maxlen_{system}_{seq}.json"
+        out = res / f"probe_{safe_name(a.config)}_{system}_{seq}.json"
         cmd = worker_command(system, a.config, out, seq=seq, steps=2, warmup=1, allow_few_steps=True,
                              layers=a.layers, device=a.device, unsloth_offload=a.unsloth_offload)
         row = run_worker(cmd, out, timeout=t, label={"system": system, "config": a.config},
@@ -179,7 +179,7 @@ def cmd_maxlen(a: argparse.Namespace) -> int:
         return row
 
     results = [search_system(s, probe, a.lo, a.hi, a.granularity) for s in a.systems.split(",")]
-    (res / "maxlen.json").write_text(json.dumps(results, indent=1))
+    (res / maxlen_file(a.config)).write_text(json.dumps(results, indent=1))
     con.print(maxlen_table(results))
     return 0
 

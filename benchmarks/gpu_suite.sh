@@ -18,7 +18,8 @@
 #   --tests-workers N   pytest-xdist processes for the GPU tests when xdist is installed (default 8:
 #                       the tests are mostly compile time, which is host work)
 #   --profile CONFIG[:SYSTEMS]  before e2e: GPU busy share, kernels and host functions of a step
-#   --kernel-ops LIST   subset of ops              --maxlen LO:HI:GRAN[:SYSTEMS]  run E6's bisection
+#   --kernel-ops LIST   subset of ops
+#   --maxlen LO:HI:GRAN[:SYSTEMS[:CONFIG]]  run E6's bisection (CONFIG: E6, Llama-2-7B nf4, or E6L3, Llama-3-8B nf4)
 #   --sft SYSTEMS[:CONFIG]  after e2e: TRL's SFTTrainer with padding_free=True (CONFIG default R1)
 #   --lora-plans        per projection: PEFT vs each fused LoRA form, with the cost model's prediction
 #   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
@@ -155,10 +156,10 @@ fi
 
 # 5. E6: longest sequence at batch 1 (optional: it costs a model build per probe).
 if [ -n "$MAXLEN" ]; then
-  IFS=: read -r LO HI GRAN MSYS <<<"$MAXLEN"
+  IFS=: read -r LO HI GRAN MSYS MCFG <<<"$MAXLEN"
   B=$(( $(left) - 20 ))
-  say "maxlen $LO..$HI by $GRAN (budget ${B}s)"
-  $PY -m benchmarks maxlen --lo "$LO" --hi "$HI" --granularity "$GRAN" --systems "${MSYS:-$SYSTEMS}" \
+  say "maxlen ${MCFG:-E6} $LO..$HI by $GRAN (budget ${B}s)"
+  $PY -m benchmarks maxlen --config "${MCFG:-E6}" --lo "$LO" --hi "$HI" --granularity "$GRAN" --systems "${MSYS:-$SYSTEMS}" \
       --budget-s "$B" --results "$RES" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
 fi
 

@@ -50,11 +50,13 @@ def search_system(
     hi: int,
     granularity: int,
 ) -> dict[str, Any]:
-    """Bisection for one system; ``run_probe(system, seq)`` returns a worker row."""
+    """Bisection for one system; ``run_probe(system, seq)`` returns a worker row. The result gives
+    the longest length that trained, and the tokens/s and peak memory of its probe."""
     reasons: dict[int, str] = {}
+    rows: dict[int, dict[str, Any]] = {}
 
     def fits(n: int) -> bool:
-        row = run_probe(system, n)
+        row = rows[n] = run_probe(system, n)
         if row.get("status") != "ok":
             reasons[n] = str(row.get("reason"))
         return row.get("status") == "ok"
@@ -65,6 +67,7 @@ def search_system(
         out["status"], out["reason"] = "failed", reasons.get(lo, "the shortest probe failed")
     else:
         out["status"] = "ok"
+        out["tokens_per_s"], out["peak_bytes"] = rows[best].get("tokens_per_s"), rows[best].get("peak_bytes")
         if best < hi:
             out["first_failure"] = reasons.get(min((n for n, ok in probes if not ok), default=-1), "")
     return out

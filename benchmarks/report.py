@@ -122,14 +122,22 @@ def kernel_table(result: dict[str, Any]) -> str:
 
 
 def maxlen_table(result: list[dict[str, Any]]) -> str:
-    lines = ["| system | longest seq at batch 1 | probes (seq: fits) |", "| --- | --- | --- |"]
+    """Per system: the longest sequence that trained at batch 1, tokens/s and peak GiB there, the probes."""
+    lines = ["| system | longest seq at batch 1 | tokens/s there | peak GiB there | probes (seq: fits) |",
+             "| --- | --- | --- | --- | --- |"]
     for r in result:
         best = str(r["max_seq"]) if r.get("max_seq") else f"failed: {r.get('reason')}"
         if r.get("max_seq") and r["max_seq"] >= r.get("hi", math.inf):
             best += " (the search's upper bound)"
         probes = ", ".join(f"{n}: {'yes' if ok else 'no'}" for n, ok in r.get("probes", []))
-        lines.append(f"| {r['system']} | {best} | {probes} |")
+        lines.append(f"| {r['system']} | {best} | {_fmt(r.get('tokens_per_s'), '.0f')} "
+                     f"| {_fmt(r.get('peak_bytes'), '.2f', 1 / GIB)} | {probes} |")
     return "\n".join(lines)
+
+
+def maxlen_file(config: str) -> str:
+    """The file of one configuration's E6 search in a results folder (``maxlen.json`` for E6's)."""
+    return "maxlen.json" if config == "E6" else f"maxlen_{safe_name(config)}.json"
 
 
 def safe_name(name: str) -> str:
@@ -165,8 +173,10 @@ def write_report(results_dir: str | Path) -> Path:
 
         parts += ["## LoRA per projection: PEFT and each fused form, the cost model beside", "",
                   lora_plans_table(json.loads((d / "lora_plans.json").read_text())), ""]
-    if (d / "maxlen.json").exists():
-        parts += ["## E6: longest sequence at batch 1", "", maxlen_table(json.loads((d / "maxlen.json").read_text())), ""]
+    for f in sorted(d.glob("maxlen*.json")):
+        config = json.loads(f.read_text())
+        title = "E6" if f.name == "maxlen.json" else f.stem.removeprefix("maxlen_")
+        parts += [f"## {title}: longest sequence at batch 1", "", maxlen_table(config), ""]
     out = d / "report.md"
     out.write_text("\n".join(parts))
     return out

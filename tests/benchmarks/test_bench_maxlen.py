@@ -32,10 +32,12 @@ def test_bisection_edges():
 
 def test_search_system_reports_reasons():
     def probe(system, n):
-        return {"status": "ok"} if n <= 3100 else {"status": "failed", "reason": "out of memory (fake)"}
+        fits = {"status": "ok", "tokens_per_s": 1000.0 + n, "peak_bytes": 2 * n}
+        return fits if n <= 3100 else {"status": "failed", "reason": "out of memory (fake)"}
 
     r = search_system("hf", probe, 1024, 8192, 1024)
     assert r["status"] == "ok" and r["max_seq"] == 3072
+    assert (r["tokens_per_s"], r["peak_bytes"]) == (4072.0, 6144)  # the figures of the longest length's probe
     assert r["first_failure"] == "out of memory (fake)"
     r = search_system("hf", lambda s, n: {"status": "failed", "reason": "not installed: x"}, 1024, 8192, 1024)
     assert r["status"] == "failed" and r["max_seq"] is None and r["reason"] == "not installed: x"

@@ -72,8 +72,12 @@ def test_write_report_makes_pngs_and_markdown(tmp_path):
         ],
     }))
     (tmp_path / "maxlen.json").write_text(json.dumps([
-        {"system": "hf", "max_seq": 28672, "hi": 65536, "probes": [[4096, True], [65536, False]], "status": "ok"},
+        {"system": "hf", "max_seq": 28672, "hi": 65536, "probes": [[4096, True], [65536, False]], "status": "ok",
+         "tokens_per_s": 3493.4, "peak_bytes": 48.49 * GIB},
         {"system": "liger", "max_seq": None, "status": "failed", "reason": "not installed: y", "probes": []},
+    ]))
+    (tmp_path / report.maxlen_file("E6L3")).write_text(json.dumps([
+        {"system": "sloth_fx", "max_seq": 65536, "hi": 65536, "probes": [[4096, True], [65536, True]], "status": "ok"},
     ]))
     md = report.write_report(tmp_path).read_text()
     for png in ("tokens_per_s.png", "peak_memory.png", "loss_E1.png", "loss_E2.png"):
@@ -84,7 +88,8 @@ def test_write_report_makes_pngs_and_markdown(tmp_path):
     assert "6209 (24.15)" in md and "failed: out of memory" in md
     assert "| rmsnorm | T=16384 H=4096 | sloth_fx | fwd | 0.100 | 2684 | 89% |" in md
     assert "failed: not installed: x" in md
-    assert "| hf | 28672 |" in md and "failed: not installed: y" in md
+    assert "| hf | 28672 | 3493 | 48.49 |" in md and "failed: not installed: y" in md
+    assert "## E6: longest" in md and "## E6L3: longest" in md and "| sloth_fx | 65536 (the search's upper bound) | — | — |" in md
 
 
 def test_safe_plot_names(tmp_path):
