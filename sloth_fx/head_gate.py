@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from sloth_fx.capture import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
-from sloth_fx.memory_budget import plan_offload
+from sloth_fx.memory_budget import plan_offload, size_text
 from sloth_fx.offload import offloading
 from sloth_fx.padding_free import BOUNDARIES, call_tokens, plan
 from sloth_fx.report import Report
@@ -109,10 +110,20 @@ class OpaqueDecoder:
         mark_batch_and_sequence_dynamic(tuple(out.values()) if hasattr(out, "values") else (out,), {})
         return out
 
-    def within_budget(self, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager[Any]:
-        """A training call's offload decision, recorded for explain; nothing outside training."""
+    @contextlib.contextmanager
+    def within_budget(self, args: tuple, kwargs: dict) -> Iterator[None]:
+        """A training call's offload decision, and once its forward has run, what it moved: both
+        recorded for explain (a decision to offload that moved nothing says so). Nothing outside
+        training."""
         if not (self.decoder.training and torch.is_grad_enabled()):
-            return contextlib.nullcontext()
+            yield
+            return
         decision = plan_offload(self.decoder, args, kwargs, self.memory_budget)
-        self.owner.offload_decision(decision.offload, decision.text)
-        return offloading(decision.offload)
+        with offloading(decision.offload) as step:
+            yield
+        text = decision.text
+        if step is not None:
+            layers, nbytes = step.moved()
+            text += (f"; this forward moved {layers} layers' inputs ({size_text(nbytes)}) to host memory" if layers
+                     else "; this forward moved nothing: no checkpointed layer ran through sloth_fx's checkpoint")
+        self.owner.offload_decision(decision.offload, text)

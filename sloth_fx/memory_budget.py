@@ -75,18 +75,18 @@ def estimate_activations(layers: int, tokens: int, hidden: int, intermediate: in
 def decide_offload(estimate: ActivationEstimate, budget: int | None) -> OffloadDecision:
     """Offload when the predicted activation memory is over ``budget`` (never without one) and
     offloading would keep less on the device (not with ``KEPT_LAYERS`` layers or fewer)."""
-    predicted = (f"predicted activation memory {_size(estimate.total)} ({estimate.layers} checkpointed layer inputs "
-                 f"{_size(estimate.saved_inputs)}, recompute peak {_size(estimate.recompute_peak)})")
+    predicted = (f"predicted activation memory {size_text(estimate.total)} ({estimate.layers} checkpointed layer "
+                 f"inputs {size_text(estimate.saved_inputs)}, recompute peak {size_text(estimate.recompute_peak)})")
     if budget is None:
         return OffloadDecision(False, f"{predicted}; no budget: no device memory to save on CPU (memory_budget sets one)")
     if estimate.total <= budget:
-        return OffloadDecision(False, f"{predicted} fits in the budget of {_size(budget)}")
+        return OffloadDecision(False, f"{predicted} fits in the budget of {size_text(budget)}")
     if estimate.offloaded >= estimate.total:
-        return OffloadDecision(False, f"{predicted} is over the budget of {_size(budget)}, but offloading "
+        return OffloadDecision(False, f"{predicted} is over the budget of {size_text(budget)}, but offloading "
                                       f"{estimate.layers} layers would keep as much on the device")
     over = ", still over the budget" if estimate.offloaded > budget else ""
-    return OffloadDecision(True, f"{predicted} is over the budget of {_size(budget)}: layer inputs offloaded to "
-                                 f"host memory, about {_size(estimate.offloaded)} kept on the device{over}")
+    return OffloadDecision(True, f"{predicted} is over the budget of {size_text(budget)}: layer inputs offloaded to "
+                                 f"host memory, about {size_text(estimate.offloaded)} kept on the device{over}")
 
 
 def device_budget(device: torch.device, memory_budget: int | None) -> int | None:
@@ -126,7 +126,8 @@ def _checkpointed_layers(decoder: nn.Module) -> int:
     return flagged or (len(layers) if getattr(decoder, "gradient_checkpointing", False) is True else 0)
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """Bytes as explain writes them: ``19.50 KiB``, ``4.00 GiB``."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"

@@ -132,6 +132,12 @@ class OffloadStep:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
 
+    def moved(self) -> tuple[int, int]:
+        """How many layers' inputs went to host memory so far, and their bytes (each tensor once)."""
+        layers = sum(1 for what, _ in self.log if what == "offload")
+        away = {id(s): s.host for layer in self.layers for s in layer.inputs if s.host is not None}
+        return layers, sum(h.numel() * h.element_size() for h in away.values())
+
     def _pack(self, tensor: torch.Tensor) -> tuple[_Layer, int]:
         saved = self._saved.get(tensor)
         if saved is None:

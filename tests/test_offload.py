@@ -7,6 +7,7 @@ copies alive; the budget policy offloads above the budget and not below; ``expla
 step's decision and its predicted activation memory.
 """
 
+import contextlib
 import weakref
 
 import pytest
@@ -308,6 +309,21 @@ def test_each_step_decides_and_explain_says_what_and_why(steps):
            "160.00 KiB, recompute peak 620.00 KiB) is over the budget of 97.50 KiB: layer inputs offloaded to host " \
            "memory, about 740.00 KiB kept on the device, still over the budget" in text
     assert "checkpoint offload, off (latest)" in text
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_explain_says_what_a_forward_moved_and_when_a_decision_to_offload_moved_nothing(monkeypatch):
+    inputs = batch(b=4, s=40)
+    model = sloth_fx.optimize(tiny_model("llama", lora=True, checkpointing=True, layers=4), memory_budget=0)
+    loss_and_grads(model, inputs)
+    moved = 3 * 4 * 40 * 64 * 4  # every layer's fp32 hidden input but the last one's
+    assert f"; this forward moved 3 layers' inputs ({moved / 2**10:.2f} KiB) to host memory" in sloth_fx.explain(model)
+    # a layer checkpointed around sloth_fx's checkpoint (as if a graph break left HF's in charge)
+    monkeypatch.setattr("sloth_fx.checkpoint.offloaded_inputs", lambda args: contextlib.nullcontext())
+    loss_and_grads(model, inputs)
+    text = sloth_fx.explain(model)
+    assert "checkpoint offload, on (latest)" in text
+    assert "this forward moved nothing: no checkpointed layer ran through sloth_fx's checkpoint" in text
 
 
 @pytest.mark.usefixtures("reference_ops")

@@ -72,3 +72,4 @@ def test_sft_offloads_checkpointed_layers_under_trls_head(tmp_path):
     assert_same_training(trained(original, tmp_path, **arguments), trained(optimized, tmp_path, **arguments), tmp_path)
     text = sloth_fx.explain(optimized)
     assert "add_fused_lm_head" in text and "checkpoint offload, on (latest)" in text, text
+    assert "this forward moved" in text and "moved nothing" not in text, text  # it ran, not only was decided
