@@ -21,6 +21,7 @@ from typing import Any
 
 from benchmarks import stats
 from benchmarks.progress import RunBar
+from benchmarks.report import safe_name
 
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|Killed|Segmentation fault)\b")
 
@@ -132,11 +133,11 @@ def run_suite(
     results_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     pairs = [(c, s) for c in configs for s in systems]
+    outs = [results_dir / f"{file_prefix}_{safe_name(c)}_{s}.json" for c, s in pairs]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with bar.over(len(pairs)) if bar else nullcontext():
-        for i, (cfg, system) in enumerate(pairs):
+        for i, ((cfg, system), out) in enumerate(zip(pairs, outs)):
             t = timeout() if callable(timeout) else timeout
-            out = results_dir / f"{file_prefix}_{_safe(cfg)}_{system}.json"
             label = {"system": system, "config": (label_config(cfg) if label_config else None) or cfg}
             if bar:
                 bar.begin(f"{cfg} {system}")
@@ -146,7 +147,7 @@ def run_suite(
                 cmd = command(system, cfg, out) if command else worker_command(system, cfg, out, **(worker_opts or {}))
                 if progress:
                     progress(f"[{i + 1}/{len(pairs)}] {cfg} {system} (timeout {t:.0f} s)")
-                row = run_worker(cmd, out, timeout=t, label=label, env=env, log_path=results_dir / f"{file_prefix}_{_safe(cfg)}_{system}.log")
+                row = run_worker(cmd, out, timeout=t, label=label, env=env, log_path=out.with_suffix(".log"))
             out.write_text(json.dumps(row, indent=1, default=str))
             if progress:
                 progress(f"    -> {summarize_row(row)}")
@@ -154,13 +155,9 @@ def run_suite(
                 bar.done()
             rows.append(row)
     attach_loss_diffs(rows)
-    for (cfg, system), r in zip(pairs, rows):
-        (results_dir / f"{file_prefix}_{_safe(cfg)}_{system}.json").write_text(json.dumps(r, indent=1, default=str))
+    for out, r in zip(outs, rows):
+        out.write_text(json.dumps(r, indent=1, default=str))
     return rows
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
 def summarize_row(row: dict[str, Any]) -> str:
