@@ -135,8 +135,8 @@ class OffloadStep:
     def moved(self) -> tuple[int, int]:
         """How many layers' inputs went to host memory so far, and their bytes (each tensor once)."""
         layers = sum(1 for what, _ in self.log if what == "offload")
-        away = {id(s): s.host for layer in self.layers for s in layer.inputs if s.host is not None}
-        return layers, sum(h.numel() * h.element_size() for h in away.values())
+        away = [s.host for s in _unique([s for layer in self.layers for s in layer.inputs]) if s.host is not None]
+        return layers, sum(h.numel() * h.element_size() for h in away)
 
     def _pack(self, tensor: torch.Tensor) -> tuple[_Layer, int]:
         saved = self._saved.get(tensor)
