@@ -100,7 +100,7 @@ def _rmsnorm_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_program"])  # token counts (kernels.toolkit)
 def _rmsnorm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PART,
     stride_dy, stride_x, stride_dx,

@@ -70,7 +70,7 @@ def _rope_one_tensor(x_row_ptr, y_row_ptr, H, x_stride_h, x_stride_d, y_stride_h
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # the token count (kernels.toolkit)
 def _rope_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
     S, HQ, HK, HALF, D,

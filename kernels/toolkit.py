@@ -11,6 +11,17 @@ from Python, several per launch. The plain-integer versions here cost well under
 and each kernel caches what it derives from them (block sizes, grids, warps) per shape with
 ``functools.lru_cache``; :func:`validate` runs a wrapper's argument checks once per signature.
 
+Token counts are not specialised. Triton compiles a variant of a kernel for each integer argument
+that is 1, divisible by 16, or neither; an argument that is the step's token count (rows of a
+norm, positions of a rope, the long side of a LoRA product) changes class from step to step on
+ragged data, and the first step whose count is a multiple of 16 would stop for a compile of every
+such kernel (about a second on the H200, measured as an outlier step of the real-length runs).
+Those arguments are loop bounds and masks along rows, where divisibility buys nothing, so each
+kernel lists them in ``do_not_specialize``; sizes along a row's contiguous dimension stay
+specialised (their divisibility vectorises the loads). ``lowrank_mm``'s M and K are kept: each is
+the token count in some products and the contiguous size in others, and it runs only on steps
+long enough (see its ``HOST_BOUND_VOLUME``) that a compile once per class is noise.
+
 An op's checks raise :class:`UnsupportedType` or :class:`UnsupportedValue` (a ``TypeError`` and a
 ``ValueError`` to its callers); :func:`refusal` turns the same checks into the answer to "do you
 support these inputs?", which a pass gives as its reason to refuse a rewrite. The checks read
