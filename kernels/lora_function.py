@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .lowrank_mm import lowrank_mm, runs_small, split_k_for
+from .lowrank_mm import lowrank_mm, runs_wide, split_k_for
 from .toolkit import dense_weight, is_4bit
 
 __all__ = ["LoRAGroupFunction"]
@@ -119,8 +119,8 @@ class LoRAGroupFunction(torch.autograd.Function):
         adapter_dx = need_dx and ctx.adapters_read_x
         need_g = [need_a[i] or need_dxd or (adapter_dx and plans[i].backward_dx == "factored") for i in range(n)]
         d_w, d_a, d_bias = [None] * n, [None] * n, [None] * n
-        if all(runs_small(dy, b) for dy, b in zip(dys, lora_bs)):
-            g, d_b = _thin_grads_joined(dys, lora_bs, xa, scales, ranks, any(need_g), need_b)
+        if all(runs_wide(dy, b) for dy, b in zip(dys, lora_bs)):
+            g, d_b = _thin_grads_wide(dys, lora_bs, xa, scales, ranks, any(need_g), need_b)
         else:
             g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
             for lo, hi in _runs(need_g):
@@ -161,31 +161,33 @@ class LoRAGroupFunction(torch.autograd.Function):
         return (dx, dxd, None, None, None, *d_w, *d_a, *d_b, *d_bias)
 
 
-def _thin_grads_joined(dys: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], xa: torch.Tensor | None,
-                       scales: Sequence[float], ranks: Sequence[int], need_g: bool,
-                       need_b: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-    """``g`` and the ``dB_i`` of a group whose thin products are all small (``lowrank_mm``'s cuBLAS
-    or reference path: short steps on CUDA, CPU): every sibling in one product each, so that a
-    step of many small calls launches a few products instead of two per sibling::
+def _thin_grads_wide(dys: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], xa: torch.Tensor | None,
+                     scales: Sequence[float], ranks: Sequence[int], need_g: bool,
+                     need_b: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """``g`` and the ``dB_i`` of a group whose thin products all take ``lowrank_mm``'s reference
+    path (small steps on CUDA; CPU): every sibling in one wide product each, so that a step of
+    many small calls launches a few products instead of two per sibling::
 
-        dY = [dY_1 … dY_n]       B = blockdiag(B_1, …, B_n)
+        dY = [dY_1 … dY_n]  (widened once)      B = blockdiag(B_1, …, B_n)
         g  = dY·B  -> [dY_1·B_1 … dY_n·B_n]      dYᵀ·xa -> block (i, i) is dY_iᵀ·xa_i
 
     then ``s_i`` applied to each block: the terms of the products one by one (the other blocks
     add exact zeros or are not read), summed in fp32 (fp64 for fp64 operands), rounded once.
     """
-    dy = dys[0] if len(dys) == 1 else torch.cat(dys, dim=1)
+    wide = torch.promote_types(dys[0].dtype, torch.float32)
+    dy = (dys[0] if len(dys) == 1 else torch.cat(dys, dim=1)).to(wide)
     cols = [sum(ranks[:i]) for i in range(len(ranks) + 1)]
     rows = [sum(d.shape[1] for d in dys[:i]) for i in range(len(dys) + 1)]
     g = None
     if need_g:
-        g = lowrank_mm(dy, lora_bs[0] if len(lora_bs) == 1 else torch.block_diag(*lora_bs))
+        b = lora_bs[0] if len(lora_bs) == 1 else torch.block_diag(*lora_bs)
+        g = dy @ b.to(wide)
         for i, s in enumerate(scales):
             if s != 1.0:
                 g[:, cols[i]:cols[i + 1]] *= s
     d_b: list[torch.Tensor | None] = [None] * len(dys)
     if any(need_b):
-        every = lowrank_mm(dy.t(), xa)
+        every = dy.t() @ xa.to(wide)
         for i, s in enumerate(scales):
             if need_b[i]:
                 block = every[rows[i]:rows[i + 1], cols[i]:cols[i + 1]]

@@ -37,13 +37,12 @@ When the ``out`` tiles alone cannot fill the GPU (``r`` is one side of ``out`` a
 is cut into ``split`` slices whose partial products land in an fp32 buffer ``[split, M, N]``
 summed afterwards: deterministic, unlike atomics.
 
-Small products run on cuBLAS. A Triton launch costs the host about 0.1 ms (argument
-specialisation, cache lookups), a cuBLAS op a tenth of that; below ``HOST_BOUND_VOLUME``
-multiply-adds (``M·N·K``; the product then takes the GPU less than a Triton launch takes the
-host) the step is host-bound and the fewer host cycles win. At the 7B shapes of ~2k-token steps
-every rank-r product is below it; at 16k tokens none is. bf16 with fp32 goes to bf16 tensor-core
-GEMMs over the same pieces as the kernel's (:mod:`~sloth_fx.kernels.lowrank_pieces`); anything
-else, and every CPU product, to the reference (fp32 copies and an fp32 product, one rounding).
+Small products run as plain PyTorch on CUDA (the reference: fp32 copies and an fp32 cuBLAS
+product, the same fp32 accuracy and one rounding). A Triton launch costs the host about 0.1 ms
+(argument specialisation, cache lookups), a cuBLAS op a tenth of that; below
+``HOST_BOUND_VOLUME`` multiply-adds (``M·N·K``; the product and its copies then take the GPU
+less than a Triton launch takes the host) the step is host-bound and the fewer host cycles win.
+At the 7B shapes of ~2k-token steps every rank-r product is below it; at 16k tokens none is.
 """
 
 from __future__ import annotations
@@ -55,12 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank_pieces import pieces_mm, takes_pieces
 from .toolkit import (
     SUPPORTED_DTYPES, cdiv, device_guard, interpreting, multi_processor_count, next_power_of_2, use_triton,
 )
 
-__all__ = ["lowrank_mm", "lowrank_mm_reference", "runs_small", "split_k_for"]
+__all__ = ["lowrank_mm", "lowrank_mm_reference", "runs_wide", "split_k_for"]
 
 HOST_BOUND_VOLUME = 2**30  # M·N·K below which a CUDA product is cheaper as PyTorch ops (see above)
 
@@ -215,9 +213,9 @@ def split_k_for(a: torch.Tensor, b: torch.Tensor) -> int:
     return _launch(m, b.shape[1], k, True, None, a.device).grid[2] if m and b.shape[1] and k else 1
 
 
-def runs_small(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when ``lowrank_mm(a, b)`` is a small product (cuBLAS or the reference, not the Triton
-    kernel), whose cost is the host's per op: a caller may join several into one."""
+def runs_wide(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``lowrank_mm(a, b)`` takes the reference path, which copies both operands to fp32
+    (or fp64): a caller with one operand in several such products may widen it once itself."""
     return not _triton_path((a, b), a.shape[0], b.shape[1], a.shape[1])
 
 
@@ -251,8 +249,7 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
     ``a [M, K]`` and ``b [K, N]`` in any strides and float dtypes; ``out [M, N]`` (any strides,
     written in place and returned) or None for a new fp32 tensor. ``split_k`` fixes the number of
     K slices (default: from the shape and the GPU's SM count; never split when accumulating or
-    writing a 16-bit ``out``, which must be rounded once). Triton on CUDA, small CUDA products on
-    cuBLAS (module doc), the reference elsewhere.
+    writing a 16-bit ``out``, which must be rounded once). Triton on CUDA, the reference elsewhere.
 
     ``partials`` (instead of ``out``): an fp32 ``[S, M, N]`` buffer, any strides, with ``S`` the
     number of K slices (:func:`split_k_for`, or ``split_k``'s): slice ``s`` of the product is
@@ -268,8 +265,7 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
             raise ValueError(f"partials must be an fp32 [S, {a.shape[0]}, {b.shape[1]}] buffer on the Triton path, "
                              "with neither out nor accumulate")
     elif not _triton_path(tensors, a.shape[0], b.shape[1], a.shape[1]):
-        small = pieces_mm if takes_pieces(a, b, out, accumulate) else lowrank_mm_reference
-        return small(a, b, alpha=alpha, out=out, accumulate=accumulate)
+        return lowrank_mm_reference(a, b, alpha=alpha, out=out, accumulate=accumulate)
     m, k = a.shape
     n = b.shape[1]
     if out is None and partials is None:

@@ -100,6 +100,20 @@ def test_on_gpu_against_float64(m, k, n, da, db, monkeypatch):
     assert torch.isfinite(out).all() and rel_err(out, a, b, 0.5, base) < TOL[torch.bfloat16]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", [(2048, 4096, 48), (2048, 16, 4096), (4096, 2048, 16)])
+def test_on_gpu_small_products_run_as_pytorch_at_fp32_accuracy(m, k, n, monkeypatch):
+    """Below HOST_BOUND_VOLUME a CUDA product skips the Triton launch, at the same accuracy."""
+    monkeypatch.setattr(mm_module, "_lowrank_mm_kernel", None)  # a launch would fail
+    a, b = operands(m, k, n, torch.bfloat16, torch.float32, seed=m + k + n, device="cuda", transposed=n < 64)
+    got = lowrank_mm(a, b, alpha=0.5)
+    assert torch.isfinite(got).all() and rel_err(got, a, b, 0.5) < 3e-5
+    out = torch.randn(m, n, device="cuda").to(torch.bfloat16)
+    base = out.clone()
+    lowrank_mm(a, b, alpha=0.5, out=out, accumulate=True)
+    assert rel_err(out, a, b, 0.5, base) < TOL[torch.bfloat16]
+
+
 def test_partials_side_by_side_sum_to_each_product():
     """Two products' K-slice partials in one buffer (columns side by side), summed in one pass:
     bit for bit each product with its own split and sum."""
