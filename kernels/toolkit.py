@@ -14,8 +14,8 @@ and each kernel caches what it derives from them (block sizes, grids, warps) per
 Token counts are not specialised. Triton compiles a variant of a kernel for each integer argument
 that is 1, divisible by 16, or neither; an argument that is the step's token count (rows of a
 norm, positions of a rope, the long side of a LoRA product) changes class from step to step on
-ragged data, and the first step whose count is a multiple of 16 would stop for a compile of every
-such kernel (about a second on the H200, measured as an outlier step of the real-length runs).
+ragged data, and the first step whose count is a multiple of 16 (or 1) would stop to compile every
+such kernel again.
 Those arguments are loop bounds and masks along rows, where divisibility buys nothing, so each
 kernel lists them in ``do_not_specialize``; sizes along a row's contiguous dimension stay
 specialised (their divisibility vectorises the loads). ``lowrank_mm``'s M and K are kept: each is
