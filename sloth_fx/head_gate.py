@@ -13,7 +13,7 @@ from torch import nn
 
 from sloth_fx.capture import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
 from sloth_fx.memory_budget import plan_offload, size_text
-from sloth_fx.offload import offloading
+from sloth_fx.offload import join_eager_checkpoints, offloading
 from sloth_fx.padding_free import BOUNDARIES, call_tokens, plan
 from sloth_fx.report import Report
 
@@ -119,6 +119,7 @@ class OpaqueDecoder:
             yield
             return
         decision = plan_offload(self.decoder, args, kwargs, self.memory_budget)
+        join_eager_checkpoints(self.decoder)
         with offloading(decision.offload) as step:
             yield
         text = decision.text

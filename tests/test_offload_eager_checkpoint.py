@@ -1,0 +1,89 @@
+"""Offload where the layers checkpoint eagerly in ``__call__`` (transformers before the
+``forward_with_checkpointing`` wrapper, e.g. 5.17 on the GPU machine), around the captured forward.
+
+There no checkpoint lies inside a captured graph, so ``checkpoint_body`` never runs; the layer's
+own ``_gradient_checkpointing_func`` must join the step instead (``EagerCheckpoint``). The layer
+base below is that version's ``GradientCheckpointingLayer`` reduced to what matters here.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sloth_fx import offload
+
+
+class GradientCheckpointingLayer(nn.Module):
+    """transformers 5.17's layer base: ``__call__`` checkpoints ``nn.Module.__call__`` in training."""
+
+    gradient_checkpointing = False
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
+        return super().__call__(*args, **kwargs)
+
+
+class DropoutLayer(GradientCheckpointingLayer):
+    def __init__(self, hidden: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(hidden, hidden, generator=gen) / hidden**0.5)
+
+    def forward(self, x, scale=1.0):
+        return nn.functional.dropout(torch.tanh(x @ self.weight), p=0.2, training=True) * scale + x
+
+
+class PlainLayer(DropoutLayer):
+    """A layer of the newer transformers: nothing overrides ``__call__``."""
+
+    __call__ = nn.Module.__call__
+
+
+def decoder(layer_class: type, layers: int = 5, hidden: int = 8, use_reentrant: bool = False) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(*[layer_class(hidden, gen) for _ in range(layers)])
+    for layer in model:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=use_reentrant)
+    return model.train()
+
+
+def loss_and_grads(model: nn.Module, offloaded: bool):
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    torch.manual_seed(5)
+    with offload.offloading(offloaded) as step:
+        h = x
+        for layer in model:
+            h = layer(h, scale=0.5)
+    loss = h.square().sum()
+    model.zero_grad(set_to_none=True)
+    loss.backward()  # reentrant checkpoints refuse autograd.grad
+    return loss.detach(), [x.grad, *(p.grad for p in model.parameters())], step
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_eagerly_checkpointed_layers_offload_bit_exactly(use_reentrant):
+    model = decoder(DropoutLayer, use_reentrant=use_reentrant)
+    loss, grads, none = loss_and_grads(model, offloaded=False)
+    assert none is None
+    assert offload.join_eager_checkpoints(model) == 5
+    assert offload.join_eager_checkpoints(model) == 5  # once wrapped, not wrapped again
+    assert all(type(layer._gradient_checkpointing_func) is offload.EagerCheckpoint for layer in model)
+    assert all(not isinstance(layer._gradient_checkpointing_func.checkpoint_fn, offload.EagerCheckpoint)
+               for layer in model)
+    assert_same = [torch.equal(a, b) for a, b in zip(grads, loss_and_grads(model, offloaded=False)[1])]
+    assert all(assert_same)  # joined but no step active: the wrapped function as it was
+    moved_loss, moved_grads, step = loss_and_grads(model, offloaded=True)
+    assert torch.equal(moved_loss, loss)
+    for a, b in zip(moved_grads, grads):
+        assert torch.equal(a, b)
+    assert step.log == [("offload", k) for k in range(4)] + [("prefetch", k) for k in reversed(range(4))]
+
+
+def test_layers_that_do_not_checkpoint_in_call_are_left_alone():
+    model = decoder(PlainLayer)
+    assert offload.join_eager_checkpoints(model) == 0
+    assert all(type(layer._gradient_checkpointing_func) is partial for layer in model)
