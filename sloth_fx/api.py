@@ -27,10 +27,12 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     float64 run than the original is. With ``padding_free`` (the default) a padded training batch
     runs as one packed row, with no FLOPs on padding and the padded run's loss and gradients, and a
     packed row (``position_ids`` restarting) runs attention per sequence without a [T×T] mask;
-    ``explain`` says when it applied and why not. Under activation checkpointing, a step whose
-    predicted activation memory is over ``memory_budget`` (bytes; None: what the GPU has free, and
-    never on CPU) keeps its checkpointed layers' inputs in host memory until their recompute
-    (:mod:`sloth_fx.offload`), with the same loss and gradients bit for bit; ``explain`` gives the
+    ``explain`` says when it applied and why not. Under activation checkpointing, each training
+    step is judged against ``memory_budget`` (bytes; None: what the GPU can still hand out, and
+    none on CPU): a step whose activations take at most half of it keeps them and recomputes
+    nothing; one whose predicted memory is over it keeps its checkpointed layers' inputs in host
+    memory until their recompute (:mod:`sloth_fx.memory_budget`, :mod:`sloth_fx.offload`); either
+    way with the loss and gradients of plain checkpointing, bit for bit. ``explain`` gives the
     latest decision and the prediction. Calling it again replaces the earlier set-up. Returns
     ``model`` itself; its sloth_fx state lives on it (copied by ``deepcopy``, saved by pickling). A
     model already wrapped in ``DistributedDataParallel`` is optimized inside the wrapper (state on

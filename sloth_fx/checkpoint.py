@@ -8,16 +8,29 @@ another forward than the one that made the loss. :func:`replay_rng_in_checkpoint
 node at :func:`checkpoint_body` instead, which is plain non-reentrant checkpointing with the RNG
 state (CPU and every CUDA device of the inputs) stashed at the forward and restored for the
 recompute, as ``torch.utils.checkpoint`` does for an eager HF model. A selective-checkpoint policy
-that the user gave (``context_fn``, which Dynamo keeps on the body graph's ``meta``) is kept. In a
-step that offloads (:mod:`sloth_fx.offload`), the inputs the checkpoint saves wait in host memory.
+that the user gave (``context_fn``, which Dynamo keeps on the body graph's ``meta``) is kept.
+
+Older transformers checkpoint in the layer's ``__call__``, around the captured ``forward``: no
+checkpoint lies in a graph there, and :class:`EagerCheckpoint` wraps each layer's
+``_gradient_checkpointing_func`` instead (:func:`join_eager_checkpoints`).
+
+Each training step's decision (:mod:`sloth_fx.memory_budget`) applies to both: in a step that
+offloads (:mod:`sloth_fx.offload`), the inputs the checkpoint saves wait in host memory; in a step
+that keeps its activations (:func:`keeping_activations`), the body runs as it is, with no
+checkpoint: autograd keeps what backward needs and nothing is recomputed. The values are the same
+either way (the recompute replays the forward's RNG, so it draws the masks the forward drew).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sloth_fx.offload import offloaded_inputs
@@ -25,11 +38,26 @@ from sloth_fx.offload import offloaded_inputs
 _HOP = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
 # set by the checkpoint call itself, never forwarded from the captured kwargs
 _OWN_KWARGS = ("use_reentrant", "preserve_rng_state", "context_fn")
+# torch.utils.checkpoint's own keywords; any other keyword goes to the checkpointed function
+_CHECKPOINT_KWARGS = (*_OWN_KWARGS, "determinism_check", "debug", "early_stop")
+_KEEP: ContextVar[bool] = ContextVar("sloth_fx_keep_activations", default=False)
+
+
+@contextlib.contextmanager
+def keeping_activations(keep: bool) -> Iterator[None]:
+    """Around one training forward: with ``keep``, checkpointed layers run without checkpointing."""
+    token = _KEEP.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP.reset(token)
 
 
 def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
     """``body(*args)`` under non-reentrant activation checkpointing that replays the RNG; its saved
     inputs are offloaded when the current step offloads."""
+    if _KEEP.get():
+        return body(*args)
     kept = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
     context_fn = body.meta.get("_checkpoint_context_fn")
     if context_fn is not None:
@@ -46,3 +74,35 @@ def replay_rng_in_checkpoints(gm: fx.GraphModule) -> int:
     if nodes:
         gm.recompile()
     return len(nodes)
+
+
+class EagerCheckpoint:
+    """A layer's ``_gradient_checkpointing_func`` whose calls follow the step's decision (as
+    :func:`checkpoint_body`'s do): for transformers versions whose layers
+    checkpoint in ``GradientCheckpointingLayer.__call__``, around the captured ``forward``, where
+    no checkpoint is inside a captured graph for sloth_fx to point at its own. Without an active
+    step it is the function it wraps."""
+
+    def __init__(self, checkpoint_fn: Any) -> None:
+        self.checkpoint_fn = checkpoint_fn
+
+    def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if _KEEP.get():
+            return fn(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_KWARGS})
+        with offloaded_inputs(args):
+            return self.checkpoint_fn(fn, *args, **kwargs)
+
+
+def join_eager_checkpoints(decoder: nn.Module) -> int:
+    """Wrap the checkpoint function of every layer of ``decoder`` that checkpoints eagerly in its
+    ``__call__`` (see :class:`EagerCheckpoint`; checked each training call, since a trainer may
+    enable checkpointing after ``optimize``); how many layers checkpoint that way."""
+    count = 0
+    for layer in decoder.modules():
+        checkpoint_fn = layer.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint_fn is None or getattr(type(layer).__call__, "__qualname__", "") != "GradientCheckpointingLayer.__call__":
+            continue
+        if not isinstance(checkpoint_fn, EagerCheckpoint):
+            layer._gradient_checkpointing_func = EagerCheckpoint(checkpoint_fn)
+        count += 1
+    return count

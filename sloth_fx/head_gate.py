@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from sloth_fx.capture import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
-from sloth_fx.memory_budget import plan_offload, size_text
-from sloth_fx.offload import join_eager_checkpoints, offloading
+from sloth_fx.checkpoint import join_eager_checkpoints, keeping_activations
+from sloth_fx.memory_budget import plan_checkpointing, size_text
+from sloth_fx.offload import offloading
 from sloth_fx.padding_free import BOUNDARIES, call_tokens, plan
 from sloth_fx.report import Report
 
@@ -112,19 +113,19 @@ class OpaqueDecoder:
 
     @contextlib.contextmanager
     def within_budget(self, args: tuple, kwargs: dict) -> Iterator[None]:
-        """A training call's offload decision, and once its forward has run, what it moved: both
-        recorded for explain (a decision to offload that moved nothing says so). Nothing outside
-        training."""
+        """A training call's checkpointing decision, and once its forward has run, what it moved:
+        both recorded for explain (a decision to offload that moved nothing says so). Nothing
+        outside training."""
         if not (self.decoder.training and torch.is_grad_enabled()):
             yield
             return
-        decision = plan_offload(self.decoder, args, kwargs, self.memory_budget)
+        decision = plan_checkpointing(self.decoder, args, kwargs, self.memory_budget)
         join_eager_checkpoints(self.decoder)
-        with offloading(decision.offload) as step:
+        with keeping_activations(decision.keep), offloading(decision.offload) as step:
             yield
         text = decision.text
         if step is not None:
             layers, nbytes = step.moved()
             text += (f"; this forward moved {layers} layers' inputs ({size_text(nbytes)}) to host memory" if layers
                      else "; this forward moved nothing: no checkpointed layer ran through sloth_fx's checkpoint")
-        self.owner.offload_decision(decision.offload, text)
+        self.owner.checkpointing_decision(decision.mode, text)

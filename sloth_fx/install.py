@@ -33,8 +33,9 @@ class Installation:
 def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free: bool,
             memory_budget: int | None = None) -> Installation:
     """Route every region's training forward through Dynamo and the sloth_fx backend; with
-    ``padding_free``, switch the model to packed attention and pack padded batches; offload
-    checkpointed layers' inputs in steps over ``memory_budget`` (None: the free device memory)."""
+    ``padding_free``, switch the model to packed attention and pack padded batches; judge each
+    training step's checkpointed layers (keep, recompute, offload) against ``memory_budget`` (None:
+    what the device can still hand out)."""
     report = Report()
     installation = Installation(report, [])
     regions, decoder, head = find_regions(model)
@@ -99,7 +100,7 @@ def _what_replaced(name: str) -> str:
         return ""
     return (" (TRL's chunked head: it computes the loss and TRL's per-token metrics without building the "
             "logits, so sloth_fx's fused cross-entropy does not run, nor does its packing of padded batches "
-            "(TRL's padding_free=True packs them); the decoder layers' rewrites do, and the offload budget. "
+            "(TRL's padding_free=True packs them); the decoder layers' rewrites do, and the memory budget. "
             "TRL 1.x installs it in SFTTrainer and DPOTrainer with no setting to turn it off: for sloth_fx's "
             "fused loss, train with transformers.Trainer or a loop of your own)")
 

@@ -1,20 +1,27 @@
-"""The memory budget: whether a training step offloads its checkpointed layers' inputs.
+"""The memory budget: per training step, whether checkpointed layers keep their activations,
+recompute them, or recompute them with their inputs offloaded to host memory.
 
-Offloading (:mod:`sloth_fx.offload`) costs two copies of every layer's input over the host link;
-a batch whose activations fit never pays them. Each training step is judged on its own, from
-a prediction of its activation memory against a budget:
+Recompute costs a layer's forward again; offloading (:mod:`sloth_fx.offload`) adds two copies of
+every layer's input over the host link. A batch whose activations fit pays for neither. Each
+training step is judged on its own, from a prediction of its activation memory against a budget:
 
-- **predicted**: every checkpointed layer's saved input (layers x tokens x hidden x element size)
-  plus the peak of the one layer being recomputed and run backward, about
+- **kept** (no recompute): every checkpointed layer's activations as its backward needs them,
+  about ``KEEP_HIDDEN_WIDE`` hidden-wide and ``KEEP_INTERMEDIATE_WIDE`` intermediate-wide values
+  per token and layer;
+- **predicted** (recompute): every checkpointed layer's saved input (layers x tokens x hidden x
+  element size) plus the peak of the one layer being recomputed and run backward, about
   ``RECOMPUTE_HIDDEN_WIDE`` hidden-wide and ``RECOMPUTE_INTERMEDIATE_WIDE`` intermediate-wide
   activations per token;
 - **offloaded**: what stays on the device then: ``KEPT_LAYERS`` layers' inputs (the last layer's,
   the one recomputing, the one prefetched) plus the same peak;
 - **budget**: ``memory_budget`` bytes as given; or, with none, on CUDA what the device can still
   hand out (free memory plus what PyTorch's allocator holds unused), less a margin; on CPU with
-  none, no budget: there is no device memory to save, and nothing is offloaded.
+  none, no budget: there is no device memory to save, and layers recompute as asked.
 
-:func:`decide_offload` is the policy, a pure function of the prediction and the budget.
+The step keeps its activations when they take at most ``KEEP_SHARE`` of the budget, recomputes
+when the prediction fits the budget, and offloads above it. :func:`decide_checkpointing` is the
+policy, a pure function of the prediction and the budget. Keeping or offloading changes where
+values wait, never the values: the loss and the gradients are those of plain checkpointing.
 """
 
 from __future__ import annotations
@@ -34,6 +41,14 @@ from sloth_fx.padding_free import call_tokens
 RECOMPUTE_HIDDEN_WIDE = 8
 RECOMPUTE_INTERMEDIATE_WIDE = 5
 KEPT_LAYERS = 3
+# Counted on the rewritten Llama layer (bf16, LoRA on the seven projections): the bytes its
+# forward saves for backward per token are 10.5 hidden-wide and 4 intermediate-wide values plus
+# the adapters' fp32 x·Aᵀ (a few hundred bytes); rounded up.
+KEEP_HIDDEN_WIDE = 11
+KEEP_INTERMEDIATE_WIDE = 4
+# Keeping is estimated more coarsely than recomputing and ragged steps fragment the allocator:
+# the kept activations may take half the budget.
+KEEP_SHARE = 0.5
 # The prediction is an estimate and the allocator rounds and fragments: budget a tenth less than free.
 DEVICE_SHARE = 0.9
 
@@ -45,6 +60,7 @@ class ActivationEstimate:
     layers: int  # checkpointed layers
     layer_input: int  # one layer's saved input
     recompute_peak: int  # one layer while it recomputes and runs backward
+    kept: int  # every checkpointed layer's activations, with no recompute
 
     @property
     def saved_inputs(self) -> int:
@@ -59,34 +75,52 @@ class ActivationEstimate:
         return min(self.layers, KEPT_LAYERS) * self.layer_input + self.recompute_peak
 
 
+KEEP, RECOMPUTE, OFFLOAD, NONE = "keep", "recompute", "offload", "none"
+
+
 @dataclass(frozen=True)
-class OffloadDecision:
-    offload: bool
+class CheckpointDecision:
+    mode: str  # KEEP, RECOMPUTE, OFFLOAD; NONE: nothing is checkpointed
     text: str  # the decision and the prediction, in words, for explain
+
+    @property
+    def offload(self) -> bool:
+        return self.mode == OFFLOAD
+
+    @property
+    def keep(self) -> bool:
+        return self.mode == KEEP
 
 
 def estimate_activations(layers: int, tokens: int, hidden: int, intermediate: int,
                          element_size: int) -> ActivationEstimate:
     """The activation memory of a step of ``tokens`` tokens through ``layers`` checkpointed layers."""
     per_token = RECOMPUTE_HIDDEN_WIDE * hidden + RECOMPUTE_INTERMEDIATE_WIDE * intermediate
-    return ActivationEstimate(layers, tokens * hidden * element_size, tokens * per_token * element_size)
+    kept_per_token = KEEP_HIDDEN_WIDE * hidden + KEEP_INTERMEDIATE_WIDE * intermediate
+    return ActivationEstimate(layers, tokens * hidden * element_size, tokens * per_token * element_size,
+                              layers * tokens * kept_per_token * element_size)
 
 
-def decide_offload(estimate: ActivationEstimate, budget: int | None) -> OffloadDecision:
-    """Offload when the predicted activation memory is over ``budget`` (never without one) and
-    offloading would keep less on the device (not with ``KEPT_LAYERS`` layers or fewer)."""
+def decide_checkpointing(estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
+    """Keep the activations when they take at most ``KEEP_SHARE`` of ``budget``; else recompute
+    when the prediction fits ``budget``; else offload, unless offloading would keep as much on the
+    device (``KEPT_LAYERS`` layers or fewer). Without a budget, recompute."""
     predicted = (f"predicted activation memory {size_text(estimate.total)} ({estimate.layers} checkpointed layer "
                  f"inputs {size_text(estimate.saved_inputs)}, recompute peak {size_text(estimate.recompute_peak)})")
     if budget is None:
-        return OffloadDecision(False, f"{predicted}; no budget: no device memory to save on CPU (memory_budget sets one)")
+        return CheckpointDecision(RECOMPUTE, f"{predicted}; no budget: no device memory to save on CPU "
+                                             "(memory_budget sets one)")
+    if estimate.kept <= KEEP_SHARE * budget:
+        return CheckpointDecision(KEEP, f"activations kept, no recompute: {size_text(estimate.kept)} for "
+                                        f"{estimate.layers} layers, within half the budget of {size_text(budget)}")
     if estimate.total <= budget:
-        return OffloadDecision(False, f"{predicted} fits in the budget of {size_text(budget)}")
+        return CheckpointDecision(RECOMPUTE, f"{predicted} fits in the budget of {size_text(budget)}")
     if estimate.offloaded >= estimate.total:
-        return OffloadDecision(False, f"{predicted} is over the budget of {size_text(budget)}, but offloading "
-                                      f"{estimate.layers} layers would keep as much on the device")
+        return CheckpointDecision(RECOMPUTE, f"{predicted} is over the budget of {size_text(budget)}, but offloading "
+                                             f"{estimate.layers} layers would keep as much on the device")
     over = ", still over the budget" if estimate.offloaded > budget else ""
-    return OffloadDecision(True, f"{predicted} is over the budget of {size_text(budget)}: layer inputs offloaded to "
-                                 f"host memory, about {size_text(estimate.offloaded)} kept on the device{over}")
+    return CheckpointDecision(OFFLOAD, f"{predicted} is over the budget of {size_text(budget)}: layer inputs offloaded "
+                                       f"to host memory, about {size_text(estimate.offloaded)} kept on the device{over}")
 
 
 def device_budget(device: torch.device, memory_budget: int | None) -> int | None:
@@ -101,21 +135,22 @@ def device_budget(device: torch.device, memory_budget: int | None) -> int | None
     return int((free + unused) * DEVICE_SHARE)
 
 
-def plan_offload(model: nn.Module, args: tuple, kwargs: dict[str, Any], memory_budget: int | None) -> OffloadDecision:
+def plan_checkpointing(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                       memory_budget: int | None) -> CheckpointDecision:
     """This training call's decision for ``model`` (the decoder, or a HF causal LM) on its inputs."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = _checkpointed_layers(decoder) if isinstance(decoder, nn.Module) else 0
     if not layers:
-        return OffloadDecision(False, "no activation checkpointing: no layer input is kept for a recompute")
+        return CheckpointDecision(NONE, "no activation checkpointing: no layer input is kept for a recompute")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = getattr(config, "hidden_size", None)
     tokens = call_tokens(args, kwargs)
     if not isinstance(hidden, int) or not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
-        return OffloadDecision(False, "no prediction: the config gives no hidden_size or the call no token ids")
+        return CheckpointDecision(RECOMPUTE, "no prediction: the config gives no hidden_size or the call no token ids")
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     weight = model.get_input_embeddings().weight
     estimate = estimate_activations(layers, tokens.shape[0] * tokens.shape[1], hidden, intermediate, weight.element_size())
-    return decide_offload(estimate, device_budget(weight.device, memory_budget))
+    return decide_checkpointing(estimate, device_budget(weight.device, memory_budget))
 
 
 def _checkpointed_layers(decoder: nn.Module) -> int:

@@ -30,7 +30,7 @@ forward) is that pair:
 
 Where the checkpoint runs: inside a captured layer graph (transformers' ``forward_with_checkpointing``),
 through :func:`sloth_fx.checkpoint.checkpoint_body`; in older transformers, whose layers checkpoint in
-``__call__`` around the captured ``forward``, through :class:`EagerCheckpoint`.
+``__call__`` around the captured ``forward``, through :class:`sloth_fx.checkpoint.EagerCheckpoint`.
 
 torch's own ``save_on_cpu`` is the same hook pair in its simplest form: it copies each tensor at
 save time on the current stream and copies it back only when backward asks. Here the copy waits
@@ -202,36 +202,6 @@ def offloaded_inputs(args: Sequence[Any]) -> contextlib.AbstractContextManager[N
     """Around one checkpoint call on ``args``: its saved inputs go through the active step, if any."""
     step = _ACTIVE.get()
     return step.layer(args) if step is not None else contextlib.nullcontext()
-
-
-class EagerCheckpoint:
-    """A layer's ``_gradient_checkpointing_func`` whose calls join the active step (as
-    :func:`sloth_fx.checkpoint.checkpoint_body`'s do): for transformers versions whose layers
-    checkpoint in ``GradientCheckpointingLayer.__call__``, around the captured ``forward``, where
-    no checkpoint is inside a captured graph for sloth_fx to point at its own. Without an active
-    step it is the function it wraps."""
-
-    def __init__(self, checkpoint_fn: Any) -> None:
-        self.checkpoint_fn = checkpoint_fn
-
-    def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        with offloaded_inputs(args):
-            return self.checkpoint_fn(fn, *args, **kwargs)
-
-
-def join_eager_checkpoints(decoder: nn.Module) -> int:
-    """Wrap the checkpoint function of every layer of ``decoder`` that checkpoints eagerly in its
-    ``__call__`` (see :class:`EagerCheckpoint`; checked each training call, since a trainer may
-    enable checkpointing after ``optimize``); how many layers checkpoint that way."""
-    count = 0
-    for layer in decoder.modules():
-        checkpoint_fn = layer.__dict__.get("_gradient_checkpointing_func")
-        if checkpoint_fn is None or getattr(type(layer).__call__, "__qualname__", "") != "GradientCheckpointingLayer.__call__":
-            continue
-        if not isinstance(checkpoint_fn, EagerCheckpoint):
-            layer._gradient_checkpointing_func = EagerCheckpoint(checkpoint_fn)
-        count += 1
-    return count
 
 
 def _movable(tensor: torch.Tensor) -> bool:

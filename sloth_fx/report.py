@@ -100,15 +100,16 @@ class Report:
     regions: dict[str, RegionReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     padding_free: dict[str, str] = field(default_factory=dict)  # "applied" / "not applied" -> the latest
-    offload: dict[str, str] = field(default_factory=dict)  # "on" / "off" -> the latest
+    checkpointing: dict[str, str] = field(default_factory=dict)  # keep / recompute / offload / none -> the latest
 
     def padding_free_decision(self, applied: bool, what: str) -> None:
         """The latest padded-batch decision: a note of what was packed, or the reason not."""
         self.padding_free["applied" if applied else "not applied"] = what
 
-    def offload_decision(self, on: bool, what: str) -> None:
-        """The latest step's checkpoint-offload decision, with its predicted activation memory."""
-        self.offload["on" if on else "off"] = what
+    def checkpointing_decision(self, mode: str, what: str) -> None:
+        """The latest step's decision for its checkpointed layers (keep their activations,
+        recompute, or offload their inputs), with its predicted activation memory."""
+        self.checkpointing[mode] = what
 
     def sites(self, pass_name: str) -> list[str]:
         """Module paths where ``pass_name``'s rewrites run: each module's current capture's rewrites."""
@@ -138,7 +139,7 @@ class Report:
         lines = ["sloth_fx report"]
         lines += [f"  note: {n}" for n in (*notes, *self.notes)]
         lines += [f"  padding-free, {k} (latest): {v}" for k, v in self.padding_free.items()]
-        lines += [f"  checkpoint offload, {k} (latest): {v}" for k, v in self.offload.items()]
+        lines += [f"  activation checkpointing, {k} (latest): {v}" for k, v in self.checkpointing.items()]
         if not any(r.captures or r.eager for r in self.regions.values()):
             lines.append("  nothing captured yet: regions are captured at the first training forward")
         for region in self.regions.values():

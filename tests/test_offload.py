@@ -18,7 +18,7 @@ from torch import nn
 import sloth_fx
 from sloth_fx import offload
 from sloth_fx.checkpoint import checkpoint_body
-from sloth_fx.memory_budget import decide_offload, device_budget, estimate_activations, plan_offload
+from sloth_fx.memory_budget import decide_checkpointing, device_budget, estimate_activations, plan_checkpointing
 
 GiB = 2**30
 
@@ -208,19 +208,31 @@ def test_estimate_counts_every_layer_input_and_one_recompute():
 
 def test_policy_offloads_above_the_budget_and_not_below():
     long, short = llama2_7b(65536), llama2_7b(2048)
-    assert not decide_offload(long, 80 * GiB).offload
-    assert decide_offload(long, 20 * GiB).offload
-    assert not decide_offload(short, 20 * GiB).offload  # a short batch never pays for the copies
-    assert not decide_offload(long, long.total).offload and decide_offload(long, long.total - 1).offload
-    assert not decide_offload(long, None).offload  # no budget (CPU): nothing to save
-    on = decide_offload(long, 20 * GiB).text
+    assert not decide_checkpointing(long, 80 * GiB).offload
+    assert decide_checkpointing(long, 20 * GiB).offload
+    assert not decide_checkpointing(short, 20 * GiB).offload  # a short batch never pays for the copies
+    assert not decide_checkpointing(long, long.total).offload and decide_checkpointing(long, long.total - 1).offload
+    assert not decide_checkpointing(long, None).offload  # no budget (CPU): nothing to save
+    on = decide_checkpointing(long, 20 * GiB).text
     assert "predicted activation memory 26.72 GiB (32 checkpointed layer inputs 16.00 GiB, recompute peak 10.72 GiB)" in on
     assert "over the budget of 20.00 GiB" in on and "still over" not in on
-    assert "still over the budget" in decide_offload(long, 5 * GiB).text
-    assert "fits in the budget of 80.00 GiB" in decide_offload(long, 80 * GiB).text
+    assert "still over the budget" in decide_checkpointing(long, 5 * GiB).text
+    assert "fits in the budget of 80.00 GiB" in decide_checkpointing(long, 80 * GiB).text
     few = estimate_activations(layers=3, tokens=65536, hidden=4096, intermediate=11008, element_size=2)
-    assert few.offloaded == few.total and not decide_offload(few, 0).offload  # nothing to gain: 3 layers are kept
-    assert "but offloading 3 layers would keep as much on the device" in decide_offload(few, 0).text
+    assert few.offloaded == few.total and not decide_checkpointing(few, 0).offload  # nothing to gain: 3 layers are kept
+    assert "but offloading 3 layers would keep as much on the device" in decide_checkpointing(few, 0).text
+
+
+def test_policy_keeps_activations_within_half_the_budget():
+    short, e1 = llama2_7b(2048), llama2_7b(16384)
+    assert short.kept == 32 * 2048 * (11 * 4096 + 4 * 11008) * 2  # ~10.9 GiB: R1's longest steps are ~1.6x this
+    decision = decide_checkpointing(short, 80 * GiB)
+    assert decision.keep and not decision.offload
+    assert decision.text == "activations kept, no recompute: 10.88 GiB for 32 layers, within half the budget of 80.00 GiB"
+    assert decide_checkpointing(short, 2 * short.kept).keep and not decide_checkpointing(short, 2 * short.kept - 2).keep
+    assert decide_checkpointing(e1, 120 * GiB).mode == "recompute"  # E1 on an H200 recomputes as asked
+    assert decide_checkpointing(short, 20 * GiB).mode == "recompute"
+    assert decide_checkpointing(short, None).mode == "recompute"  # no budget (CPU): checkpointing as asked
 
 
 def test_budget_on_cpu_is_the_given_one_or_none():
@@ -231,15 +243,15 @@ def test_budget_on_cpu_is_the_given_one_or_none():
 def test_plan_reads_checkpointing_tokens_and_sizes_from_the_model():
     model = tiny_model("llama", layers=5)
     inputs = batch(b=2, s=9)
-    assert plan_offload(model, (), inputs, 0).text.startswith("no activation checkpointing")
+    assert plan_checkpointing(model, (), inputs, 0).text.startswith("no activation checkpointing")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     want = estimate_activations(layers=5, tokens=18, hidden=64, intermediate=96, element_size=4)
-    assert plan_offload(model, (), inputs, want.total - 1).offload
-    assert not plan_offload(model, (), inputs, want.total).offload
+    assert plan_checkpointing(model, (), inputs, want.total - 1).offload
+    assert not plan_checkpointing(model, (), inputs, want.total).offload
     model.model.layers[1].gradient_checkpointing = False  # every_n_layers leaves some layers whole
     four = estimate_activations(layers=4, tokens=18, hidden=64, intermediate=96, element_size=4)
-    assert not plan_offload(model, (), inputs, four.total).offload and plan_offload(model, (), inputs, four.total - 1).offload
-    assert not plan_offload(model, (), inputs, None).offload
+    assert not plan_checkpointing(model, (), inputs, four.total).offload and plan_checkpointing(model, (), inputs, four.total - 1).offload
+    assert not plan_checkpointing(model, (), inputs, None).offload
 
 
 def test_memory_budget_must_be_bytes():
@@ -264,6 +276,30 @@ def test_offload_on_and_off_give_the_same_loss_and_gradients(steps, lora_dropout
     assert step.log == [("offload", k) for k in range(layers - 1)] + [("prefetch", k) for k in reversed(range(layers - 1))]
     if lora_dropout:  # the masks are really random: another seed gives another loss
         assert not torch.equal(seeded_step(on, batch(), seed=8)[0], plain[0])
+
+
+@pytest.mark.usefixtures("reference_ops")
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_kept_activations_give_the_recomputed_loss_and_gradients_without_a_recompute(monkeypatch, lora_dropout):
+    original = tiny_model("llama", lora=True, checkpointing=True, layers=3, lora_dropout=lora_dropout)
+    recomputed = sloth_fx.optimize(twin(original))  # CPU without a budget: checkpointing as asked
+    kept = sloth_fx.optimize(twin(original), memory_budget=2**40)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr("sloth_fx.checkpoint.checkpoint", counted)
+    plain = seeded_step(recomputed, batch())
+    assert len(calls) == 3
+    assert_bitwise_same(seeded_step(kept, batch()), plain)
+    assert len(calls) == 3  # no checkpoint in the kept step
+    text = sloth_fx.explain(kept)
+    assert "activation checkpointing, keep (latest): activations kept, no recompute" in text
+    assert "activation checkpointing, recompute" not in text
+    if lora_dropout:  # the masks are really random: another seed gives another loss
+        assert not torch.equal(seeded_step(kept, batch(), seed=8)[0], plain[0])
 
 
 @pytest.mark.usefixtures("reference_ops")
@@ -298,17 +334,17 @@ def test_each_step_decides_and_explain_says_what_and_why(steps):
     loss_and_grads(model, short)
     assert steps == []
     text = sloth_fx.explain(model)
-    assert "checkpoint offload, off (latest): predicted activation memory 19.50 KiB (4 checkpointed layer inputs 4.00 KiB, " \
+    assert "activation checkpointing, recompute (latest): predicted activation memory 19.50 KiB (4 checkpointed layer inputs 4.00 KiB, " \
            "recompute peak 15.50 KiB) fits in the budget of 97.50 KiB" in text
-    assert "checkpoint offload, on" not in text
+    assert "activation checkpointing, offload" not in text
     loss_and_grads(model, long)
     assert len(steps) == 1 and steps[0].log == [("offload", 0), ("offload", 1), ("offload", 2),
                                                 ("prefetch", 2), ("prefetch", 1), ("prefetch", 0)]
     text = sloth_fx.explain(model)
-    assert "checkpoint offload, on (latest): predicted activation memory 780.00 KiB (4 checkpointed layer inputs " \
+    assert "activation checkpointing, offload (latest): predicted activation memory 780.00 KiB (4 checkpointed layer inputs " \
            "160.00 KiB, recompute peak 620.00 KiB) is over the budget of 97.50 KiB: layer inputs offloaded to host " \
            "memory, about 740.00 KiB kept on the device, still over the budget" in text
-    assert "checkpoint offload, off (latest)" in text
+    assert "activation checkpointing, recompute (latest)" in text
 
 
 @pytest.mark.usefixtures("reference_ops")
@@ -322,7 +358,7 @@ def test_explain_says_what_a_forward_moved_and_when_a_decision_to_offload_moved_
     monkeypatch.setattr("sloth_fx.checkpoint.offloaded_inputs", lambda args: contextlib.nullcontext())
     loss_and_grads(model, inputs)
     text = sloth_fx.explain(model)
-    assert "checkpoint offload, on (latest)" in text
+    assert "activation checkpointing, offload (latest)" in text
     assert "this forward moved nothing: no checkpointed layer ran through sloth_fx's checkpoint" in text
 
 
@@ -330,7 +366,7 @@ def test_explain_says_what_a_forward_moved_and_when_a_decision_to_offload_moved_
 def test_explain_says_why_not_without_checkpointing_or_budget():
     model = sloth_fx.optimize(tiny_model("llama", lora=True))
     loss_and_grads(model, batch())
-    assert "checkpoint offload, off (latest): no activation checkpointing" in sloth_fx.explain(model)
+    assert "activation checkpointing, none (latest): no activation checkpointing" in sloth_fx.explain(model)
     model = sloth_fx.optimize(tiny_model("llama", lora=True, checkpointing=True))
     loss_and_grads(model, batch())
     assert "no budget: no device memory to save on CPU (memory_budget sets one)" in sloth_fx.explain(model)
@@ -397,7 +433,7 @@ def test_gpu_tiny_llama_offload_is_exact(lora_dropout):
         plain = seeded_step(off, inputs)
         assert_bitwise_same(seeded_step(off, inputs), plain)  # control: the step itself is deterministic
         assert_bitwise_same(seeded_step(on, inputs), plain)
-    assert "checkpoint offload, on (latest)" in sloth_fx.explain(on)
+    assert "activation checkpointing, offload (latest)" in sloth_fx.explain(on)
 
 
 @pytest.mark.gpu
@@ -406,8 +442,8 @@ def test_gpu_default_budget_is_what_the_device_can_hand_out():
     budget = device_budget(torch.device("cuda"), None)
     assert 0 < budget <= total and budget >= 0.8 * free
     model = tiny_model("llama", checkpointing=True).cuda()
-    decision = plan_offload(model, (), {k: v.cuda() for k, v in batch().items()}, None)
-    assert not decision.offload and "fits in the budget" in decision.text
+    decision = plan_checkpointing(model, (), {k: v.cuda() for k, v in batch().items()}, None)
+    assert decision.keep and "within half the budget" in decision.text
 
 
 @pytest.mark.gpu
@@ -420,8 +456,10 @@ def test_gpu_offload_lowers_the_peak_of_a_checkpointed_llama_from_the_first_step
     ids = torch.randint(0, 101, (rows, seq), generator=torch.Generator().manual_seed(0)).cuda()
     inputs = {"input_ids": ids, "labels": ids}
     layer_input = rows * seq * original.config.hidden_size * 2
+    config = original.config
+    recompute = estimate_activations(layers, rows * seq, config.hidden_size, config.intermediate_size, 2).total
     peaks = {}
-    for budget in (None, 0):
+    for budget in (recompute, 0):  # checkpointing as asked against offloaded
         model = sloth_fx.optimize(twin(original), memory_budget=budget)
         peaks[budget] = []
         for _ in range(2):
@@ -431,8 +469,8 @@ def test_gpu_offload_lowers_the_peak_of_a_checkpointed_llama_from_the_first_step
             seeded_step(model, inputs)
             torch.cuda.synchronize()
             peaks[budget].append(torch.cuda.max_memory_allocated() - base)
-        on = "checkpoint offload, on (latest)" in sloth_fx.explain(model)
-        assert on == (budget == 0)
+        mode = "offload" if budget == 0 else "recompute"
+        assert f"activation checkpointing, {mode} (latest)" in sloth_fx.explain(model)
         del model
-    for step, (plain, moved) in enumerate(zip(peaks[None], peaks[0])):
+    for step, (plain, moved) in enumerate(zip(peaks[recompute], peaks[0])):
         assert moved <= plain - (layers - 8) * layer_input, (step, plain, moved)  # ~3 layers kept, copies in flight

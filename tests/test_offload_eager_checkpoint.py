@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sloth_fx import checkpoint as sloth_checkpoint
 from sloth_fx import offload
 
 
@@ -51,10 +52,10 @@ def decoder(layer_class: type, layers: int = 5, hidden: int = 8, use_reentrant: 
     return model.train()
 
 
-def loss_and_grads(model: nn.Module, offloaded: bool):
+def loss_and_grads(model: nn.Module, offloaded: bool, keep: bool = False):
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
     torch.manual_seed(5)
-    with offload.offloading(offloaded) as step:
+    with sloth_checkpoint.keeping_activations(keep), offload.offloading(offloaded) as step:
         h = x
         for layer in model:
             h = layer(h, scale=0.5)
@@ -69,10 +70,10 @@ def test_eagerly_checkpointed_layers_offload_bit_exactly(use_reentrant):
     model = decoder(DropoutLayer, use_reentrant=use_reentrant)
     loss, grads, none = loss_and_grads(model, offloaded=False)
     assert none is None
-    assert offload.join_eager_checkpoints(model) == 5
-    assert offload.join_eager_checkpoints(model) == 5  # once wrapped, not wrapped again
-    assert all(type(layer._gradient_checkpointing_func) is offload.EagerCheckpoint for layer in model)
-    assert all(not isinstance(layer._gradient_checkpointing_func.checkpoint_fn, offload.EagerCheckpoint)
+    assert sloth_checkpoint.join_eager_checkpoints(model) == 5
+    assert sloth_checkpoint.join_eager_checkpoints(model) == 5  # once wrapped, not wrapped again
+    assert all(type(layer._gradient_checkpointing_func) is sloth_checkpoint.EagerCheckpoint for layer in model)
+    assert all(not isinstance(layer._gradient_checkpointing_func.checkpoint_fn, sloth_checkpoint.EagerCheckpoint)
                for layer in model)
     assert_same = [torch.equal(a, b) for a, b in zip(grads, loss_and_grads(model, offloaded=False)[1])]
     assert all(assert_same)  # joined but no step active: the wrapped function as it was
@@ -85,5 +86,20 @@ def test_eagerly_checkpointed_layers_offload_bit_exactly(use_reentrant):
 
 def test_layers_that_do_not_checkpoint_in_call_are_left_alone():
     model = decoder(PlainLayer)
-    assert offload.join_eager_checkpoints(model) == 0
+    assert sloth_checkpoint.join_eager_checkpoints(model) == 0
     assert all(type(layer._gradient_checkpointing_func) is partial for layer in model)
+
+
+def test_a_step_that_keeps_its_activations_skips_the_eager_checkpoint():
+    model = decoder(DropoutLayer)
+    loss, grads, _ = loss_and_grads(model, offloaded=False)
+    sloth_checkpoint.join_eager_checkpoints(model)
+    calls = []
+    for layer in model:
+        inner = layer._gradient_checkpointing_func.checkpoint_fn
+        layer._gradient_checkpointing_func.checkpoint_fn = lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k)
+    kept_loss, kept_grads, _ = loss_and_grads(model, offloaded=False, keep=True)
+    assert calls == []
+    assert torch.equal(kept_loss, loss) and all(torch.equal(a, b) for a, b in zip(kept_grads, grads))
+    loss_and_grads(model, offloaded=False)
+    assert len(calls) == 5

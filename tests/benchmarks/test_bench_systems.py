@@ -55,7 +55,7 @@ def test_offload_system_offloads_every_checkpointed_step():
     cfg = get_config("tiny", checkpointing=True, layers=6)  # more layers than offloading keeps on the device
     prepared = prepare("sloth_fx_offload", cfg, "cpu", 0)
     train_steps(prepared, batches_for(cfg, 1, 0), torch.device("cpu"))
-    assert "checkpoint offload, on (latest)" in str(sloth_fx.explain(prepared.model))
+    assert "activation checkpointing, offload (latest)" in str(sloth_fx.explain(prepared.model))
     plain = prepare("sloth_fx", cfg, "cpu", 0)
     train_steps(plain, batches_for(cfg, 1, 0), torch.device("cpu"))
-    assert "checkpoint offload, off (latest)" in str(sloth_fx.explain(plain.model))
+    assert "activation checkpointing, recompute (latest)" in str(sloth_fx.explain(plain.model))

@@ -71,5 +71,5 @@ def test_sft_offloads_checkpointed_layers_under_trls_head(tmp_path):
     optimized = sloth_fx.optimize(twin(original), memory_budget=0)
     assert_same_training(trained(original, tmp_path, **arguments), trained(optimized, tmp_path, **arguments), tmp_path)
     text = sloth_fx.explain(optimized)
-    assert "add_fused_lm_head" in text and "checkpoint offload, on (latest)" in text, text
+    assert "add_fused_lm_head" in text and "activation checkpointing, offload (latest)" in text, text
     assert "this forward moved" in text and "moved nothing" not in text, text  # it ran, not only was decided
