@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,23 +41,41 @@ _HOP = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
 _OWN_KWARGS = ("use_reentrant", "preserve_rng_state", "context_fn")
 # torch.utils.checkpoint's own keywords; any other keyword goes to the checkpointed function
 _CHECKPOINT_KWARGS = (*_OWN_KWARGS, "determinism_check", "debug", "early_stop")
-_KEEP: ContextVar[bool] = ContextVar("sloth_fx_keep_activations", default=False)
+
+
+@dataclass
+class KeptStep:
+    """One training forward whose checkpointed layers keep their activations: how many ran so."""
+
+    layers: int = 0
+
+
+_KEEP: ContextVar[KeptStep | None] = ContextVar("sloth_fx_keep_activations", default=None)
 
 
 @contextlib.contextmanager
-def keeping_activations(keep: bool) -> Iterator[None]:
-    """Around one training forward: with ``keep``, checkpointed layers run without checkpointing."""
-    token = _KEEP.set(keep)
+def keeping_activations(keep: bool) -> Iterator[KeptStep | None]:
+    """Around one training forward: with ``keep``, checkpointed layers run without checkpointing,
+    counted in the :class:`KeptStep` yielded (None without ``keep``)."""
+    token = _KEEP.set(KeptStep() if keep else None)
     try:
-        yield
+        yield _KEEP.get()
     finally:
         _KEEP.reset(token)
+
+
+def _kept() -> bool:
+    """The current step keeps its activations: one more layer runs without a checkpoint."""
+    step = _KEEP.get()
+    if step is not None:
+        step.layers += 1
+    return step is not None
 
 
 def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
     """``body(*args)`` under non-reentrant activation checkpointing that replays the RNG; its saved
     inputs are offloaded when the current step offloads."""
-    if _KEEP.get():
+    if _kept():
         return body(*args)
     kept = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
     context_fn = body.meta.get("_checkpoint_context_fn")
@@ -87,7 +106,7 @@ class EagerCheckpoint:
         self.checkpoint_fn = checkpoint_fn
 
     def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if _KEEP.get():
+        if _kept():
             return fn(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_KWARGS})
         with offloaded_inputs(args):
             return self.checkpoint_fn(fn, *args, **kwargs)

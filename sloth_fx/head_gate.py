@@ -113,17 +113,20 @@ class OpaqueDecoder:
 
     @contextlib.contextmanager
     def within_budget(self, args: tuple, kwargs: dict) -> Iterator[None]:
-        """A training call's checkpointing decision, and once its forward has run, what it moved:
-        both recorded for explain (a decision to offload that moved nothing says so). Nothing
+        """A training call's checkpointing decision, and once its forward has run, what it kept or
+        moved: both recorded for explain (a decision that no layer followed says so). Nothing
         outside training."""
         if not (self.decoder.training and torch.is_grad_enabled()):
             yield
             return
         decision = plan_checkpointing(self.decoder, args, kwargs, self.memory_budget)
         join_eager_checkpoints(self.decoder)
-        with keeping_activations(decision.keep), offloading(decision.offload) as step:
+        with keeping_activations(decision.keep) as kept, offloading(decision.offload) as step:
             yield
         text = decision.text
+        if kept is not None:
+            text += (f"; this forward ran {kept.layers} checkpointed layers without a recompute" if kept.layers
+                     else "; this forward kept nothing: no checkpointed layer ran through sloth_fx's checkpoint")
         if step is not None:
             layers, nbytes = step.moved()
             text += (f"; this forward moved {layers} layers' inputs ({size_text(nbytes)}) to host memory" if layers

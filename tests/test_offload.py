@@ -297,6 +297,7 @@ def test_kept_activations_give_the_recomputed_loss_and_gradients_without_a_recom
     assert len(calls) == 3  # no checkpoint in the kept step
     text = sloth_fx.explain(kept)
     assert "activation checkpointing, keep (latest): activations kept, no recompute" in text
+    assert "; this forward ran 3 checkpointed layers without a recompute" in text
     assert "activation checkpointing, recompute" not in text
     if lora_dropout:  # the masks are really random: another seed gives another loss
         assert not torch.equal(seeded_step(kept, batch(), seed=8)[0], plain[0])
