@@ -117,7 +117,7 @@ def join_eager_checkpoints(decoder: nn.Module) -> int:
     """Wrap the checkpoint function of every layer of ``decoder`` that checkpoints eagerly in its
     ``__call__`` (see :class:`EagerCheckpoint`; checked each training call, since a trainer may
     enable checkpointing after ``optimize``); how many layers checkpoint that way. Only the
-    decoder's layers are looked at: walking every module cost 7 ms a step on a 7B PEFT model."""
+    decoder's layers are looked at: walking every module took ~7 ms a step under cProfile (7B PEFT)."""
     count = 0
     for layer in decoder_layers(decoder):
         checkpoint_fn = layer.__dict__.get("_gradient_checkpointing_func")
