@@ -31,3 +31,15 @@ def test_trainer_matches_the_unoptimized_run(family, arguments, tmp_path):
         assert report.count(name) == sites, sloth_fx.explain(optimized)
     if "gradient_accumulation_steps" in arguments:
         assert "reduction sum" in sloth_fx.explain(optimized)
+
+
+def test_trainer_checkpointing_with_kept_activations_matches_the_unoptimized_run(tmp_path):
+    """A budget the steps fit in: Trainer enables checkpointing, each step keeps its activations
+    instead of recomputing, and the training is still the un-optimized run's."""
+    original = tiny_model("llama", lora=True, lora_dropout=0.1)
+    optimized = sloth_fx.optimize(twin(original), memory_budget=2**40)
+    arguments = {"gradient_checkpointing": True}
+    assert_same_training(trained(original, tmp_path, **arguments), trained(optimized, tmp_path, **arguments), tmp_path)
+    text = sloth_fx.explain(optimized)
+    assert "activation checkpointing, keep (latest)" in text and "activation checkpointing, recompute" not in text
+    assert "this forward ran 2 checkpointed layers without a recompute" in text
