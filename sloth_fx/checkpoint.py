@@ -75,7 +75,8 @@ def _kept() -> bool:
 
 def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
     """``body(*args)`` under non-reentrant activation checkpointing that replays the RNG; its saved
-    inputs are offloaded when the current step offloads."""
+    inputs are offloaded when the current step offloads, and it runs with no checkpoint when the
+    step keeps its activations."""
     if _kept():
         return body(*args)
     kept = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}

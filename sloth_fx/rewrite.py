@@ -4,10 +4,10 @@ A :class:`Rewrite` is a pass (``rewrite(gm, log)``, registered with ``register_p
 its patterns in turn (each sees the graph as the earlier ones left it) the driver finds every
 match, asks ``check`` why it must not be rewritten (``None``: it may; the report names the
 pattern beside the reason), gathers the accepted matches into groups by ``group`` (each match
-alone by default), asks ``check_group`` the same of a group, and calls ``replace`` on it. Every refusal goes to the report with its reason, at each site
-it concerns, and nothing of a refused group is rewritten: a replacement that cannot be placed
-(``graph_edit.NotSchedulable``) leaves the graph as it was. ``replace`` returns the sites it
-rewrote, :class:`Site` s for the report.
+alone by default), asks ``check_group`` the same of a group, and calls ``replace`` on it. Every
+refusal goes to the report with its reason, at each site it concerns, and nothing of a refused
+group is rewritten: a replacement that cannot be placed (``graph_edit.NotSchedulable``) leaves
+the graph as it was. ``replace`` returns the sites it rewrote, :class:`Site` s for the report.
 
 ``find`` takes the place of the pattern loop where a pass finds its matches in its own way (LoRA
 merges several patterns and a matcher for 4-bit bases); it returns the matches, each with the
