@@ -76,23 +76,29 @@ def loss_and_grads(model: nn.Module, offloaded: bool, keep: bool = False):
     return loss.detach(), [x.grad, *(p.grad for p in model.parameters())], step
 
 
+def assert_bitwise_same(run, reference) -> None:
+    """Two ``loss_and_grads`` results: the same loss and every gradient, bit for bit."""
+    (loss, grads, _), (ref_loss, ref_grads, _) = run, reference
+    assert torch.equal(loss, ref_loss)
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_eagerly_checkpointed_layers_offload_bit_exactly(use_reentrant):
     model = decoder(DropoutLayer, use_reentrant=use_reentrant)
-    loss, grads, none = loss_and_grads(model, offloaded=False)
-    assert none is None
+    plain = loss_and_grads(model, offloaded=False)
+    assert plain[2] is None
     assert sloth_checkpoint.join_eager_checkpoints(model) == 5
     assert sloth_checkpoint.join_eager_checkpoints(model) == 5  # once wrapped, not wrapped again
     assert all(type(layer._gradient_checkpointing_func) is sloth_checkpoint.EagerCheckpoint for layer in model)
     assert all(not isinstance(layer._gradient_checkpointing_func.checkpoint_fn, sloth_checkpoint.EagerCheckpoint)
                for layer in model)
-    assert_same = [torch.equal(a, b) for a, b in zip(grads, loss_and_grads(model, offloaded=False)[1])]
-    assert all(assert_same)  # joined but no step active: the wrapped function as it was
-    moved_loss, moved_grads, step = loss_and_grads(model, offloaded=True)
-    assert torch.equal(moved_loss, loss)
-    for a, b in zip(moved_grads, grads):
-        assert torch.equal(a, b)
-    assert step.log == [("offload", k) for k in range(4)] + [("prefetch", k) for k in reversed(range(4))]
+    assert_bitwise_same(loss_and_grads(model, offloaded=False), plain)  # joined, no step active: as it was
+    moved = loss_and_grads(model, offloaded=True)
+    assert_bitwise_same(moved, plain)
+    assert moved[2].log == [("offload", k) for k in range(4)] + [("prefetch", k) for k in reversed(range(4))]
 
 
 def test_layers_that_do_not_checkpoint_in_call_are_left_alone():
@@ -103,14 +109,14 @@ def test_layers_that_do_not_checkpoint_in_call_are_left_alone():
 
 def test_a_step_that_keeps_its_activations_skips_the_eager_checkpoint():
     model = decoder(DropoutLayer)
-    loss, grads, _ = loss_and_grads(model, offloaded=False)
+    plain = loss_and_grads(model, offloaded=False)
     sloth_checkpoint.join_eager_checkpoints(model)
     calls = []
     for layer in model:
         inner = layer._gradient_checkpointing_func.checkpoint_fn
         layer._gradient_checkpointing_func.checkpoint_fn = lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k)
-    kept_loss, kept_grads, _ = loss_and_grads(model, offloaded=False, keep=True)
+    kept = loss_and_grads(model, offloaded=False, keep=True)
     assert calls == []
-    assert torch.equal(kept_loss, loss) and all(torch.equal(a, b) for a, b in zip(kept_grads, grads))
+    assert_bitwise_same(kept, plain)
     loss_and_grads(model, offloaded=False)
     assert len(calls) == 5
