@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .lowrank_mm import lowrank_mm, runs_wide, split_k_for
+from .lowrank_mm import lowrank_mm, runs_wide, split_k_for, wide_dtype
 from .toolkit import dense_weight, is_4bit
 
 __all__ = ["LoRAGroupFunction"]
@@ -174,7 +174,7 @@ def _thin_grads_wide(dys: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor
     then ``s_i`` applied to each block: the terms of the products one by one (the other blocks
     add exact zeros or are not read), summed in fp32 (fp64 for fp64 operands), rounded once.
     """
-    wide = torch.promote_types(dys[0].dtype, torch.float32)
+    wide = wide_dtype(dys[0], lora_bs[0])  # xa is fp64 only when x or the adapters are
     dy = (dys[0] if len(dys) == 1 else torch.cat(dys, dim=1)).to(wide)
     cols = [sum(ranks[:i]) for i in range(len(ranks) + 1)]
     rows = [sum(d.shape[1] for d in dys[:i]) for i in range(len(dys) + 1)]

@@ -58,7 +58,7 @@ from .toolkit import (
     SUPPORTED_DTYPES, cdiv, device_guard, interpreting, multi_processor_count, next_power_of_2, use_triton,
 )
 
-__all__ = ["lowrank_mm", "lowrank_mm_reference", "runs_wide", "split_k_for"]
+__all__ = ["lowrank_mm", "lowrank_mm_reference", "runs_wide", "split_k_for", "wide_dtype"]
 
 HOST_BOUND_VOLUME = 2**30  # M·N·K below which a CUDA product is cheaper as PyTorch ops (see above)
 
@@ -134,6 +134,11 @@ def _mode(a: torch.dtype, b: torch.dtype, interpret: bool) -> int:
     return FMA
 
 
+def wide_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """What the reference computes in: fp64 when an operand is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor | None = None,
                          accumulate: bool = False) -> torch.Tensor:
     """:func:`lowrank_mm` in plain PyTorch: the product in fp32 (fp64 if an operand is fp64).
@@ -142,7 +147,7 @@ def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0
     this path on CUDA: into a wide ``out``, one in-place ``addmm`` (the sum in the product's
     epilogue); into a 16-bit ``out``, the wide product and one in-place ``add_``, which sums
     ``out + alpha·(a·b)`` in fp32 and rounds once into ``out`` (no wide copy of ``out``)."""
-    wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    wide = wide_dtype(a, b)
     a, b = a.to(wide), b.to(wide)
     if accumulate and out.dtype == wide:
         return out.addmm_(a, b, alpha=alpha)
