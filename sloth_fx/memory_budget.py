@@ -124,15 +124,28 @@ def decide_checkpointing(estimate: ActivationEstimate, budget: int | None) -> Ch
 
 
 def device_budget(device: torch.device, memory_budget: int | None) -> int | None:
-    """``memory_budget`` if given; else on CUDA the memory the device can still hand out, less a
-    margin; else None."""
+    """``memory_budget`` if given; else on CUDA the memory PyTorch's allocator can still hand out,
+    less a margin; else None.
+
+    The allocator can hand out what it holds unused plus what it may still reserve: the device's
+    free memory, and no more than the process's cap (``torch.cuda.set_per_process_memory_fraction``
+    of the total) less what it has reserved. A process sharing its GPU under a cap is budgeted
+    within the cap, not on the device's free memory."""
     if memory_budget is not None:
         return memory_budget
     if device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int((free + unused) * DEVICE_SHARE)
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    unused = reserved - torch.cuda.memory_allocated(device)
+    cap = int(total * _memory_fraction(device))
+    return int((min(free, max(0, cap - reserved)) + unused) * DEVICE_SHARE)
+
+
+def _memory_fraction(device: torch.device) -> float:
+    """The process's cap on ``device`` as a share of its memory (1.0 where torch cannot say)."""
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return 1.0 if get is None else float(get(device))
 
 
 def plan_checkpointing(model: nn.Module, args: tuple, kwargs: dict[str, Any],

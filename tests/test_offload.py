@@ -240,6 +240,17 @@ def test_budget_on_cpu_is_the_given_one_or_none():
     assert device_budget(torch.device("cpu"), None) is None
 
 
+def test_budget_on_cuda_is_what_the_allocator_may_still_hand_out_within_the_process_cap(monkeypatch):
+    """Made-up figures: 100 GiB free of 140, 30 GiB reserved of which 10 unused."""
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (100 * GiB, 140 * GiB))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 30 * GiB)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 20 * GiB)
+    for fraction, expected in ((1.0, 110), (0.5, 50), (0.25, 15), (0.1, 10)):  # min(free, cap - reserved) + unused
+        monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device=None, f=fraction: f)
+        assert device_budget(torch.device("cuda"), None) == int(expected * GiB * 0.9)
+
+
 def test_plan_reads_checkpointing_tokens_and_sizes_from_the_model():
     model = tiny_model("llama", layers=5)
     inputs = batch(b=2, s=9)
@@ -445,6 +456,17 @@ def test_gpu_default_budget_is_what_the_device_can_hand_out():
     model = tiny_model("llama", checkpointing=True).cuda()
     decision = plan_checkpointing(model, (), {k: v.cuda() for k, v in batch().items()}, None)
     assert decision.keep and "within half the budget" in decision.text
+
+
+@pytest.mark.gpu
+def test_gpu_budget_stays_inside_a_per_process_memory_cap():
+    before = torch.cuda.get_per_process_memory_fraction()
+    total = torch.cuda.mem_get_info()[1]
+    try:
+        torch.cuda.set_per_process_memory_fraction(0.05)
+        assert 0 <= device_budget(torch.device("cuda"), None) <= 0.05 * total
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before)
 
 
 @pytest.mark.gpu
