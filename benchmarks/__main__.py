@@ -47,6 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     p.add_argument("--unsloth-offload", action="store_true", help="Unsloth's offloaded checkpointing")
     p.add_argument("--allow-few-steps", action="store_true", help="fewer than 5 timed steps (probes, tests)")
+    p.add_argument("--memory-cap-gib", type=float, help="cap PyTorch's allocator at this many GiB (a smaller GPU)")
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
@@ -60,31 +61,50 @@ def cmd_worker(a: argparse.Namespace) -> int:
     import torch
 
     from benchmarks.configs import get_config
-    from benchmarks.e2e import classify_failure, environment, run_e2e
+    from benchmarks.e2e import classify_failure, environment, run_e2e, run_ladder
+    from benchmarks.maxlen import ladder_lengths
     from benchmarks.sft import run_sft, sft_label
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     row: dict[str, Any] = {"system": a.system, "config": a.config}
+
+    def write(r: dict[str, Any]) -> None:
+        Path(a.out).write_text(json.dumps({**r, "env": environment()}, indent=1, default=str))
+
     try:
         cfg = get_config(a.config, **_overrides(a))
         row.update(config=cfg.id, config_desc=cfg.describe())
-        if a.stage == "sft":
-            row.update(sft_label(cfg))
-        run = run_sft if a.stage == "sft" else run_e2e
-        row.update(
-            run(
-                a.system, cfg, device=device, steps=a.steps, warmup=a.warmup, seed=a.seed,
-                unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps,
-            )
-        )
+        if a.memory_cap_gib:
+            row["memory_cap_bytes"] = cap_process_memory(torch.device(device), a.memory_cap_gib)
+        opts = dict(device=device, seed=a.seed, unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps)
+        if a.stage == "ladder":
+            row.update(run_ladder(a.system, cfg, ladder_lengths(a.lo, a.hi, a.granularity),
+                                  progress=lambda r: write({**row, **r}), **opts))
+        else:
+            if a.stage == "sft":
+                row.update(sft_label(cfg))
+            run = run_sft if a.stage == "sft" else run_e2e
+            row.update(run(a.system, cfg, steps=a.steps, warmup=a.warmup, **opts))
     except BaseException as e:  # noqa: BLE001 - every failure becomes the row's reason
         import traceback
 
         traceback.print_exc()
         row.update(status="failed", reason=classify_failure(e))
-    row["env"] = environment()
-    Path(a.out).write_text(json.dumps(row, indent=1, default=str))
+    write(row)
     return 0
+
+
+def cap_process_memory(device: Any, gib: float) -> int:
+    """Cap PyTorch's allocator on ``device`` at ``gib`` GiB (``set_per_process_memory_fraction``):
+    a smaller GPU on a larger one. The cap in bytes."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = int(gib * 2**30)
+    if not 0 < cap <= total:
+        raise ValueError(f"memory cap {gib} GiB is not within the device's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap
 
 
 def _deadline(budget: float | None) -> Any:
@@ -120,7 +140,7 @@ def _run_stage(a: argparse.Namespace, names: list[str], ids: dict[str, str], sta
     (res / "env.json").write_text(json.dumps(environment(), indent=1))
     left = _deadline(a.budget_s)
     opts = dict(_overrides(a), steps=a.steps, warmup=a.warmup, seed=a.seed, device=a.device,
-                unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps)
+                unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps, memory_cap_gib=a.memory_cap_gib)
     if stage != "e2e":
         opts["stage"] = stage
     rows = run_suite(
@@ -157,7 +177,7 @@ def cmd_lora_plans(a: argparse.Namespace) -> int:
 
 
 def cmd_maxlen(a: argparse.Namespace) -> int:
-    from benchmarks.maxlen import search_system
+    from benchmarks.maxlen import longest_reached, search_system
     from benchmarks.report import maxlen_file, maxlen_table, safe_name
     from benchmarks.runner import run_worker, worker_command
 
@@ -165,20 +185,41 @@ def cmd_maxlen(a: argparse.Namespace) -> int:
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
     left = _deadline(a.budget_s)
+    common = dict(layers=a.layers, device=a.device, unsloth_offload=a.unsloth_offload, memory_cap_gib=a.memory_cap_gib)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     def probe(system: str, seq: int) -> dict[str, Any]:
         t = left(a.timeout)
         if t <= 0:
             return {"status": "failed", "reason": "not run: time budget spent"}
         out = res / f"probe_{safe_name(a.config)}_{system}_{seq}.json"
-        cmd = worker_command(system, a.config, out, seq=seq, steps=2, warmup=1, allow_few_steps=True,
-                             layers=a.layers, device=a.device, unsloth_offload=a.unsloth_offload)
-        row = run_worker(cmd, out, timeout=t, label={"system": system, "config": a.config},
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        cmd = worker_command(system, a.config, out, seq=seq, steps=2, warmup=1, allow_few_steps=True, **common)
+        row = run_worker(cmd, out, timeout=t, label={"system": system, "config": a.config}, env=env)
         con.log(f"maxlen {system} seq={seq}: {row.get('status')} {row.get('reason', '')}")
         return row
 
-    results = [search_system(s, probe, a.lo, a.hi, a.granularity) for s in a.systems.split(",")]
+    def ladder(system: str, systems_left: int) -> dict[str, Any]:
+        t = left(float("inf")) / systems_left  # an equal share of what is left for each system still to climb
+        t = None if t == float("inf") else t
+        out = res / f"ladder_{safe_name(a.config)}_{system}.json"
+        cmd = worker_command(system, a.config, out, stage="ladder", lo=a.lo, hi=a.hi, granularity=a.granularity,
+                             **common)
+        row = run_worker(cmd, out, timeout=t, label={"system": system, "config": a.config}, env=env)
+        rungs = row.get("rungs", [])
+        con.log(f"maxlen {system}: " + ", ".join(f"{r['seq']} {r.get('status')}" for r in rungs)
+                + ("" if row.get("complete") else f" (stopped: {row.get('reason', 'out of time')})"))
+        if not rungs:
+            return {"system": system, "max_seq": None, "status": "failed", "reason": row.get("reason"),
+                    "lo": a.lo, "hi": a.hi, "probes": []}
+        result = longest_reached(system, [(r["seq"], r) for r in rungs], a.lo, a.hi)
+        result.update(complete=bool(row.get("complete")), memory_cap_bytes=row.get("memory_cap_bytes"))
+        return result
+
+    systems = a.systems.split(",")
+    if a.ladder:
+        results = [ladder(s, len(systems) - i) for i, s in enumerate(systems)]
+    else:
+        results = [search_system(s, probe, a.lo, a.hi, a.granularity) for s in systems]
     (res / maxlen_file(a.config)).write_text(json.dumps(results, indent=1))
     con.print(maxlen_table(results))
     return 0
@@ -214,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--system", required=True, choices=SYSTEMS)
     w.add_argument("--config", required=True)
     w.add_argument("--out", required=True)
-    w.add_argument("--stage", choices=["e2e", "sft"], default="e2e",
-                   help="e2e: the harness's own step loop; sft: TRL's SFTTrainer, padding_free=True")
+    w.add_argument("--stage", choices=["e2e", "sft", "ladder"], default="e2e",
+                   help="e2e: the harness's own step loop; sft: TRL's SFTTrainer, padding_free=True; "
+                        "ladder: E6's lengths --lo..--hi by --granularity in turn, batch 1")
+    w.add_argument("--lo", type=int)
+    w.add_argument("--hi", type=int)
+    w.add_argument("--granularity", type=int)
     _add_model_args(w)
 
     e = sub.add_parser("e2e", help="end-to-end runs, each system in its own subprocess")
@@ -252,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--layers", type=int)
     m.add_argument("--device", default=None)
     m.add_argument("--unsloth-offload", action="store_true")
+    m.add_argument("--ladder", action="store_true",
+                   help="one worker per system climbs the lengths in turn (one build) instead of a bisection")
+    m.add_argument("--memory-cap-gib", type=float, help="cap PyTorch's allocator at this many GiB (a smaller GPU)")
     m.add_argument("--results", default="results/latest")
 
     f = sub.add_parser("profile", help="CUDA kernels by time over a few steps of each system (GPU)")

@@ -165,6 +165,53 @@ def run_e2e(
     return row
 
 
+def run_ladder(
+    system: str,
+    cfg: Config,
+    lengths: list[int],
+    *,
+    device: str = "cuda",
+    seed: int = 0,
+    progress: Any = None,
+    **opts: Any,
+) -> dict[str, Any]:
+    """Prepare ``system`` once (for the longest length) and train two steps at each of ``lengths``
+    in turn (batch 1) until one fails (:func:`benchmarks.maxlen.climb`); the row with its rungs,
+    each with its status (or reason), tokens/s of its second step and peak allocated bytes.
+    ``progress(row)`` sees the row after each rung."""
+    import gc
+
+    from benchmarks.maxlen import climb
+
+    opts.pop("allow_few_steps", None)
+    dev = torch.device(device)
+    row: dict[str, Any] = {"system": system, "config": cfg.id, "config_desc": cfg.describe(), "status": "ok",
+                           "complete": False}
+    prepared, setup = timed_prepare(system, cfg.replace(seq=max(lengths), batch=1), dev, seed, opts)
+    row.update(setup, notes=prepared.notes)
+
+    def rung(n: int) -> dict[str, Any]:
+        try:
+            res = train_steps(prepared, batches_for(cfg.replace(seq=n, batch=1), 2, seed), dev, warmup=1)
+            return {"status": "ok", "tokens_per_s": n / res["step_times"][1], "peak_bytes": res["peak_bytes"],
+                    "step_times": res["step_times"], "losses": res["losses"]}
+        except Exception as e:  # noqa: BLE001 - out of memory ends the climb with its reason
+            return {"status": "failed", "reason": classify_failure(e)}
+        finally:
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def report(rungs: list[dict[str, Any]]) -> None:
+        row["rungs"] = rungs
+        if progress is not None:
+            progress(row)
+
+    climb(rung, lengths, report)
+    row["complete"] = True
+    return row
+
+
 def step_figures(
     cfg: Config, batches: list[Batch], step_times: list[float], warmup: int, matmul_flops: float | None
 ) -> dict[str, Any]:

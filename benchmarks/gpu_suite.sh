@@ -20,6 +20,8 @@
 #   --profile CONFIG[:SYSTEMS]  before e2e: GPU busy share, kernels and host functions of a step
 #   --kernel-ops LIST   subset of ops
 #   --maxlen LO:HI:GRAN[:SYSTEMS[:CONFIG]]  run E6's bisection (CONFIG: E6, Llama-2-7B nf4, or E6L3, Llama-3-8B nf4)
+#   --ladder            E6 climbs LO, LO+GRAN, ... in one worker per system (one model build) instead of bisecting
+#   --memory-cap GIB    cap PyTorch's allocator in every run (a smaller GPU on this one)
 #   --sft SYSTEMS[:CONFIG]  after e2e: TRL's SFTTrainer with padding_free=True (CONFIG default R1)
 #   --lora-plans        per projection: PEFT vs each fused LoRA form, with the cost model's prediction
 #   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
@@ -30,7 +32,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET=540 CONFIGS=E1,E2,E3 SYSTEMS=hf,liger,compile,unsloth,sloth_fx LAYERS="" STEPS=8
-LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 TESTS_WORKERS=8 PROFILE="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" SFT="" EXTRA=()
+LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=120 TESTS_WORKERS=8 PROFILE="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" SFT="" EXTRA=() MAXLEN_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift ;;
@@ -50,6 +52,8 @@ while [ $# -gt 0 ]; do
     --sft) SFT=$2; shift ;;
     --lora-plans) LORA_PLANS=1 ;;
     --unsloth-offload) EXTRA+=(--unsloth-offload) ;;
+    --memory-cap) EXTRA+=(--memory-cap-gib "$2"); shift ;;
+    --ladder) MAXLEN_ARGS+=(--ladder) ;;
     --fresh) FRESH=1 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -160,7 +164,7 @@ if [ -n "$MAXLEN" ]; then
   B=$(( $(left) - 20 ))
   say "maxlen ${MCFG:-E6} $LO..$HI by $GRAN (budget ${B}s)"
   $PY -m benchmarks maxlen --config "${MCFG:-E6}" --lo "$LO" --hi "$HI" --granularity "$GRAN" --systems "${MSYS:-$SYSTEMS}" \
-      --budget-s "$B" --results "$RES" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+      --budget-s "$B" --results "$RES" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" "${MAXLEN_ARGS[@]}" 2>&1 | tee -a "$LOG"
 fi
 
 # 6. Report and bundle.

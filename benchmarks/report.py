@@ -129,6 +129,10 @@ def maxlen_table(result: list[dict[str, Any]]) -> str:
         best = str(r["max_seq"]) if r.get("max_seq") else f"failed: {r.get('reason')}"
         if r.get("max_seq") and r["max_seq"] >= r.get("hi", math.inf):
             best += " (the search's upper bound)"
+        elif r.get("max_seq") and r.get("complete") is False:
+            best += " (its ladder ran out of time)"
+        if r.get("memory_cap_bytes"):
+            best += f", allocator capped at {r['memory_cap_bytes'] / GIB:.0f} GiB"
         probes = ", ".join(f"{n}: {'yes' if ok else 'no'}" for n, ok in r.get("probes", []))
         lines.append(f"| {r['system']} | {best} | {_fmt(r.get('tokens_per_s'), '.0f')} "
                      f"| {_fmt(r.get('peak_bytes'), '.2f', 1 / GIB)} | {probes} |")
