@@ -103,7 +103,7 @@ def cap_process_memory(device: Any, gib: float) -> int:
     cap = int(gib * 2**30)
     if not 0 < cap <= total:
         raise ValueError(f"memory cap {gib} GiB is not within the device's {total / 2**30:.1f} GiB")
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    torch.cuda.set_per_process_memory_fraction(cap / total, torch.cuda.current_device() if device.index is None else device.index)
     return cap
 
 

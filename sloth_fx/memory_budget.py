@@ -145,7 +145,7 @@ def device_budget(device: torch.device, memory_budget: int | None) -> int | None
 def _memory_fraction(device: torch.device) -> float:
     """The process's cap on ``device`` as a share of its memory (1.0 where torch cannot say)."""
     get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    return 1.0 if get is None else float(get(device))
+    return 1.0 if get is None else float(get(torch.cuda.current_device() if device.index is None else device.index))
 
 
 def plan_checkpointing(model: nn.Module, args: tuple, kwargs: dict[str, Any],
