@@ -24,7 +24,7 @@ either way (the recompute replays the forward's RNG, so it draws the masks the f
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sloth_fx.memory_budget import decoder_layers
 from sloth_fx.offload import offloaded_inputs
+from sloth_fx.token_chunks import chunking_as, current_chunking
 
 _HOP = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
 # set by the checkpoint call itself, never forwarded from the captured kwargs
@@ -84,7 +85,20 @@ def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
     if context_fn is not None:
         kept["context_fn"] = context_fn
     with offloaded_inputs(args):
-        return checkpoint(body, *args, use_reentrant=False, preserve_rng_state=True, **kept)
+        return checkpoint(recomputed_as_forward(body), *args, use_reentrant=False, preserve_rng_state=True, **kept)
+
+
+def recomputed_as_forward(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run in the step state of the forward that checkpoints it (whether token-wise calls
+    chunk: :func:`~sloth_fx.token_chunks.chunking_as`) whenever it runs: its recompute, in backward
+    after that forward's state has ended, then saves what the forward saved."""
+    step = current_chunking()
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with chunking_as(step):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def replay_rng_in_checkpoints(gm: fx.GraphModule) -> int:
@@ -111,7 +125,7 @@ class EagerCheckpoint:
         if _kept():
             return fn(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_KWARGS})
         with offloaded_inputs(args):
-            return self.checkpoint_fn(fn, *args, **kwargs)
+            return self.checkpoint_fn(recomputed_as_forward(fn), *args, **kwargs)
 
 
 def join_eager_checkpoints(decoder: nn.Module) -> int:

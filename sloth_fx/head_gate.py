@@ -17,6 +17,7 @@ from sloth_fx.memory_budget import plan_checkpointing, size_text
 from sloth_fx.offload import offloading
 from sloth_fx.padding_free import BOUNDARIES, call_tokens, plan
 from sloth_fx.report import Report
+from sloth_fx.token_chunks import chunking
 
 
 class HeadGate(RegionGate):
@@ -121,7 +122,8 @@ class OpaqueDecoder:
             return
         decision = plan_checkpointing(self.decoder, args, kwargs, self.memory_budget)
         join_eager_checkpoints(self.decoder)
-        with keeping_activations(decision.keep) as kept, offloading(decision.offload) as step:
+        with keeping_activations(decision.keep) as kept, offloading(decision.offload) as step, \
+                chunking(decision.chunk) as chunked:
             yield
         text = decision.text
         if kept is not None:
@@ -131,4 +133,7 @@ class OpaqueDecoder:
             layers, nbytes = step.moved()
             text += (f"; this forward moved {layers} layers' inputs ({size_text(nbytes)}) to host memory" if layers
                      else "; this forward moved nothing: no checkpointed layer ran through sloth_fx's checkpoint")
+        if chunked is not None:
+            text += (f"; this forward ran {chunked.calls} MLPs over chunks of tokens" if chunked.calls
+                     else "; this forward chunked nothing: no MLP was rewritten by chunked_mlp")
         self.owner.checkpointing_decision(decision.mode, text)

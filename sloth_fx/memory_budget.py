@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sloth_fx.padding_free import call_tokens
+from sloth_fx.token_chunks import CHUNK_TOKENS
 
 # Chosen to come near the H100 probe of issue 15 (Llama-2-7B, bf16, one row of 65,536 tokens, 27.3
 # GiB of activations, 16 of them the 32 layers' inputs): 26.7 GiB predicted. The rest is mostly the
@@ -51,6 +52,11 @@ KEEP_INTERMEDIATE_WIDE = 4
 KEEP_SHARE = 0.5
 # The prediction is an estimate and the allocator rounds and fragments: budget a tenth less than free.
 DEVICE_SHARE = 0.9
+# One layer's recompute peak above this share of the budget: its MLPs run in chunks. Measured on
+# an H200 capped at 16 GiB (Llama-2-7B nf4, batch 1): unchunked, 16,384 tokens (peak 27% of the
+# budget) trained and 24,576 (40%) ran out of memory; chunked, 81,920 trained. At 16,384 tokens
+# chunking cost 10% of the speed, so below the share it is not done.
+CHUNK_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ KEEP, RECOMPUTE, OFFLOAD, NONE = "keep", "recompute", "offload", "none"
 class CheckpointDecision:
     mode: str  # KEEP, RECOMPUTE, OFFLOAD; NONE: nothing is checkpointed
     text: str  # the decision and the prediction, in words, for explain
+    chunk: bool = False  # token-wise MLPs run over chunks of tokens (sloth_fx.token_chunks)
 
     @property
     def offload(self) -> bool:
@@ -104,7 +111,24 @@ def estimate_activations(layers: int, tokens: int, hidden: int, intermediate: in
 def decide_checkpointing(estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
     """Keep the activations when they take at most ``KEEP_SHARE`` of ``budget``; else recompute
     when the prediction fits ``budget``; else offload, unless offloading would keep as much on the
-    device (``KEPT_LAYERS`` layers or fewer). Without a budget, recompute."""
+    device (``KEPT_LAYERS`` layers or fewer). Without a budget, recompute. A step that recomputes
+    or offloads also runs its MLPs in chunks of tokens when one layer's recompute peak is over
+    ``CHUNK_SHARE`` of the budget (:func:`_with_chunking`)."""
+    decision = _mode(estimate, budget)
+    return _with_chunking(decision, estimate, budget) if decision.mode in (RECOMPUTE, OFFLOAD) else decision
+
+
+def _with_chunking(decision: CheckpointDecision, estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
+    """The decision with ``chunk`` set where the recompute peak, mostly the MLP's ``[T x intermediate]``
+    products, is over ``CHUNK_SHARE`` of the budget: chunked, the peak is bounded by a chunk's."""
+    if budget is None or estimate.recompute_peak <= CHUNK_SHARE * budget:
+        return decision
+    text = (f"{decision.text}; MLPs run over chunks of {CHUNK_TOKENS} tokens (one layer's recompute peak "
+            f"{size_text(estimate.recompute_peak)} is over a quarter of the budget)")
+    return CheckpointDecision(decision.mode, text, chunk=True)
+
+
+def _mode(estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
     predicted = (f"predicted activation memory {size_text(estimate.total)} ({estimate.layers} checkpointed layer "
                  f"inputs {size_text(estimate.saved_inputs)}, recompute peak {size_text(estimate.recompute_peak)})")
     if budget is None:

@@ -23,9 +23,9 @@ from sloth_fx.report import PassLog
 
 GraphPass = Callable[[fx.GraphModule, PassLog], fx.GraphModule]
 
-PASS_ORDER = ["lora", "rmsnorm", "rope", "gated_mlp", "cross_entropy"]
+PASS_ORDER = ["lora", "rmsnorm", "rope", "gated_mlp", "cross_entropy", "chunked_mlp"]
 # Built in, but run only where optimize(passes=[...]) names them (after the passes they build on).
-OPT_IN = ["add_rmsnorm", "chunked_mlp"]
+OPT_IN = ["add_rmsnorm"]
 _REGISTRY: dict[str, GraphPass] = {}
 _BUILTIN_MODULES = {name: f"sloth_fx.passes.{name}" for name in PASS_ORDER + OPT_IN}
 

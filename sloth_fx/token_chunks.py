@@ -25,6 +25,11 @@ gradient are as wide as the output, not the intermediate.
 checkpointed, ``fn`` then runs three times). Where the rows fit in one chunk, ``fn`` runs as it is,
 with no checkpoint: short batches pay nothing.
 
+**When.** A rewritten graph calls :func:`chunk_in_step`, which chunks only inside a training
+step that decided to (:func:`chunking`, from :mod:`sloth_fx.memory_budget`: one layer's
+``[T x intermediate]`` products would take too much of the budget); elsewhere ``fn`` runs as it
+is, so short steps pay nothing.
+
 **Random numbers.** A chunk's recompute replays the random numbers of its forward
 (``preserve_rng_state=True``): dropout inside ``fn`` (PEFT's ``lora_dropout``) draws the same mask
 twice. The masks are drawn chunk by chunk, so they are not those one unchunked call would draw.
@@ -32,7 +37,10 @@ twice. The masks are drawn chunk by chunk, so they are not those one unchunked c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,3 +62,50 @@ def run_in_token_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args:
         outs = [fn(chunk, *args) for chunk in rows.split(chunk_tokens)]
     out = torch.cat(outs)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+# Tokens per chunk where a step chunks. Large enough that the matrix products keep their speed,
+# small enough that at 64K tokens the gate, up and product of Llama-2-7B's MLP (intermediate
+# 11008, bf16) hold ~0.5 GiB a chunk instead of ~4 GiB.
+CHUNK_TOKENS = 8192
+
+
+@dataclass
+class ChunkedStep:
+    """One training forward that runs its token-wise calls in chunks: how many calls did."""
+
+    calls: int = 0
+
+
+_CHUNKING: ContextVar[ChunkedStep | None] = ContextVar("sloth_fx_chunking", default=None)
+
+
+def chunking(on: bool) -> contextlib.AbstractContextManager[ChunkedStep | None]:
+    """Around one training forward: with ``on``, :func:`chunk_in_step` calls run in chunks, counted
+    in the :class:`ChunkedStep` yielded (None without ``on``)."""
+    return chunking_as(ChunkedStep() if on else None)
+
+
+def current_chunking() -> ChunkedStep | None:
+    """The step whose :func:`chunk_in_step` calls chunk now, if any."""
+    return _CHUNKING.get()
+
+
+@contextlib.contextmanager
+def chunking_as(step: ChunkedStep | None) -> Iterator[ChunkedStep | None]:
+    """``step`` is the one that chunks inside: a checkpoint's recompute, which runs in backward
+    after the forward's :func:`chunking` has ended, resumes the forward's step so that it chunks
+    (and saves) as the forward did."""
+    token = _CHUNKING.set(step)
+    try:
+        yield step
+    finally:
+        _CHUNKING.reset(token)
+
+
+def chunk_in_step(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, chunk_tokens: int) -> torch.Tensor:
+    """:func:`run_in_token_chunks` inside a step that chunks (:func:`chunking`), ``fn(x, *args)`` elsewhere."""
+    step = _CHUNKING.get()
+    if step is None:
+        return fn(x, *args)
+    step.calls += 1
+    return run_in_token_chunks(fn, x, *args, chunk_tokens=chunk_tokens)

@@ -248,7 +248,7 @@ def test_budget_on_cuda_is_what_the_allocator_may_still_hand_out_within_the_proc
     monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 20 * GiB)
     for fraction, expected in ((1.0, 110), (0.5, 50), (0.25, 15), (0.1, 10)):  # min(free, cap - reserved) + unused
         monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device=None, f=fraction: f)
-        assert device_budget(torch.device("cuda"), None) == int(expected * GiB * 0.9)
+        assert device_budget(torch.device("cuda", 0), None) == int(expected * GiB * 0.9)
 
 
 def test_plan_reads_checkpointing_tokens_and_sizes_from_the_model():

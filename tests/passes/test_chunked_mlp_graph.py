@@ -17,7 +17,7 @@ from sloth_fx.capture import mark_batch_and_sequence_dynamic
 from sloth_fx.pass_manager import run_pass
 from sloth_fx.passes import chunked_mlp
 from sloth_fx.report import PassLog
-from sloth_fx.token_chunks import run_in_token_chunks
+from sloth_fx.token_chunks import chunk_in_step, chunking
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
@@ -75,7 +75,7 @@ def peak_intermediate(passes: list[str], tokens: int, layer_checkpointed: bool) 
     sizes = dict(zip(example.shape, x.shape))  # the symbolic sizes' placeholders take the new sizes
     args = [x if a is example else sizes[int(a)] if isinstance(a, torch.SymInt) else a for a in example_inputs]
     run = (lambda *a: checkpoint(gm, *a, use_reentrant=False)) if layer_checkpointed else gm
-    with PeakStorage(mlp.up_proj.out_features) as memory:
+    with PeakStorage(mlp.up_proj.out_features) as memory, chunking(True):  # a step that chunks
         (out,) = run(*args)
         out.backward(torch.ones_like(out))
     return memory.peak
@@ -157,7 +157,7 @@ def test_refused_with_its_reason(case):
     log: PassLog = run_pass(gm, "chunked_mlp")
     (refusal,) = log.refusals
     assert refusal.location == location and all(reason in refusal.reason for reason in reasons), refusal.reason
-    assert not log.rewrites and all(n.target is not run_in_token_chunks for n in gm.graph.nodes)
+    assert not log.rewrites and all(n.target is not chunk_in_step for n in gm.graph.nodes)
     assert not any(name.startswith("chunked_mlp_body") for name, _ in gm.named_children())
 
 
@@ -170,7 +170,7 @@ def test_a_plain_mlp_is_outlined():
     ((gm, _),) = captured(Layer(PlainMLP()), torch.randn(2, 5, 8))
     log = run_pass(gm, "chunked_mlp")
     assert [rw.location for rw in log.rewrites] == ["mlp"] and not log.refusals
-    assert sum(n.target is run_in_token_chunks for n in gm.graph.nodes) == 1
+    assert sum(n.target is chunk_in_step for n in gm.graph.nodes) == 1
     again = run_pass(gm, "chunked_mlp")  # named twice: the outlined MLP is not outlined again
     assert not again.rewrites and not again.refusals
-    assert sum(n.target is run_in_token_chunks for n in gm.graph.nodes) == 1
+    assert sum(n.target is chunk_in_step for n in gm.graph.nodes) == 1

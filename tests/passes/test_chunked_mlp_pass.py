@@ -1,8 +1,9 @@
-"""The chunked-MLP pass on tiny models: each layer's MLP runs over chunks of tokens, with the loss
-and input gradients of the unchunked run and parameter gradients as close to a float64 run as
-its; the same masks as an eager model chunked alike under lora_dropout; offloading changes no
-number; short rows unchunked; off by default; the sites and a refusal in the report (the memory
-bound and the other refusals: test_chunked_mlp_graph.py)."""
+"""The chunked-MLP pass on tiny models: in a step whose budget calls for it (here a budget of 0
+bytes) each layer's MLP runs over chunks of tokens, with the loss and input gradients of the
+unchunked run and parameter gradients as close to a float64 run as its; the same masks as an eager
+model chunked alike under lora_dropout; offloading changes no number; short rows and steps that do
+not chunk run as without the pass; on by default; the sites and a refusal in the report (the
+memory bound and the other refusals: test_chunked_mlp_graph.py)."""
 
 import types
 
@@ -15,12 +16,18 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 import sloth_fx
 from sloth_fx import token_chunks
+from sloth_fx.memory_budget import estimate_activations
 from sloth_fx.passes import chunked_mlp
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
 CHUNK = 16
 EPS = torch.finfo(torch.float32).eps
+CHUNKING = 0  # a memory budget of 0 bytes: every step offloads and chunks
+
+
+def without_chunking() -> list[str]:
+    return [p for p in sloth_fx.available_passes() if p != "chunked_mlp"]
 
 
 @pytest.fixture(autouse=True)
@@ -55,14 +62,12 @@ def assert_as_close_to_float64(x: torch.Tensor, unchunked: torch.Tensor, truth: 
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_same_training_step_as_unchunked(family, checkpointing, checkpoints):
+def test_same_training_step_as_unchunked(family, checkpoints):
     """2 rows of 37 tokens, 5 chunks a layer (the last of 10): the loss and the input gradient of
     the unchunked run up to rounding, every gradient as close to float64 as the unchunked one."""
-    original = tiny_model(family, lora=True, checkpointing=checkpointing)
-    passes = sloth_fx.available_passes()
-    unchunked = sloth_fx.optimize(twin(original), passes=passes)
-    chunked = sloth_fx.optimize(twin(original), passes=[*passes, "chunked_mlp"])
+    original = tiny_model(family, lora=True, checkpointing=True)
+    unchunked = sloth_fx.optimize(twin(original), passes=without_chunking())
+    chunked = sloth_fx.optimize(twin(original), memory_budget=CHUNKING)
     inputs = batch(s=37)
     loss, embeds_grad, grads = step(chunked, inputs)
     assert checkpoints[:10] == [16, 16, 16, 16, 10] * 2  # the forward of the 2 layers
@@ -77,6 +82,42 @@ def test_same_training_step_as_unchunked(family, checkpointing, checkpoints):
     for name in grads:
         torch.testing.assert_close(grads[name], grads_u[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
         assert_as_close_to_float64(grads[name], grads_u[name], grads_t[name], name)
+    assert "this forward ran 2 MLPs over chunks of tokens" in sloth_fx.explain(chunked)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_steps_that_do_not_chunk_run_the_mlp_as_it_was(checkpointing, checkpoints):
+    """Without a budget (CPU) or without checkpointing the step does not chunk: no chunk's
+    checkpoint, and every number as without the pass."""
+    original = tiny_model("llama", lora=True, checkpointing=checkpointing)
+    outlined = sloth_fx.optimize(twin(original), memory_budget=None if checkpointing else CHUNKING)
+    plain = sloth_fx.optimize(twin(original), passes=without_chunking())
+    loss, embeds_grad, grads = step(outlined, batch(s=37))
+    loss_p, embeds_grad_p, grads_p = step(plain, batch(s=37))
+    assert checkpoints == [] and sloth_fx.report(outlined).count("chunked_mlp") == 2
+    assert torch.equal(loss, loss_p) and torch.equal(embeds_grad, embeds_grad_p)
+    assert all(torch.equal(grads[name], grads_p[name]) for name in grads_p)
+
+
+def test_a_recompute_chunks_as_its_forward_did_with_another_model_trained_in_between(checkpoints):
+    """Model A's step chunks, model B's (no budget) does not; B runs forward and backward between
+    A's forward and A's backward: A's recompute still chunks (and saves) as A's forward did."""
+    original = tiny_model("llama", lora=True, checkpointing=True)
+    a, b = sloth_fx.optimize(twin(original), memory_budget=CHUNKING), sloth_fx.optimize(twin(original))
+    inputs = batch(s=37)
+
+    def grads(model):
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    a(**inputs).loss.backward()
+    alone = grads(a)
+    a.zero_grad(set_to_none=True)
+    loss = a(**inputs).loss
+    b(**inputs).loss.backward()
+    del checkpoints[:]
+    loss.backward()
+    assert checkpoints == [16, 16, 16, 16, 10] * 2, checkpoints  # each layer's recompute ran its MLP in chunks
+    assert all(torch.equal(g, alone[n]) for n, g in grads(a).items())
 
 
 def run_mlps_in_chunks(model: nn.Module, chunk: int) -> None:
@@ -99,7 +140,7 @@ def test_lora_dropout_replays_its_masks_in_each_chunk(monkeypatch):
     one of the eager model whose MLPs run chunk by chunk, and each chunk's recompute draws its
     forward's masks again (without the replay the gradients are another step's)."""
     original = tiny_model("llama", lora=True, lora_dropout=0.1, checkpointing=True)
-    chunked = sloth_fx.optimize(twin(original), passes=[*sloth_fx.available_passes(), "chunked_mlp"])
+    chunked = sloth_fx.optimize(twin(original), memory_budget=CHUNKING)
     reference = twin(original)
     run_mlps_in_chunks(reference, CHUNK)
     inputs = batch(s=37)
@@ -121,25 +162,28 @@ def test_lora_dropout_replays_its_masks_in_each_chunk(monkeypatch):
 
 def test_with_offloaded_checkpointing_bit_for_bit():
     """Offloading the checkpointed layers' inputs (5 layers, a budget of 0) changes no number of
-    the chunked run, dropout included: the chunks' checkpoints nest inside the layers'."""
+    the chunked run, dropout included: the chunks' checkpoints nest inside the layers'. The other
+    run recomputes and chunks (a budget its prediction fits, with a recompute peak over a quarter of it)."""
     original = tiny_model("llama", lora=True, lora_dropout=0.1, checkpointing=True, layers=5)
-    passes = [*sloth_fx.available_passes(), "chunked_mlp"]
-    kept = sloth_fx.optimize(twin(original), passes=passes)
-    offloaded = sloth_fx.optimize(twin(original), passes=passes, memory_budget=0)
+    fits = estimate_activations(layers=5, tokens=2 * 37, hidden=64, intermediate=96, element_size=4).total
+    recomputed = sloth_fx.optimize(twin(original), memory_budget=fits)
+    offloaded = sloth_fx.optimize(twin(original), memory_budget=CHUNKING)
     loss, embeds_grad, grads = seeded(offloaded, batch(s=37), 3)
-    loss_kept, embeds_grad_kept, grads_kept = seeded(kept, batch(s=37), 3)
+    loss_r, embeds_grad_r, grads_r = seeded(recomputed, batch(s=37), 3)
     assert sloth_fx.report(offloaded).checkpointing.keys() == {"offload"}
-    assert torch.equal(loss, loss_kept) and torch.equal(embeds_grad, embeds_grad_kept)
-    assert all(torch.equal(grads[name], grads_kept[name]) for name in grads_kept)
+    assert sloth_fx.report(recomputed).checkpointing.keys() == {"recompute"}
+    assert "this forward ran 5 MLPs over chunks of tokens" in sloth_fx.explain(recomputed)
+    assert torch.equal(loss, loss_r) and torch.equal(embeds_grad, embeds_grad_r)
+    assert all(torch.equal(grads[name], grads_r[name]) for name in grads_r)
 
 
 def test_rows_within_a_chunk_run_as_they_were(checkpoints, monkeypatch):
-    """18 tokens against chunks of 32: no checkpoint, and every number as without the pass."""
+    """18 tokens against chunks of 32, in a step that chunks: no checkpoint, and every number as
+    without the pass."""
     monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 32)
     original = tiny_model("llama", lora=True, checkpointing=True)
-    passes = sloth_fx.available_passes()
-    chunked = sloth_fx.optimize(twin(original), passes=[*passes, "chunked_mlp"])
-    unchunked = sloth_fx.optimize(twin(original), passes=passes)
+    chunked = sloth_fx.optimize(twin(original), memory_budget=CHUNKING)
+    unchunked = sloth_fx.optimize(twin(original), passes=without_chunking())
     loss, embeds_grad, grads = step(chunked, batch())
     loss_u, embeds_grad_u, grads_u = step(unchunked, batch())
     assert checkpoints == []
@@ -148,25 +192,21 @@ def test_rows_within_a_chunk_run_as_they_were(checkpoints, monkeypatch):
     assert sloth_fx.report(chunked).count("chunked_mlp") == 2
 
 
-def test_report_and_opt_in():
-    """Off by default; named after the default passes it outlines their fused ops; named first,
-    the passes after it rewrite inside the outlined MLP all the same."""
-    assert "chunked_mlp" not in sloth_fx.available_passes()
+def test_on_by_default_last_and_in_the_report():
+    """On by default, after the passes whose fused ops it outlines; named first, the passes after
+    it rewrite inside the outlined MLP all the same."""
+    assert sloth_fx.available_passes()[-1] == "chunked_mlp"
     original = tiny_model("llama", lora=True, checkpointing=True)
-    default = sloth_fx.optimize(twin(original))
-    after = sloth_fx.optimize(twin(original), passes=[*sloth_fx.available_passes(), "chunked_mlp"], verify=True)
-    first = sloth_fx.optimize(twin(original), passes=["chunked_mlp", *sloth_fx.available_passes()])
-    losses = [step(model, batch(s=37))[0] for model in (default, after, first)]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
-    assert torch.equal(losses[1], losses[2])
-    assert sloth_fx.report(default).count("chunked_mlp") == 0
-    for model in (after, first):
+    default = sloth_fx.optimize(twin(original), memory_budget=CHUNKING, verify=True)
+    first = sloth_fx.optimize(twin(original), passes=["chunked_mlp", *without_chunking()], memory_budget=CHUNKING)
+    assert torch.equal(step(default, batch(s=37))[0], step(first, batch(s=37))[0])
+    for model in (default, first):
         report = sloth_fx.report(model)
         assert report.sites("chunked_mlp") == [f"base_model.model.model.layers.{i}.mlp" for i in (0, 1)]
         assert report.count("lora") == 14 and report.count("gated_mlp") == 2 and not report.refusals()
-    assert "dropped by verify" not in sloth_fx.explain(after)
-    assert ("chunked_mlp: rewrote mlp  (chunks of 16 tokens, each checkpointed, where a batch has more; hidden 64; "
-            "outlined lora_linear_group, gated_mlp, lora_linear)") in sloth_fx.explain(after)
+    assert "dropped by verify" not in sloth_fx.explain(default)
+    assert ("chunked_mlp: rewrote mlp  (chunks of 16 tokens, each checkpointed, in steps whose memory budget calls "
+            "for it; hidden 64; outlined lora_linear_group, gated_mlp, lora_linear)") in sloth_fx.explain(default)
     assert "hidden 64; outlined linear, mul, add, silu)" in sloth_fx.explain(first)
 
 
