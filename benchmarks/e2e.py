@@ -201,6 +201,8 @@ def run_ladder(
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+            if prepared.after_training is not None:  # sloth_fx's explain: what this length's steps decided
+                row["notes"].update(prepared.after_training())
 
     def report(rungs: list[dict[str, Any]]) -> None:
         row["rungs"] = rungs
