@@ -193,16 +193,16 @@ def run_ladder(
     def rung(n: int) -> dict[str, Any]:
         try:
             res = train_steps(prepared, batches_for(cfg.replace(seq=n, batch=1), 2, seed), dev, warmup=1)
-            return {"status": "ok", "tokens_per_s": n / res["step_times"][1], "peak_bytes": res["peak_bytes"],
-                    "step_times": res["step_times"], "losses": res["losses"]}
+            out = {"status": "ok", "tokens_per_s": n / res["step_times"][1], "peak_bytes": res["peak_bytes"],
+                   "step_times": res["step_times"], "losses": res["losses"]}
         except Exception as e:  # noqa: BLE001 - out of memory ends the climb with its reason
-            return {"status": "failed", "reason": classify_failure(e)}
-        finally:
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            if prepared.after_training is not None:  # sloth_fx's explain: what this length's steps decided
-                row["notes"].update(prepared.after_training())
+            out = {"status": "failed", "reason": classify_failure(e)}
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if prepared.after_training is not None:  # sloth_fx's explain: what this length's steps decided
+            out["notes"] = prepared.after_training()
+        return out
 
     def report(rungs: list[dict[str, Any]]) -> None:
         row["rungs"] = rungs
