@@ -92,4 +92,4 @@ def test_explain_after_merge_and_unload():
         p.requires_grad_(True)
     loss_and_grads(merged, batch())
     text = sloth_fx.explain(merged)
-    assert "rewrite sites running in the model: cross_entropy 1, gated_mlp 2, rmsnorm 5, rope 4" in text
+    assert "rewrite sites running in the model: chunked_mlp 2, cross_entropy 1, gated_mlp 2, rmsnorm 5, rope 4" in text

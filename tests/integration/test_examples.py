@@ -23,5 +23,5 @@ def test_example_runs(name, tmp_path, monkeypatch, capsys):
         assert result.startswith("the sloth")
     else:
         assert len(result) == 1 and math.isfinite(result[0])
-        assert "rewrite sites running in the model: gated_mlp 2, lora 14, rmsnorm 5, rope 4" in capsys.readouterr().out
+        assert "rewrite sites running in the model: chunked_mlp 2, gated_mlp 2, lora 14, rmsnorm 5, rope 4" in capsys.readouterr().out
     sys.modules.pop(name)
