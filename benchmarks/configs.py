@@ -17,8 +17,7 @@ LORA_DROPOUT = 0.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # sloth_fx_noce: sloth_fx without its fused lm_head + cross-entropy, the "before" of that pass.
 # sloth_fx_offload: sloth_fx with every checkpointed step offloaded (memory_budget=0).
-# sloth_fx_chunked: sloth_fx with the chunked_mlp pass added (off by default).
-SYSTEMS = ("hf", "liger", "compile", "unsloth", "sloth_fx_noce", "sloth_fx", "sloth_fx_offload", "sloth_fx_chunked")
+SYSTEMS = ("hf", "liger", "compile", "unsloth", "sloth_fx_noce", "sloth_fx", "sloth_fx_offload")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """How each row of the table prepares its model: hf, liger, compile, sloth_fx, sloth_fx_noce,
-sloth_fx_offload, sloth_fx_chunked, unsloth.
+sloth_fx_offload, unsloth.
 
 Every system starts from the same random-init weights (configs + seed), gets the same LoRA
 (r=16, alpha=16, dropout 0, seven projections) and the same AdamW over the adapters. Imports of the
@@ -54,7 +54,7 @@ def prepare(system: str, cfg: Config, device: torch.device | str, seed: int, **o
         raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
     prepare_fn = {
         "hf": _hf, "liger": _liger, "compile": _compile, "sloth_fx": _sloth_fx, "sloth_fx_noce": _sloth_fx_noce,
-        "sloth_fx_offload": _sloth_fx_offload, "sloth_fx_chunked": _sloth_fx_chunked, "unsloth": _unsloth,
+        "sloth_fx_offload": _sloth_fx_offload, "unsloth": _unsloth,
     }[system]
     return prepare_fn(cfg, device, seed, **opts)
 
@@ -123,14 +123,6 @@ def _sloth_fx_offload(cfg: Config, device: torch.device | str, seed: int, **_: A
     inputs to pinned host memory and prefetches them for backward (beside ``sloth_fx``: what the
     offload costs where it was not needed)."""
     return _sloth_fx(cfg, device, seed, memory_budget=0)
-
-
-def _sloth_fx_chunked(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
-    """sloth_fx with the ``chunked_mlp`` pass added (off by default): each layer's MLP runs over
-    chunks of tokens at long rows (beside ``sloth_fx``: what chunking buys in length and costs in speed)."""
-    import sloth_fx
-
-    return _sloth_fx(cfg, device, seed, passes=[*sloth_fx.available_passes(), "chunked_mlp"])
 
 
 # ---------------------------------------------------------------------------------------- unsloth
