@@ -6,7 +6,7 @@ At long rows a layer's peak is the MLP's ``[T x intermediate]`` activations (gat
 checkpointing. This pass outlines the MLP, from its input ``x [..., hidden]`` to its output, into
 a body graph (:mod:`sloth_fx.outline`) and calls it through :func:`~sloth_fx.token_chunks.chunk_in_step`.
 In a step that chunks (:mod:`sloth_fx.memory_budget` decides per step: one layer's recompute
-peak would be over a quarter of the budget) the body runs over chunks of ``CHUNK_TOKENS`` tokens,
+peak would be over a third of the budget) the body runs over chunks of ``CHUNK_TOKENS`` tokens,
 each under its own checkpoint, so that one chunk's intermediates live at a time, forward or
 backward; the number of chunks comes from the actual token count (the graph's sizes are
 symbolic). In every other step, and for a batch of at most ``CHUNK_TOKENS`` tokens, the body runs

@@ -53,10 +53,10 @@ KEEP_SHARE = 0.5
 # The prediction is an estimate and the allocator rounds and fragments: budget a tenth less than free.
 DEVICE_SHARE = 0.9
 # One layer's recompute peak above this share of the budget: its MLPs run in chunks. Measured on
-# an H200 capped at 16 GiB (Llama-2-7B nf4, batch 1): unchunked, 16,384 tokens (peak 27% of the
-# budget) trained and 24,576 (40%) ran out of memory; chunked, 81,920 trained. At 16,384 tokens
-# chunking cost 10% of the speed, so below the share it is not done.
-CHUNK_SHARE = 0.25
+# an H200 capped at 16 GiB (Llama-2-7B nf4, batch 1): unchunked, 16,384 tokens (a predicted peak
+# of 27% of the budget) trained and 24,576 (40%) ran out of memory; chunked, 81,920 trained. At
+# 16,384 tokens chunking cost 10% of the speed, so below the share it is not done.
+CHUNK_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _with_chunking(decision: CheckpointDecision, estimate: ActivationEstimate, b
     if budget is None or estimate.recompute_peak <= CHUNK_SHARE * budget:
         return decision
     text = (f"{decision.text}; MLPs run over chunks of {CHUNK_TOKENS} tokens (one layer's recompute peak "
-            f"{size_text(estimate.recompute_peak)} is over a quarter of the budget)")
+            f"{size_text(estimate.recompute_peak)} is over a third of the budget)")
     return CheckpointDecision(decision.mode, text, chunk=True)
 
 

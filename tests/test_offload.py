@@ -235,6 +235,24 @@ def test_policy_keeps_activations_within_half_the_budget():
     assert decide_checkpointing(short, None).mode == "recompute"  # no budget (CPU): checkpointing as asked
 
 
+def test_policy_chunks_the_mlps_where_one_layers_recompute_peak_is_over_a_third_of_the_budget():
+    """The 16 GiB-capped H200 (about 10.5 GiB of budget left by the nf4 model): 16,384 tokens (a 2.68
+    GiB peak) trained unchunked, 24,576 (4.02 GiB) did not; E1 on an H200 never chunks."""
+    budget = int(10.5 * GiB)
+    assert not decide_checkpointing(llama2_7b(16384), budget).chunk
+    assert decide_checkpointing(llama2_7b(24576), budget).chunk
+    e1 = llama2_7b(16384)
+    assert not decide_checkpointing(e1, 110 * GiB).chunk and not decide_checkpointing(e1, 40 * GiB).chunk
+    peak = e1.recompute_peak
+    assert not decide_checkpointing(e1, 3 * peak).chunk and decide_checkpointing(e1, 3 * peak - 3).chunk
+    long = decide_checkpointing(llama2_7b(65536), 20 * GiB)
+    assert long.offload and long.chunk
+    assert long.text.endswith("; MLPs run over chunks of 8192 tokens (one layer's recompute peak 10.72 GiB is over "
+                              "a third of the budget)")
+    assert not decide_checkpointing(llama2_7b(2048), 80 * GiB).chunk  # kept: nothing is recomputed
+    assert not decide_checkpointing(llama2_7b(65536), None).chunk  # no budget (CPU): as asked
+
+
 def test_budget_on_cpu_is_the_given_one_or_none():
     assert device_budget(torch.device("cpu"), 12345) == 12345
     assert device_budget(torch.device("cpu"), None) is None

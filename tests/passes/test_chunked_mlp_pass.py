@@ -163,7 +163,7 @@ def test_lora_dropout_replays_its_masks_in_each_chunk(monkeypatch):
 def test_with_offloaded_checkpointing_bit_for_bit():
     """Offloading the checkpointed layers' inputs (5 layers, a budget of 0) changes no number of
     the chunked run, dropout included: the chunks' checkpoints nest inside the layers'. The other
-    run recomputes and chunks (a budget its prediction fits, with a recompute peak over a quarter of it)."""
+    run recomputes and chunks (a budget its prediction fits, with a recompute peak over a third of it)."""
     original = tiny_model("llama", lora=True, lora_dropout=0.1, checkpointing=True, layers=5)
     fits = estimate_activations(layers=5, tokens=2 * 37, hidden=64, intermediate=96, element_size=4).total
     recomputed = sloth_fx.optimize(twin(original), memory_budget=fits)
