@@ -49,7 +49,8 @@ from sloth_fx.kernels.lora import lora_linear, lora_linear_group
 from sloth_fx.outline import outline
 from sloth_fx.pass_manager import register_pass
 from sloth_fx.report import PassLog
-from sloth_fx.token_chunks import CHUNK_TOKENS, chunk_in_step
+from sloth_fx import token_chunks
+from sloth_fx.token_chunks import chunk_in_step
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Ops whose every output token is computed from the same token of their inputs alone.
@@ -72,8 +73,7 @@ def chunked_mlp(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
             continue
         x, others, output = found
         try:
-            call, body = outline(gm, nodes, [x, *others], output, chunk_in_step,
-                                 {"chunk_tokens": CHUNK_TOKENS}, "chunked_mlp_body")
+            call, body = outline(gm, nodes, [x, *others], output, chunk_in_step, {}, "chunked_mlp_body")
         except NotSchedulable as err:
             log.refuse(path, str(err))
             continue
@@ -82,8 +82,8 @@ def chunked_mlp(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
         stacks = (n.meta.get("nn_module_stack", {}) for n in nodes if module_path(n) == path)
         call.meta["nn_module_stack"] = next(stacks, {})
         ops = ", ".join(dict.fromkeys(_op_name(n) for n in nodes if n.target is not operator.getitem))
-        log.rewrite(path, f"chunks of {CHUNK_TOKENS} tokens, each checkpointed, in steps whose memory budget calls for it; "
-                          f"hidden {fake_value(x).shape[-1]}; outlined {ops}")
+        log.rewrite(path, f"chunks of {token_chunks.CHUNK_TOKENS} tokens, each checkpointed, in steps whose memory "
+                          f"budget calls for it; hidden {fake_value(x).shape[-1]}; outlined {ops}")
     return gm
 
 

@@ -14,18 +14,24 @@ training step is judged on its own, from a prediction of its activation memory a
   activations per token;
 - **offloaded**: what stays on the device then: ``KEPT_LAYERS`` layers' inputs (the last layer's,
   the one recomputing, the one prefetched) plus the same peak;
-- **budget**: ``memory_budget`` bytes as given; or, with none, on CUDA what the device can still
-  hand out (free memory plus what PyTorch's allocator holds unused), less a margin; on CPU with
-  none, no budget: there is no device memory to save, and layers recompute as asked.
+- **chunked**: the recompute peak when the MLPs run over chunks of ``CHUNK_TOKENS`` tokens
+  (:mod:`sloth_fx.token_chunks`): the intermediate-wide values of one chunk instead of the row's;
+- **budget**: ``memory_budget`` bytes as given; or, with none, on CUDA what PyTorch's allocator can
+  still hand out (free memory within the process's cap, plus what it holds unused), less a
+  margin; on CPU with none, no budget: there is no device memory to save, and layers recompute
+  as asked.
 
-The step keeps its activations when they take at most ``KEEP_SHARE`` of the budget, recomputes
-when the prediction fits the budget, and offloads above it. :func:`decide_checkpointing` is the
-policy, a pure function of the prediction and the budget. Keeping or offloading changes where
-values wait, never the values: the loss and the gradients are those of plain checkpointing.
+The step keeps its activations when they take at most ``KEEP_SHARE`` of the budget. Otherwise it
+runs its MLPs in chunks when one layer's recompute peak is over ``CHUNK_SHARE`` of the budget
+(and is then predicted chunked), recomputes when the prediction fits the budget, and offloads
+above it. :func:`decide_checkpointing` is the policy, a pure function of the prediction and the
+budget. Keeping or offloading changes where values wait, never the values: the loss and the
+gradients are those of plain checkpointing; chunking changes them by rounding only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,14 +39,15 @@ import torch
 from torch import nn
 
 from sloth_fx.padding_free import call_tokens
-from sloth_fx.token_chunks import CHUNK_TOKENS
+from sloth_fx import token_chunks
 
-# Chosen to come near the H100 probe of issue 15 (Llama-2-7B, bf16, one row of 65,536 tokens, 27.3
-# GiB of activations, 16 of them the 32 layers' inputs): 26.7 GiB predicted. The rest is mostly the
-# recomputed MLP's [T x intermediate] products; one data point cannot tell the hidden-wide share
-# from the intermediate-wide one, so their split is a guess.
-RECOMPUTE_HIDDEN_WIDE = 8
-RECOMPUTE_INTERMEDIATE_WIDE = 5
+# The recompute peak per token. The H100 probe of issue 15 (Llama-2-7B, bf16, one row of 65,536
+# tokens, 27.3 GiB of activations, 16 of them the 32 layers' inputs) gave the sum: 26.7 GiB
+# predicted. Chunked runs split it (H200, allocator capped at 16 GiB, nf4, 49,152-81,920 tokens,
+# the intermediate-wide part bounded by a chunk): 11 to 12 hidden-wide values per token beside
+# the kept inputs and one chunk; 3.5 intermediate-wide keeps the probe's sum.
+RECOMPUTE_HIDDEN_WIDE = 12
+RECOMPUTE_INTERMEDIATE_WIDE = 3.5
 KEPT_LAYERS = 3
 # Counted on the rewritten Llama layer (bf16, LoRA on the seven projections): the bytes its
 # forward saves for backward per token are 10.5 hidden-wide and 4 intermediate-wide values plus
@@ -67,6 +74,7 @@ class ActivationEstimate:
     layer_input: int  # one layer's saved input
     recompute_peak: int  # one layer while it recomputes and runs backward
     kept: int  # every checkpointed layer's activations, with no recompute
+    chunked_peak: int  # the recompute peak with the MLP's intermediate-wide values one chunk at a time
 
     @property
     def saved_inputs(self) -> int:
@@ -102,49 +110,53 @@ class CheckpointDecision:
 def estimate_activations(layers: int, tokens: int, hidden: int, intermediate: int,
                          element_size: int) -> ActivationEstimate:
     """The activation memory of a step of ``tokens`` tokens through ``layers`` checkpointed layers."""
-    per_token = RECOMPUTE_HIDDEN_WIDE * hidden + RECOMPUTE_INTERMEDIATE_WIDE * intermediate
+    def peak(intermediate_tokens: int) -> int:
+        return int((RECOMPUTE_HIDDEN_WIDE * hidden * tokens + RECOMPUTE_INTERMEDIATE_WIDE * intermediate
+                    * intermediate_tokens) * element_size)
+
     kept_per_token = KEEP_HIDDEN_WIDE * hidden + KEEP_INTERMEDIATE_WIDE * intermediate
-    return ActivationEstimate(layers, tokens * hidden * element_size, tokens * per_token * element_size,
-                              layers * tokens * kept_per_token * element_size)
+    return ActivationEstimate(layers, tokens * hidden * element_size, peak(tokens),
+                              layers * tokens * kept_per_token * element_size,
+                              peak(min(tokens, token_chunks.CHUNK_TOKENS)))
 
 
 def decide_checkpointing(estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
-    """Keep the activations when they take at most ``KEEP_SHARE`` of ``budget``; else recompute
-    when the prediction fits ``budget``; else offload, unless offloading would keep as much on the
-    device (``KEPT_LAYERS`` layers or fewer). Without a budget, recompute. A step that recomputes
-    or offloads also runs its MLPs in chunks of tokens when one layer's recompute peak is over
-    ``CHUNK_SHARE`` of the budget (:func:`_with_chunking`)."""
-    decision = _mode(estimate, budget)
-    return _with_chunking(decision, estimate, budget) if decision.mode in (RECOMPUTE, OFFLOAD) else decision
-
-
-def _with_chunking(decision: CheckpointDecision, estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
-    """The decision with ``chunk`` set where the recompute peak, mostly the MLP's ``[T x intermediate]``
-    products, is over ``CHUNK_SHARE`` of the budget: chunked, the peak is bounded by a chunk's."""
-    if budget is None or estimate.recompute_peak <= CHUNK_SHARE * budget:
-        return decision
-    text = (f"{decision.text}; MLPs run over chunks of {CHUNK_TOKENS} tokens (one layer's recompute peak "
-            f"{size_text(estimate.recompute_peak)} is over a third of the budget)")
-    return CheckpointDecision(decision.mode, text, chunk=True)
-
-
-def _mode(estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
-    predicted = (f"predicted activation memory {size_text(estimate.total)} ({estimate.layers} checkpointed layer "
-                 f"inputs {size_text(estimate.saved_inputs)}, recompute peak {size_text(estimate.recompute_peak)})")
+    """Keep the activations when they take at most ``KEEP_SHARE`` of ``budget``. Else run the MLPs
+    in chunks of tokens when one layer's recompute peak is over ``CHUNK_SHARE`` of the budget and
+    the row is longer than a chunk (the prediction then counts the chunked peak); then recompute when the prediction fits ``budget``,
+    else offload, unless offloading would keep as much on the device (``KEPT_LAYERS`` layers or
+    fewer). Without a budget, recompute as asked."""
     if budget is None:
-        return CheckpointDecision(RECOMPUTE, f"{predicted}; no budget: no device memory to save on CPU "
+        return CheckpointDecision(RECOMPUTE, f"{_predicted(estimate)}; no budget: no device memory to save on CPU "
                                              "(memory_budget sets one)")
     if estimate.kept <= KEEP_SHARE * budget:
         return CheckpointDecision(KEEP, f"activations kept, no recompute: {size_text(estimate.kept)} for "
                                         f"{estimate.layers} layers, within half the budget of {size_text(budget)}")
+    if estimate.recompute_peak <= CHUNK_SHARE * budget or estimate.chunked_peak == estimate.recompute_peak:
+        return _recompute_or_offload(estimate, budget, "", chunk=False)  # small enough, or one chunk already
+    chunked = dataclasses.replace(estimate, recompute_peak=estimate.chunked_peak)
+    why = (f"; MLPs run over chunks of {token_chunks.CHUNK_TOKENS} tokens (one layer's recompute peak would be "
+           f"{size_text(estimate.recompute_peak)}, over a third of the budget)")
+    return _recompute_or_offload(chunked, budget, why, chunk=True)
+
+
+def _predicted(estimate: ActivationEstimate) -> str:
+    return (f"predicted activation memory {size_text(estimate.total)} ({estimate.layers} checkpointed layer "
+            f"inputs {size_text(estimate.saved_inputs)}, recompute peak {size_text(estimate.recompute_peak)})")
+
+
+def _recompute_or_offload(estimate: ActivationEstimate, budget: int, chunking: str, chunk: bool) -> CheckpointDecision:
+    """Recompute when ``estimate`` fits ``budget``, else offload where that keeps less on the device."""
+    predicted = _predicted(estimate)
     if estimate.total <= budget:
-        return CheckpointDecision(RECOMPUTE, f"{predicted} fits in the budget of {size_text(budget)}")
+        return CheckpointDecision(RECOMPUTE, f"{predicted} fits in the budget of {size_text(budget)}{chunking}", chunk)
     if estimate.offloaded >= estimate.total:
         return CheckpointDecision(RECOMPUTE, f"{predicted} is over the budget of {size_text(budget)}, but offloading "
-                                             f"{estimate.layers} layers would keep as much on the device")
+                                             f"{estimate.layers} layers would keep as much on the device{chunking}", chunk)
     over = ", still over the budget" if estimate.offloaded > budget else ""
     return CheckpointDecision(OFFLOAD, f"{predicted} is over the budget of {size_text(budget)}: layer inputs offloaded "
-                                       f"to host memory, about {size_text(estimate.offloaded)} kept on the device{over}")
+                                       f"to host memory, about {size_text(estimate.offloaded)} kept on the device{over}"
+                                       f"{chunking}", chunk)
 
 
 def device_budget(device: torch.device, memory_budget: int | None) -> int | None:

@@ -63,7 +63,7 @@ def run_in_token_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args:
     out = torch.cat(outs)
     return out.view(*x.shape[:-1], out.shape[-1])
 
-# Tokens per chunk where a step chunks. Large enough that the matrix products keep their speed,
+# Tokens per chunk where a step chunks (read at each call, by the memory budget too). Large enough that the matrix products keep their speed,
 # small enough that at 64K tokens the gate, up and product of Llama-2-7B's MLP (intermediate
 # 11008, bf16) hold ~0.5 GiB a chunk instead of ~4 GiB.
 CHUNK_TOKENS = 8192
@@ -102,10 +102,11 @@ def chunking_as(step: ChunkedStep | None) -> Iterator[ChunkedStep | None]:
         _CHUNKING.reset(token)
 
 
-def chunk_in_step(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, chunk_tokens: int) -> torch.Tensor:
-    """:func:`run_in_token_chunks` inside a step that chunks (:func:`chunking`), ``fn(x, *args)`` elsewhere."""
+def chunk_in_step(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """:func:`run_in_token_chunks` over chunks of ``CHUNK_TOKENS`` inside a step that chunks
+    (:func:`chunking`), ``fn(x, *args)`` elsewhere."""
     step = _CHUNKING.get()
     if step is None:
         return fn(x, *args)
     step.calls += 1
-    return run_in_token_chunks(fn, x, *args, chunk_tokens=chunk_tokens)
+    return run_in_token_chunks(fn, x, *args, chunk_tokens=CHUNK_TOKENS)

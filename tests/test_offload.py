@@ -208,13 +208,18 @@ def test_estimate_counts_every_layer_input_and_one_recompute():
 
 def test_policy_offloads_above_the_budget_and_not_below():
     long, short = llama2_7b(65536), llama2_7b(2048)
+    deep = estimate_activations(layers=96, tokens=16384, hidden=4096, intermediate=11008, element_size=2)
+    assert deep.recompute_peak <= deep.total / 3  # its threshold is the unchunked prediction's
+    assert not decide_checkpointing(deep, deep.total).offload and decide_checkpointing(deep, deep.total - 1).offload
+    assert not decide_checkpointing(deep, deep.total - 1).chunk
     assert not decide_checkpointing(long, 80 * GiB).offload
     assert decide_checkpointing(long, 20 * GiB).offload
     assert not decide_checkpointing(short, 20 * GiB).offload  # a short batch never pays for the copies
-    assert not decide_checkpointing(long, long.total).offload and decide_checkpointing(long, long.total - 1).offload
+    chunked = long.saved_inputs + long.chunked_peak  # over a third of the budget, the peak is predicted chunked
+    assert not decide_checkpointing(long, chunked).offload and decide_checkpointing(long, chunked - 1).offload
     assert not decide_checkpointing(long, None).offload  # no budget (CPU): nothing to save
     on = decide_checkpointing(long, 20 * GiB).text
-    assert "predicted activation memory 26.72 GiB (32 checkpointed layer inputs 16.00 GiB, recompute peak 10.72 GiB)" in on
+    assert "predicted activation memory 22.59 GiB (32 checkpointed layer inputs 16.00 GiB, recompute peak 6.59 GiB)" in on
     assert "over the budget of 20.00 GiB" in on and "still over" not in on
     assert "still over the budget" in decide_checkpointing(long, 5 * GiB).text
     assert "fits in the budget of 80.00 GiB" in decide_checkpointing(long, 80 * GiB).text
@@ -247,8 +252,8 @@ def test_policy_chunks_the_mlps_where_one_layers_recompute_peak_is_over_a_third_
     assert not decide_checkpointing(e1, 3 * peak).chunk and decide_checkpointing(e1, 3 * peak - 3).chunk
     long = decide_checkpointing(llama2_7b(65536), 20 * GiB)
     assert long.offload and long.chunk
-    assert long.text.endswith("; MLPs run over chunks of 8192 tokens (one layer's recompute peak 10.72 GiB is over "
-                              "a third of the budget)")
+    assert long.text.endswith("; MLPs run over chunks of 8192 tokens (one layer's recompute peak would be 10.70 GiB, "
+                              "over a third of the budget)")
     assert not decide_checkpointing(llama2_7b(2048), 80 * GiB).chunk  # kept: nothing is recomputed
     assert not decide_checkpointing(llama2_7b(65536), None).chunk  # no budget (CPU): as asked
 
@@ -364,16 +369,16 @@ def test_each_step_decides_and_explain_says_what_and_why(steps):
     loss_and_grads(model, short)
     assert steps == []
     text = sloth_fx.explain(model)
-    assert "activation checkpointing, recompute (latest): predicted activation memory 19.50 KiB (4 checkpointed layer inputs 4.00 KiB, " \
-           "recompute peak 15.50 KiB) fits in the budget of 97.50 KiB" in text
+    assert "activation checkpointing, recompute (latest): predicted activation memory 21.25 KiB (4 checkpointed layer inputs 4.00 KiB, " \
+           "recompute peak 17.25 KiB) fits in the budget of 106.25 KiB" in text
     assert "activation checkpointing, offload" not in text
     loss_and_grads(model, long)
     assert len(steps) == 1 and steps[0].log == [("offload", 0), ("offload", 1), ("offload", 2),
                                                 ("prefetch", 2), ("prefetch", 1), ("prefetch", 0)]
     text = sloth_fx.explain(model)
-    assert "activation checkpointing, offload (latest): predicted activation memory 780.00 KiB (4 checkpointed layer inputs " \
-           "160.00 KiB, recompute peak 620.00 KiB) is over the budget of 97.50 KiB: layer inputs offloaded to host " \
-           "memory, about 740.00 KiB kept on the device, still over the budget" in text
+    assert "activation checkpointing, offload (latest): predicted activation memory 850.00 KiB (4 checkpointed layer inputs " \
+           "160.00 KiB, recompute peak 690.00 KiB) is over the budget of 106.25 KiB: layer inputs offloaded to host " \
+           "memory, about 810.00 KiB kept on the device, still over the budget" in text
     assert "activation checkpointing, recompute (latest)" in text
 
 

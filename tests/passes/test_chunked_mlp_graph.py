@@ -15,8 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from sloth_fx.capture import mark_batch_and_sequence_dynamic
 from sloth_fx.pass_manager import run_pass
-from sloth_fx.passes import chunked_mlp
 from sloth_fx.report import PassLog
+from sloth_fx import token_chunks
 from sloth_fx.token_chunks import chunk_in_step, chunking
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
@@ -26,7 +26,7 @@ CHUNK = 32
 
 @pytest.fixture(autouse=True)
 def chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", CHUNK)
+    monkeypatch.setattr(token_chunks, "CHUNK_TOKENS", CHUNK)
 
 
 def captured(module: nn.Module, x: torch.Tensor) -> list[tuple[fx.GraphModule, list]]:

@@ -17,7 +17,6 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 import sloth_fx
 from sloth_fx import token_chunks
 from sloth_fx.memory_budget import estimate_activations
-from sloth_fx.passes import chunked_mlp
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
@@ -32,7 +31,7 @@ def without_chunking() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", CHUNK)
+    monkeypatch.setattr(token_chunks, "CHUNK_TOKENS", CHUNK)
 
 
 @pytest.fixture
@@ -180,7 +179,7 @@ def test_with_offloaded_checkpointing_bit_for_bit():
 def test_rows_within_a_chunk_run_as_they_were(checkpoints, monkeypatch):
     """18 tokens against chunks of 32, in a step that chunks: no checkpoint, and every number as
     without the pass."""
-    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 32)
+    monkeypatch.setattr(token_chunks, "CHUNK_TOKENS", 32)
     original = tiny_model("llama", lora=True, checkpointing=True)
     chunked = sloth_fx.optimize(twin(original), memory_budget=CHUNKING)
     unchunked = sloth_fx.optimize(twin(original), passes=without_chunking())
