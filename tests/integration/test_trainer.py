@@ -7,6 +7,7 @@ from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, t
 from transformers import Trainer, TrainingArguments
 
 import sloth_fx
+from sloth_fx import token_chunks
 
 
 def trained(model, tmp_path, **arguments) -> Trainer:
@@ -43,3 +44,17 @@ def test_trainer_checkpointing_with_kept_activations_matches_the_unoptimized_run
     text = sloth_fx.explain(optimized)
     assert "activation checkpointing, keep (latest)" in text and "activation checkpointing, recompute" not in text
     assert "this forward ran 2 checkpointed layers without a recompute" in text
+
+
+def test_trainer_with_chunked_steps_matches_the_unoptimized_run(tmp_path, monkeypatch):
+    """A budget of 0 bytes: Trainer enables checkpointing, each step recomputes (two layers:
+    offloading would keep as much) and runs its MLPs in chunks of 8 tokens (rows of 12 over a
+    batch: several chunks), and the training is the un-optimized run's up to rounding."""
+    monkeypatch.setattr(token_chunks, "CHUNK_TOKENS", 8)
+    original = tiny_model("llama", lora=True)
+    optimized = sloth_fx.optimize(twin(original), memory_budget=0)
+    arguments = {"gradient_checkpointing": True}
+    assert_same_training(trained(original, tmp_path, **arguments), trained(optimized, tmp_path, **arguments), tmp_path)
+    text = sloth_fx.explain(optimized)
+    assert "activation checkpointing, recompute (latest)" in text and "MLPs run over chunks of 8 tokens" in text
+    assert "this forward ran 2 MLPs over chunks of tokens" in text
