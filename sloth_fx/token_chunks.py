@@ -46,6 +46,11 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+# Tokens per chunk where a step chunks (read at each call, by the memory budget too). Large enough
+# that the matrix products keep their speed, small enough that at 64K tokens the gate, up and
+# product of Llama-2-7B's MLP (intermediate 11008, bf16) hold ~0.5 GiB a chunk instead of ~4 GiB.
+CHUNK_TOKENS = 8192
+
 
 def run_in_token_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any,
                         chunk_tokens: int) -> torch.Tensor:
@@ -62,11 +67,6 @@ def run_in_token_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args:
         outs = [fn(chunk, *args) for chunk in rows.split(chunk_tokens)]
     out = torch.cat(outs)
     return out.view(*x.shape[:-1], out.shape[-1])
-
-# Tokens per chunk where a step chunks (read at each call, by the memory budget too). Large enough that the matrix products keep their speed,
-# small enough that at 64K tokens the gate, up and product of Llama-2-7B's MLP (intermediate
-# 11008, bf16) hold ~0.5 GiB a chunk instead of ~4 GiB.
-CHUNK_TOKENS = 8192
 
 
 @dataclass
