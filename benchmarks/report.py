@@ -64,19 +64,29 @@ def _fmt(v: Any, spec: str, scale: float = 1.0) -> str:
     return format(v * scale, spec)
 
 
+def memory_decision(row: dict[str, Any]) -> str:
+    """What sloth_fx's steps did with their activations, from the row's ``explain``: each kind of
+    decision seen (keep, recompute, offload), and "MLPs chunked" when a step chunked; "—" for
+    systems that do not say."""
+    explain = str((row.get("notes") or {}).get("explain", ""))
+    modes = re.findall(r"activation checkpointing, (\w+) \(latest\)", explain)
+    chunked = ["MLPs chunked"] if "MLPs over chunks of tokens" in explain else []
+    return ", ".join(modes + chunked) or "—"
+
+
 def detail_table(rows: list[dict[str, Any]]) -> str:
-    """One line per row with every figure."""
+    """One line per row with every figure, and sloth_fx's memory decision (:func:`memory_decision`)."""
     head = (
         "| config | system | tokens/s | real tokens/s | step s (median) | peak GiB | peak GiB after warm-up "
-        "| model GiB | setup s | first step s | MFU % | max rel. loss diff vs hf | status |"
+        "| model GiB | setup s | first step s | MFU % | max rel. loss diff vs hf | activations | status |"
     )
-    lines = [head, "| --- " * 13 + "|"]
+    lines = [head, "| --- " * 14 + "|"]
     systems = list(SYSTEMS)
     key = lambda r: (list(CONFIGS).index(r["config"]) if r["config"] in CONFIGS else 99,
                      systems.index(r["system"]) if r["system"] in systems else 99)
     for r in sorted(rows, key=key):
         if r.get("status") != "ok":
-            lines.append(f"| {r['config']} | {r['system']} |" + " — |" * 10 + f" {_cell(r)} |")
+            lines.append(f"| {r['config']} | {r['system']} |" + " — |" * 11 + f" {_cell(r)} |")
             continue
         lines.append(
             f"| {r['config']} | {r['system']} | {_fmt(r.get('tokens_per_s'), '.0f')} "
@@ -84,7 +94,8 @@ def detail_table(rows: list[dict[str, Any]]) -> str:
             f"| {_fmt(r.get('peak_bytes'), '.2f', 1 / GIB)} | {_fmt(r.get('timed_peak_bytes'), '.2f', 1 / GIB)} "
             f"| {_fmt(r.get('model_bytes'), '.2f', 1 / GIB)} "
             f"| {_fmt(r.get('setup_s'), '.1f')} | {_fmt(r.get('first_step_s'), '.2f')} "
-            f"| {_fmt(r.get('mfu'), '.1f', 100)} | {_fmt(r.get('loss_max_rel_diff_vs_hf'), '.2e')} | ok |"
+            f"| {_fmt(r.get('mfu'), '.1f', 100)} | {_fmt(r.get('loss_max_rel_diff_vs_hf'), '.2e')} "
+            f"| {memory_decision(r)} | ok |"
         )
     return "\n".join(lines)
 

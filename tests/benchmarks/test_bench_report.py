@@ -59,6 +59,16 @@ def test_detail_table_rows():
     assert "6209" in hf and "24.15" in hf and "31.0" in hf  # tokens/s, peak GiB, MFU %
 
 
+def test_detail_table_says_what_sloth_fx_did_with_its_activations():
+    explain = ("sloth_fx report\n  activation checkpointing, recompute (latest): predicted ...; this forward ran 32 MLPs "
+               "over chunks of tokens\n  activation checkpointing, offload (latest): predicted ...\n")
+    row = dict(_fake_rows()[0], system="sloth_fx", notes={"explain": explain})
+    assert report.memory_decision(row) == "recompute, offload, MLPs chunked"
+    assert report.memory_decision(_fake_rows()[0]) == "—"
+    line = report.detail_table([row]).splitlines()[2]
+    assert line.endswith("| recompute, offload, MLPs chunked | ok |") and line.count("|") == 15
+
+
 def test_write_report_makes_pngs_and_markdown(tmp_path):
     for r in _fake_rows():
         (tmp_path / f"e2e_{r['config']}_{r['system']}.json").write_text(json.dumps(r))
