@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sloth_fx.padding_free import call_tokens
 from sloth_fx import token_chunks
+from sloth_fx.padding_free import call_tokens
 
 # The recompute peak per token. The H100 probe of issue 15 (Llama-2-7B, bf16, one row of 65,536
 # tokens, 27.3 GiB of activations, 16 of them the 32 layers' inputs) gave the sum: 26.7 GiB
@@ -123,9 +123,9 @@ def estimate_activations(layers: int, tokens: int, hidden: int, intermediate: in
 def decide_checkpointing(estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
     """Keep the activations when they take at most ``KEEP_SHARE`` of ``budget``. Else run the MLPs
     in chunks of tokens when one layer's recompute peak is over ``CHUNK_SHARE`` of the budget and
-    the row is longer than a chunk (the prediction then counts the chunked peak); then recompute when the prediction fits ``budget``,
-    else offload, unless offloading would keep as much on the device (``KEPT_LAYERS`` layers or
-    fewer). Without a budget, recompute as asked."""
+    the row is longer than a chunk (the prediction then counts the chunked peak); then recompute
+    when the prediction fits ``budget``, else offload, unless offloading would keep as much on the
+    device (``KEPT_LAYERS`` layers or fewer). Without a budget, recompute as asked."""
     if budget is None:
         return CheckpointDecision(RECOMPUTE, f"{_predicted(estimate)}; no budget: no device memory to save on CPU "
                                              "(memory_budget sets one)")
