@@ -152,7 +152,8 @@ def _recompute_or_offload(estimate: ActivationEstimate, budget: int, chunking: s
         return CheckpointDecision(RECOMPUTE, f"{predicted} fits in the budget of {size_text(budget)}{chunking}", chunk)
     if estimate.offloaded >= estimate.total:
         return CheckpointDecision(RECOMPUTE, f"{predicted} is over the budget of {size_text(budget)}, but offloading "
-                                             f"{estimate.layers} layers would keep as much on the device{chunking}", chunk)
+                                             f"{estimate.layers} layers would keep as much on the device{chunking}",
+                                  chunk)
     over = ", still over the budget" if estimate.offloaded > budget else ""
     return CheckpointDecision(OFFLOAD, f"{predicted} is over the budget of {size_text(budget)}: layer inputs offloaded "
                                        f"to host memory, about {size_text(estimate.offloaded)} kept on the device{over}"
