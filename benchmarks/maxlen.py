@@ -26,8 +26,7 @@ def bisect_longest(
     """The largest multiple of ``granularity`` in ``[lo, hi]`` for which ``fits`` holds (``None``
     when ``lo`` does not fit) and the probes made, in order. ``lo`` and ``hi`` must be multiples
     of ``granularity``; ``hi`` is probed second, so a search whose top fits costs two probes."""
-    if granularity < 1 or lo < granularity or hi < lo or lo % granularity or hi % granularity:
-        raise ValueError(f"need granularity <= lo <= hi, both multiples of it; got lo={lo} hi={hi} g={granularity}")
+    _check_bounds(lo, hi, granularity)
     probes: list[tuple[int, bool]] = []
 
     def probe(n: int) -> bool:
@@ -72,9 +71,13 @@ def search_system(
 
 def ladder_lengths(lo: int, hi: int, granularity: int) -> list[int]:
     """The rungs ``lo, lo + granularity, …, hi`` (the bounds as :func:`bisect_longest` takes them)."""
+    _check_bounds(lo, hi, granularity)
+    return list(range(lo, hi + 1, granularity))
+
+
+def _check_bounds(lo: int, hi: int, granularity: int) -> None:
     if granularity < 1 or lo < granularity or hi < lo or lo % granularity or hi % granularity:
         raise ValueError(f"need granularity <= lo <= hi, both multiples of it; got lo={lo} hi={hi} g={granularity}")
-    return list(range(lo, hi + 1, granularity))
 
 
 def climb(run_rung: Callable[[int], dict[str, Any]], lengths: list[int],

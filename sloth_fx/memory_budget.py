@@ -133,11 +133,9 @@ def decide_checkpointing(estimate: ActivationEstimate, budget: int | None) -> Ch
         return CheckpointDecision(KEEP, f"activations kept, no recompute: {size_text(estimate.kept)} for "
                                         f"{estimate.layers} layers, within half the budget of {size_text(budget)}")
     if estimate.recompute_peak <= CHUNK_SHARE * budget or estimate.chunked_peak == estimate.recompute_peak:
-        return _recompute_or_offload(estimate, budget, "", chunk=False)  # small enough, or one chunk already
-    chunked = dataclasses.replace(estimate, recompute_peak=estimate.chunked_peak)
-    why = (f"; MLPs run over chunks of {token_chunks.CHUNK_TOKENS} tokens (one layer's recompute peak would be "
-           f"{size_text(estimate.recompute_peak)}, over a third of the budget)")
-    return _recompute_or_offload(chunked, budget, why, chunk=True)
+        return _recompute_or_offload(estimate, budget)  # small enough, or one chunk already
+    return _recompute_or_offload(dataclasses.replace(estimate, recompute_peak=estimate.chunked_peak), budget,
+                                 unchunked_peak=estimate.recompute_peak)
 
 
 def _predicted(estimate: ActivationEstimate) -> str:
@@ -145,8 +143,13 @@ def _predicted(estimate: ActivationEstimate) -> str:
             f"inputs {size_text(estimate.saved_inputs)}, recompute peak {size_text(estimate.recompute_peak)})")
 
 
-def _recompute_or_offload(estimate: ActivationEstimate, budget: int, chunking: str, chunk: bool) -> CheckpointDecision:
-    """Recompute when ``estimate`` fits ``budget``, else offload where that keeps less on the device."""
+def _recompute_or_offload(estimate: ActivationEstimate, budget: int,
+                          unchunked_peak: int | None = None) -> CheckpointDecision:
+    """Recompute when ``estimate`` fits ``budget``, else offload where that keeps less on the device.
+    With ``unchunked_peak`` the step runs its MLPs in chunks (``estimate`` counts the chunked peak)."""
+    chunk = unchunked_peak is not None
+    chunking = (f"; MLPs run over chunks of {token_chunks.CHUNK_TOKENS} tokens (one layer's recompute peak would be "
+                f"{size_text(unchunked_peak)}, over a third of the budget)" if chunk else "")
     predicted = _predicted(estimate)
     if estimate.total <= budget:
         return CheckpointDecision(RECOMPUTE, f"{predicted} fits in the budget of {size_text(budget)}{chunking}", chunk)
