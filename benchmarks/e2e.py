@@ -17,6 +17,7 @@ import traceback
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from benchmarks import flops as flops_mod
 from benchmarks import stats
@@ -25,6 +26,9 @@ from benchmarks.data import Batch, batches_for
 
 GIB = 1024**3
 MIN_TIMED_STEPS = 5
+# The parts of a step as the profiler sees them (benchmarks.profile attributes the GPU's idle time
+# to them); a label costs a few microseconds a step when no profiler runs.
+PHASE_LABEL = {phase: f"step.{phase}" for phase in ("forward", "backward", "optimizer")}
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,11 +97,14 @@ def train_steps(prepared: Any, batches: list[Batch], device: torch.device, warmu
         b = batch.to(device)
         synchronize(device)
         t0 = time.perf_counter()
-        out = model(**b.inputs)
-        loss = out.loss if hasattr(out, "loss") else out[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function(PHASE_LABEL["forward"]):
+            out = model(**b.inputs)
+            loss = out.loss if hasattr(out, "loss") else out[0]
+        with record_function(PHASE_LABEL["backward"]):
+            loss.backward()
+        with record_function(PHASE_LABEL["optimizer"]):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         synchronize(device)
         step_times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach().float().item()))
