@@ -11,6 +11,7 @@ rank 0's anyway).
 from __future__ import annotations
 
 import functools
+import gc
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -131,6 +132,12 @@ def _rank_main(rank: int, wrapper: Wrapper, checkpointing: bool, store: str, out
         results = {when: _train_on_rank(rank, wrapper, checkpointing, when) for when in ORDERS}
         if rank == 0:
             torch.save(results, out)
+        # Tear down only when no rank has traffic in flight, and only after the models (FSDP2's
+        # state holds cycles) are freed while the interpreter lives: gloo work still holding tensors
+        # at interpreter exit aborts the process (seen once in CI: SIGABRT, "terminate called
+        # without an active exception").
+        dist.barrier()
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
