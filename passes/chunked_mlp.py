@@ -1,5 +1,5 @@
-"""Chunked-MLP pass: a decoder layer's MLP runs over chunks of tokens, each chunk checkpointed,
-in the training steps whose memory budget calls for it.
+"""Chunked-MLP pass: a decoder layer's MLP runs over chunks of tokens, each chunk's forward run
+again in backward, in the training steps whose memory budget calls for it.
 
 At long rows a layer's peak is the MLP's ``[T x intermediate]`` activations (gate, up,
 ``act(gate) * up`` and their gradients), above all in the layer being recomputed under activation
@@ -7,14 +7,21 @@ checkpointing. This pass outlines the MLP, from its input ``x [..., hidden]`` to
 a body graph (:mod:`sloth_fx.outline`) and calls it through :func:`~sloth_fx.token_chunks.chunk_in_step`.
 In a step that chunks (:mod:`sloth_fx.memory_budget` decides per step: one layer's recompute
 peak would be over a third of the budget) the body runs over chunks of ``CHUNK_TOKENS`` tokens,
-each under its own checkpoint, so that one chunk's intermediates live at a time, forward or
-backward; the number of chunks comes from the actual token count (the graph's sizes are
-symbolic). In every other step, and for a batch of at most ``CHUNK_TOKENS`` tokens, the body runs
-as the MLP did, with no checkpoint. Chunked, outputs and the input gradient are the unchunked
-values (up to rounding where a matrix product rounds a row differently with another number of
-rows); weight and adapter gradients are the same per-token sums, grouped by chunk (the maths is
-in :mod:`sloth_fx.token_chunks`). Dropout inside (``lora_dropout``) is replayed exactly in each
-chunk's recompute, but draws its masks chunk by chunk.
+saving only its inputs; backward runs each chunk's forward again and at once its backward, so
+that one chunk's intermediates live at a time, forward or backward; the number of chunks comes
+from the actual token count (the graph's sizes are symbolic). In every other step, and for a
+batch of at most ``CHUNK_TOKENS`` tokens, the body runs as the MLP did. Chunked, outputs and the
+input gradient are the unchunked values (up to rounding where a matrix product rounds a row
+differently with another number of rows); weight and adapter gradients are the same per-token
+sums, grouped by chunk (the maths is in :mod:`sloth_fx.token_chunks`). Dropout inside
+(``lora_dropout``) is replayed exactly in backward, but draws its masks chunk by chunk.
+
+**The layer's recompute.** Where the graph is a whole checkpointed function (a checkpoint's body,
+:data:`~sloth_fx.checkpoint.CHECKPOINT_BODY`) and the MLP's output reaches nothing but the graph's
+output, through sums only (the residual add), the recompute never reads that output: the call is
+told so (``unread_width``) and the recompute skips the chunks, saving only their inputs. The MLP
+then runs twice in a chunked step, as under plain checkpointing, instead of three times. A graph
+of a layer checkpointed around its capture (older transformers) runs them in the recompute too.
 
 **Which nodes.** The MLP is the module with children ``gate_proj``, ``up_proj`` and ``down_proj``,
 found by the nodes' ``nn_module_stack``: every computing node traced inside it. Run after the
@@ -43,6 +50,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from sloth_fx.canonicalize import CAST
+from sloth_fx.checkpoint import CHECKPOINT_BODY
 from sloth_fx.graph_edit import NotSchedulable, fake_value, module_path
 from sloth_fx.kernels.gated_mlp import gated_mlp
 from sloth_fx.kernels.lora import lora_linear, lora_linear_group
@@ -72,8 +80,10 @@ def chunked_mlp(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
             log.refuse(path, found)
             continue
         x, others, output = found
+        unread = gm.meta.get(CHECKPOINT_BODY, False) and _summed_into_output(output)
+        kwargs = {"unread_width": int(fake_value(output).shape[-1])} if unread else {}
         try:
-            call, body = outline(gm, nodes, [x, *others], output, chunk_in_step, {}, "chunked_mlp_body")
+            call, body = outline(gm, nodes, [x, *others], output, chunk_in_step, kwargs, "chunked_mlp_body")
         except NotSchedulable as err:
             log.refuse(path, str(err))
             continue
@@ -82,8 +92,10 @@ def chunked_mlp(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
         stacks = (n.meta.get("nn_module_stack", {}) for n in nodes if module_path(n) == path)
         call.meta["nn_module_stack"] = next(stacks, {})
         ops = ", ".join(dict.fromkeys(_op_name(n) for n in nodes if n.target is not operator.getitem))
-        log.rewrite(path, f"chunks of {token_chunks.CHUNK_TOKENS} tokens, each checkpointed, in steps whose memory "
-                          f"budget calls for it; hidden {fake_value(x).shape[-1]}; outlined {ops}")
+        recompute = ("not run again in the layer's recompute (its output is only summed into the layer's)" if unread
+                     else "run again in the layer's recompute")
+        log.rewrite(path, f"chunks of {token_chunks.CHUNK_TOKENS} tokens, each run again in backward, in steps whose "
+                          f"memory budget calls for it; {recompute}; hidden {fake_value(x).shape[-1]}; outlined {ops}")
     return gm
 
 
@@ -137,6 +149,13 @@ def _boundary(path: str, nodes: list[fx.Node]) -> tuple[fx.Node, list[fx.Node], 
             return (f"its input {other.name} {tuple(value.shape)} has the tokens' size {shared.pop()}: "
                     "each chunk would read it whole")
     return x, others, output
+
+
+def _summed_into_output(node: fx.Node) -> bool:
+    """``node``'s value reaches nothing but the graph's output, through sums only: nothing whose
+    backward needs a value reads it (a sum's gradient is the incoming one)."""
+    return all(user.op == "output" or (user.op == "call_function" and user.target is torch.add
+                                       and _summed_into_output(user)) for user in node.users)
 
 
 def _token_wise(node: fx.Node) -> bool:

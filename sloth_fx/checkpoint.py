@@ -43,6 +43,9 @@ _HOP = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
 _OWN_KWARGS = ("use_reentrant", "preserve_rng_state", "context_fn")
 # torch.utils.checkpoint's own keywords; any other keyword goes to the checkpointed function
 _CHECKPOINT_KWARGS = (*_OWN_KWARGS, "determinism_check", "debug", "early_stop")
+# A body graph's meta flag: the graph is a whole checkpointed function, so its outputs are what the
+# checkpoint's recompute gives back, and nothing of the recompute runs after them.
+CHECKPOINT_BODY = "sloth_fx_checkpoint_body"
 
 
 @dataclass
@@ -91,21 +94,29 @@ def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
 def recomputed_as_forward(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` run in the step state of the forward that checkpoints it (whether token-wise calls
     chunk: :func:`~sloth_fx.token_chunks.chunking_as`) whenever it runs: its recompute, in backward
-    after that forward's state has ended, then saves what the forward saved."""
+    after that forward's state has ended, then saves what the forward saved. Every run after the
+    first is a recompute, and runs as one (:func:`~sloth_fx.token_chunks.recomputing`)."""
     step = current_chunking()
+    runs = 0
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with chunking_as(step):
+        nonlocal runs
+        runs += 1
+        with chunking_as(step, recompute=runs > 1):
             return fn(*args, **kwargs)
 
     return run
 
 
 def replay_rng_in_checkpoints(gm: fx.GraphModule) -> int:
-    """Point every ``tag_activation_checkpoint`` node of ``gm`` at :func:`checkpoint_body`; the count."""
+    """Point every ``tag_activation_checkpoint`` node of ``gm`` at :func:`checkpoint_body`, and flag
+    its body graph's ``meta`` with :data:`CHECKPOINT_BODY`; the count."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and _HOP is not None and n.target is _HOP]
     for node in nodes:
         node.target = checkpoint_body
+        body = node.args[0]
+        if isinstance(body, fx.Node) and body.op == "get_attr":
+            getattr(gm, body.target).meta[CHECKPOINT_BODY] = True
     if nodes:
         gm.recompile()
     return len(nodes)

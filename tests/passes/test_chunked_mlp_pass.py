@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from chunk_calls import count_chunk_checkpoints
+from chunk_calls import count_chunk_runs, no_runs
 from tiny_models import assert_refused_unchanged, batch, tiny_model, twin
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -35,8 +35,8 @@ def chunk(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    return count_chunk_checkpoints(monkeypatch)
+def runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    return count_chunk_runs(monkeypatch)
 
 
 def step(model: nn.Module, inputs: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
@@ -61,15 +61,20 @@ def assert_as_close_to_float64(x: torch.Tensor, unchunked: torch.Tensor, truth: 
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_same_training_step_as_unchunked(family, checkpoints):
+def test_same_training_step_as_unchunked(family, runs):
     """2 rows of 37 tokens, 5 chunks a layer (the last of 10): the loss and the input gradient of
-    the unchunked run up to rounding, every gradient as close to float64 as the unchunked one."""
+    the unchunked run up to rounding, every gradient as close to float64 as the unchunked one. The
+    chunks run in the forward and again in backward; the layers' recomputes do not run them (the
+    MLP's output is only added to the residual), where the checkpoint is in the captured graph."""
     original = tiny_model(family, lora=True, checkpointing=True)
     unchunked = sloth_fx.optimize(twin(original), passes=without_chunking())
     chunked = sloth_fx.optimize(twin(original), memory_budget=CHUNKING)
     inputs = batch(s=37)
     loss, embeds_grad, grads = step(chunked, inputs)
-    assert checkpoints[:10] == [16, 16, 16, 16, 10] * 2  # the forward of the 2 layers
+    both_layers = [16, 16, 16, 16, 10] * 2
+    in_graph = checkpoint_in_graph(chunked)
+    assert runs == {"forward": both_layers, "recompute": [] if in_graph else both_layers, "backward": both_layers}
+    assert ("not run again in the layer's recompute" in sloth_fx.explain(chunked)) == in_graph
     loss_u, embeds_grad_u, grads_u = step(unchunked, inputs)
     loss_t, embeds_grad_t, grads_t = step(twin(original).double(), inputs, torch.float64)
     # A row's product rounds alike in any number of rows only where the BLAS makes it so (MKL's
@@ -84,8 +89,15 @@ def test_same_training_step_as_unchunked(family, checkpoints):
     assert "this forward ran 2 MLPs over chunks of tokens" in sloth_fx.explain(chunked)
 
 
+def checkpoint_in_graph(model: nn.Module) -> bool:
+    """The layers' checkpoint is in their captured graph (transformers checkpoints inside the
+    forward), not around it (older transformers: in the layer's ``__call__``)."""
+    captures = [c for region in sloth_fx.report(model).regions.values() for c in region.captures]
+    return any("activation checkpoint" in note for capture in captures for note in capture.notes)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_steps_that_do_not_chunk_run_the_mlp_as_it_was(checkpointing, checkpoints):
+def test_steps_that_do_not_chunk_run_the_mlp_as_it_was(checkpointing, runs):
     """Without a budget (CPU) or without checkpointing the step does not chunk: no chunk's
     checkpoint, and every number as without the pass."""
     original = tiny_model("llama", lora=True, checkpointing=checkpointing)
@@ -93,12 +105,12 @@ def test_steps_that_do_not_chunk_run_the_mlp_as_it_was(checkpointing, checkpoint
     plain = sloth_fx.optimize(twin(original), passes=without_chunking())
     loss, embeds_grad, grads = step(outlined, batch(s=37))
     loss_p, embeds_grad_p, grads_p = step(plain, batch(s=37))
-    assert checkpoints == [] and sloth_fx.report(outlined).count("chunked_mlp") == 2
+    assert runs == no_runs() and sloth_fx.report(outlined).count("chunked_mlp") == 2
     assert torch.equal(loss, loss_p) and torch.equal(embeds_grad, embeds_grad_p)
     assert all(torch.equal(grads[name], grads_p[name]) for name in grads_p)
 
 
-def test_a_recompute_chunks_as_its_forward_did_with_another_model_trained_in_between(checkpoints):
+def test_a_recompute_chunks_as_its_forward_did_with_another_model_trained_in_between(runs):
     """Model A's step chunks, model B's (no budget) does not; B runs forward and backward between
     A's forward and A's backward: A's recompute still chunks (and saves) as A's forward did."""
     original = tiny_model("llama", lora=True, checkpointing=True)
@@ -113,9 +125,11 @@ def test_a_recompute_chunks_as_its_forward_did_with_another_model_trained_in_bet
     a.zero_grad(set_to_none=True)
     loss = a(**inputs).loss
     b(**inputs).loss.backward()
-    del checkpoints[:]
+    for when in runs:
+        del runs[when][:]
     loss.backward()
-    assert checkpoints == [16, 16, 16, 16, 10] * 2, checkpoints  # each layer's recompute ran its MLP in chunks
+    # each layer's recompute saved what the forward's chunked call saved, and its backward ran the chunks
+    assert runs["backward"] == [16, 16, 16, 16, 10] * 2, runs
     assert all(torch.equal(g, alone[n]) for n, g in grads(a).items())
 
 
@@ -151,9 +165,7 @@ def test_lora_dropout_replays_its_masks_in_each_chunk(monkeypatch):
         for name in grads_ref:
             torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert not torch.equal(seeded(chunked, inputs, 7)[0], seeded(chunked, inputs, 8)[0])
-    checkpoint = token_chunks.checkpoint
-    forgetful = lambda *a, **k: checkpoint(*a, **{**k, "preserve_rng_state": False})  # noqa: E731
-    monkeypatch.setattr(token_chunks, "checkpoint", forgetful)
+    monkeypatch.setattr(token_chunks, "restore_rng", lambda devices, state: None)  # backward draws new masks
     grads = seeded(chunked, inputs, 7)[2]
     grads_ref = seeded(reference, inputs, 7)[2]
     assert not all(torch.allclose(grads[n], grads_ref[n], rtol=1e-5, atol=1e-7) for n in grads_ref)
@@ -161,7 +173,7 @@ def test_lora_dropout_replays_its_masks_in_each_chunk(monkeypatch):
 
 def test_with_offloaded_checkpointing_bit_for_bit():
     """Offloading the checkpointed layers' inputs (5 layers, a budget of 0) changes no number of
-    the chunked run, dropout included: the chunks' checkpoints nest inside the layers'. The other
+    the chunked run, dropout included: the chunked calls run inside the layers' checkpoints. The other
     run recomputes and chunks (a budget its prediction fits, with a recompute peak over a third of it)."""
     original = tiny_model("llama", lora=True, lora_dropout=0.1, checkpointing=True, layers=5)
     fits = estimate_activations(layers=5, tokens=2 * 37, hidden=64, intermediate=96, element_size=4).total
@@ -176,8 +188,8 @@ def test_with_offloaded_checkpointing_bit_for_bit():
     assert all(torch.equal(grads[name], grads_r[name]) for name in grads_r)
 
 
-def test_rows_within_a_chunk_run_as_they_were(checkpoints, monkeypatch):
-    """18 tokens against chunks of 32, in a step that chunks: no checkpoint, and every number as
+def test_rows_within_a_chunk_run_as_they_were(runs, monkeypatch):
+    """18 tokens against chunks of 32, in a step that chunks: no chunk, and every number as
     without the pass."""
     monkeypatch.setattr(token_chunks, "CHUNK_TOKENS", 32)
     original = tiny_model("llama", lora=True, checkpointing=True)
@@ -185,7 +197,7 @@ def test_rows_within_a_chunk_run_as_they_were(checkpoints, monkeypatch):
     unchunked = sloth_fx.optimize(twin(original), passes=without_chunking())
     loss, embeds_grad, grads = step(chunked, batch())
     loss_u, embeds_grad_u, grads_u = step(unchunked, batch())
-    assert checkpoints == []
+    assert runs == no_runs()
     assert torch.equal(loss, loss_u) and torch.equal(embeds_grad, embeds_grad_u)
     assert all(torch.equal(grads[name], grads_u[name]) for name in grads_u)
     assert sloth_fx.report(chunked).count("chunked_mlp") == 2
@@ -204,8 +216,9 @@ def test_on_by_default_last_and_in_the_report():
         assert report.sites("chunked_mlp") == [f"base_model.model.model.layers.{i}.mlp" for i in (0, 1)]
         assert report.count("lora") == 14 and report.count("gated_mlp") == 2 and not report.refusals()
     assert "dropped by verify" not in sloth_fx.explain(default)
-    assert ("chunked_mlp: rewrote mlp  (chunks of 16 tokens, each checkpointed, in steps whose memory budget calls "
-            "for it; hidden 64; outlined lora_linear_group, gated_mlp, lora_linear)") in sloth_fx.explain(default)
+    assert ("chunked_mlp: rewrote mlp  (chunks of 16 tokens, each run again in backward, in steps whose memory budget "
+            "calls for it; ") in sloth_fx.explain(default)
+    assert "hidden 64; outlined lora_linear_group, gated_mlp, lora_linear)" in sloth_fx.explain(default)
     assert "hidden 64; outlined linear, mul, add, silu)" in sloth_fx.explain(first)
 
 
