@@ -62,7 +62,9 @@ DEVICE_SHARE = 0.9
 # One layer's recompute peak above this share of the budget: its MLPs run in chunks. Measured on
 # an H200 capped at 16 GiB (Llama-2-7B nf4, batch 1): unchunked, 16,384 tokens (a predicted peak
 # of 27% of the budget) trained and 24,576 (40%) ran out of memory; chunked, 81,920 trained. At
-# 16,384 tokens chunking cost 10% of the speed, so below the share it is not done.
+# 16,384 tokens chunking cost 10% of the speed, so below the share it is not done. (That was with
+# the MLP run three times in a chunked step, as it still is with layers checkpointed around their
+# capture; a checkpoint body's recompute now skips it: token_chunks. Not yet measured so.)
 CHUNK_SHARE = 1 / 3
 
 
