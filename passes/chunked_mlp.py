@@ -16,12 +16,14 @@ differently with another number of rows); weight and adapter gradients are the s
 sums, grouped by chunk (the maths is in :mod:`sloth_fx.token_chunks`). Dropout inside
 (``lora_dropout``) is replayed exactly in backward, but draws its masks chunk by chunk.
 
-**The layer's recompute.** Where the graph is a whole checkpointed function (a checkpoint's body,
-:data:`~sloth_fx.checkpoint.CHECKPOINT_BODY`) and the MLP's output reaches nothing but the graph's
-output, through sums only (the residual add), the recompute never reads that output: the call is
-told so (``unread_width``) and the recompute skips the chunks, saving only their inputs. The MLP
-then runs twice in a chunked step, as under plain checkpointing, instead of three times. A graph
-of a layer checkpointed around its capture (older transformers) runs them in the recompute too.
+**The layer's recompute.** Where the graph is a whole checkpointed function that its recompute
+replays op for op (a checkpoint's body with no selective policy:
+:func:`~sloth_fx.checkpoint.recompute_replays_whole`) and the MLP's output reaches nothing but the
+graph's output, through sums only (the residual add), the recompute never reads that output: the
+call is told so (``unread_width``) and the recompute skips the chunks, saving only their inputs.
+The MLP then runs twice in a chunked step, as under plain checkpointing, instead of three times.
+A graph of a layer checkpointed around its capture (older transformers) runs them in the
+recompute too.
 
 **Which nodes.** The MLP is the module with children ``gate_proj``, ``up_proj`` and ``down_proj``,
 found by the nodes' ``nn_module_stack``: every computing node traced inside it. Run after the
@@ -50,7 +52,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from sloth_fx.canonicalize import CAST
-from sloth_fx.checkpoint import CHECKPOINT_BODY
+from sloth_fx.checkpoint import recompute_replays_whole
 from sloth_fx.graph_edit import NotSchedulable, fake_value, module_path
 from sloth_fx.kernels.gated_mlp import gated_mlp
 from sloth_fx.kernels.lora import lora_linear, lora_linear_group
@@ -80,7 +82,7 @@ def chunked_mlp(gm: fx.GraphModule, log: PassLog) -> fx.GraphModule:
             log.refuse(path, found)
             continue
         x, others, output = found
-        unread = gm.meta.get(CHECKPOINT_BODY, False) and _summed_into_output(output)
+        unread = recompute_replays_whole(gm) and _summed_into_output(output)
         kwargs = {"unread_width": int(fake_value(output).shape[-1])} if unread else {}
         try:
             call, body = outline(gm, nodes, [x, *others], output, chunk_in_step, kwargs, "chunked_mlp_body")

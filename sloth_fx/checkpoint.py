@@ -46,6 +46,7 @@ _CHECKPOINT_KWARGS = (*_OWN_KWARGS, "determinism_check", "debug", "early_stop")
 # A body graph's meta flag: the graph is a whole checkpointed function, so its outputs are what the
 # checkpoint's recompute gives back, and nothing of the recompute runs after them.
 CHECKPOINT_BODY = "sloth_fx_checkpoint_body"
+_CONTEXT_FN = "_checkpoint_context_fn"  # where Dynamo keeps a selective-checkpoint policy on the body
 
 
 @dataclass
@@ -84,7 +85,7 @@ def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
     if _kept():
         return body(*args)
     kept = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
-    context_fn = body.meta.get("_checkpoint_context_fn")
+    context_fn = body.meta.get(_CONTEXT_FN)
     if context_fn is not None:
         kept["context_fn"] = context_fn
     with offloaded_inputs(args):
@@ -106,6 +107,14 @@ def recomputed_as_forward(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
 
     return run
+
+
+def recompute_replays_whole(gm: fx.GraphModule) -> bool:
+    """``gm`` is a whole checkpointed function (:data:`CHECKPOINT_BODY`) whose recompute runs every
+    op again: no selective-checkpoint policy, which hands saved outputs back by the order of the
+    ops and would lose count if the recompute left a call out. A call in it whose output only
+    reaches the graph's output through sums may then be left out of the recompute."""
+    return bool(gm.meta.get(CHECKPOINT_BODY)) and gm.meta.get(_CONTEXT_FN) is None
 
 
 def replay_rng_in_checkpoints(gm: fx.GraphModule) -> int:

@@ -2,6 +2,8 @@
 time, forward and backward, at any token count (measured while the rewritten graph runs); and
 MLPs that must not run in chunks are refused, each with its reason, the graph left as it was."""
 
+import functools
+
 import pytest
 import torch
 import torch.fx as fx
@@ -11,10 +13,11 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from sloth_fx.capture import mark_batch_and_sequence_dynamic
-from sloth_fx.pass_manager import run_pass
+from sloth_fx.checkpoint import replay_rng_in_checkpoints
+from sloth_fx.pass_manager import run_pass, subgraphs
 from sloth_fx.report import PassLog
 from sloth_fx import token_chunks
 from sloth_fx.token_chunks import chunk_in_step, chunking
@@ -105,6 +108,11 @@ class MLP(nn.Module):
         return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
+class PlainMLP(MLP):
+    def forward(self, x):
+        return self.down_proj(self.hidden(x))
+
+
 class LeakingMLP(MLP):
     def forward(self, x):
         h = self.hidden(x)
@@ -163,10 +171,6 @@ def test_refused_with_its_reason(case):
 
 def test_a_plain_mlp_is_outlined():
     """The control for the refusals: the same block around the plain MLP is rewritten."""
-    class PlainMLP(MLP):
-        def forward(self, x):
-            return self.down_proj(self.hidden(x))
-
     ((gm, _),) = captured(Layer(PlainMLP()), torch.randn(2, 5, 8))
     log = run_pass(gm, "chunked_mlp")
     assert [rw.location for rw in log.rewrites] == ["mlp"] and not log.refusals
@@ -174,3 +178,36 @@ def test_a_plain_mlp_is_outlined():
     again = run_pass(gm, "chunked_mlp")  # named twice: the outlined MLP is not outlined again
     assert not again.rewrites and not again.refusals
     assert sum(n.target is chunk_in_step for n in gm.graph.nodes) == 1
+
+
+class CheckpointedLayer(nn.Module):
+    """``Layer(PlainMLP())`` under a checkpoint inside the compiled forward (a body graph), its
+    output passed through ``after`` inside the checkpoint; ``context_fn`` a selective policy."""
+
+    def __init__(self, after=lambda h: h, context_fn=None) -> None:
+        super().__init__()
+        self.layer, self.after = Layer(PlainMLP()), after
+        self.kwargs = {} if context_fn is None else {"context_fn": context_fn}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(lambda t: self.after(self.layer(t)), x, use_reentrant=False, **self.kwargs)
+
+
+def outlined_call(block: nn.Module) -> fx.Node:
+    """The chunked call of ``block``'s captured graph, after checkpoint RNG replay and the pass."""
+    ((gm, _),) = captured(block, torch.randn(2, 5, 8))
+    for _, graph in subgraphs(gm):
+        replay_rng_in_checkpoints(graph)
+    run_pass(gm, "chunked_mlp")
+    (call,) = [n for _, g in subgraphs(gm) for n in g.graph.nodes if n.target is chunk_in_step]
+    return call
+
+
+def test_a_checkpoint_bodys_recompute_is_told_when_it_never_reads_the_mlp():
+    """The call is told that the recompute never reads its output only where the graph is a whole
+    checkpointed function replayed op for op and the output is only summed into its result."""
+    assert outlined_call(CheckpointedLayer()).kwargs == {"unread_width": 8}
+    assert outlined_call(CheckpointedLayer(after=lambda h: h * h)).kwargs == {}  # h * h saves h
+    save_mm = functools.partial(create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])
+    assert outlined_call(CheckpointedLayer(context_fn=save_mm)).kwargs == {}  # a selective policy
+    assert outlined_call(Layer(PlainMLP())).kwargs == {}  # not a checkpoint body
