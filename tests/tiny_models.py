@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, OlmoConfig, PhiConfig
+from transformers import (AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config, OlmoConfig,
+                          PhiConfig)
 
 import sloth_fx
 from sloth_fx.report import PassLog, Report
@@ -26,6 +27,8 @@ def config(family: str, layers: int = 2):
         return GemmaConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=1, head_dim=16)
     if family == "olmo":  # q, k, v clamped in place to +-clip_qkv; 0.1 clips a good share of them
         return OlmoConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4, clip_qkv=0.1, eos_token_id=0)
+    if family == "olmo2":  # RMSNorm after attention and after the MLP, before each residual add
+        return Olmo2Config(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4, eos_token_id=0)
     if family == "phi":
         return PhiConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4)
     raise ValueError(family)

@@ -60,21 +60,22 @@ def assert_as_close_to_float64(x: torch.Tensor, unchunked: torch.Tensor, truth: 
     assert chunked_error <= 2 * unchunked_error + EPS, f"{what}: {chunked_error} vs {unchunked_error}"
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "olmo2"])
 def test_same_training_step_as_unchunked(family, runs):
     """2 rows of 37 tokens, 5 chunks a layer (the last of 10): the loss and the input gradient of
     the unchunked run up to rounding, every gradient as close to float64 as the unchunked one. The
-    chunks run in the forward and again in backward; the layers' recomputes do not run them (the
-    MLP's output is only added to the residual), where the checkpoint is in the captured graph."""
+    chunks run in the forward and again in backward; the layers' recomputes do not run them where
+    the checkpoint is in the captured graph and the MLP's output is only added to the residual
+    (not in Olmo2, whose norm after the MLP saves that output for its backward)."""
     original = tiny_model(family, lora=True, checkpointing=True)
     unchunked = sloth_fx.optimize(twin(original), passes=without_chunking())
     chunked = sloth_fx.optimize(twin(original), memory_budget=CHUNKING)
     inputs = batch(s=37)
     loss, embeds_grad, grads = step(chunked, inputs)
     both_layers = [16, 16, 16, 16, 10] * 2
-    in_graph = checkpoint_in_graph(chunked)
-    assert runs == {"forward": both_layers, "recompute": [] if in_graph else both_layers, "backward": both_layers}
-    assert ("not run again in the layer's recompute" in sloth_fx.explain(chunked)) == in_graph
+    skipped = checkpoint_in_graph(chunked) and family != "olmo2"
+    assert runs == {"forward": both_layers, "recompute": [] if skipped else both_layers, "backward": both_layers}
+    assert ("not run again in the layer's recompute" in sloth_fx.explain(chunked)) == skipped
     loss_u, embeds_grad_u, grads_u = step(unchunked, inputs)
     loss_t, embeds_grad_t, grads_t = step(twin(original).double(), inputs, torch.float64)
     # A row's product rounds alike in any number of rows only where the BLAS makes it so (MKL's
