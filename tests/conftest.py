@@ -1,16 +1,25 @@
 """Test set-up: without a GPU the Triton kernels run in Triton's CPU interpreter.
 
-TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
-before the package is imported.
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, and
+every kernel module is imported right after: a test that first imported one under
+``reference_ops`` (which sets it to 0) would define its kernels compiled for good, and a later
+interpreted test would fail to launch them ("0 active drivers"), depending on the order of tests.
 """
 
+import importlib
 import os
+import pkgutil
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sloth_fx.kernels  # noqa: E402  (after TRITON_INTERPRET)
+
+for _module in pkgutil.iter_modules(sloth_fx.kernels.__path__):
+    importlib.import_module(f"sloth_fx.kernels.{_module.name}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
