@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sloth_fx.checkpoint import replay_rng_in_checkpoints
+from sloth_fx.checkpoint import apart_from_the_step, replay_rng_in_checkpoints
 from sloth_fx.isolation import isolated
 from sloth_fx.pass_manager import run_pass, subgraphs
 from sloth_fx.report import Capture, RegionReport, Report
@@ -120,7 +120,8 @@ class Backend:
             capture.logs.append(log)
             if before is None or not log.rewrites:
                 continue
-            verdict = compare(gm, before, example_inputs)
+            with apart_from_the_step():  # a capture may happen inside a step, even in a recompute
+                verdict = compare(gm, before, example_inputs)
             if not verdict.ok:
                 capture.dropped.append(f"{name}: {verdict.detail}")
                 capture.logs.pop()

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sloth_fx.memory_budget import decoder_layers
-from sloth_fx.offload import offloaded_inputs
+from sloth_fx.offload import offloaded_inputs, offloading
 from sloth_fx.token_chunks import chunking_as, current_chunking
 
 _HOP = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
@@ -68,6 +68,21 @@ def keeping_activations(keep: bool) -> Iterator[KeptStep | None]:
         yield _KEEP.get()
     finally:
         _KEEP.reset(token)
+
+
+@contextlib.contextmanager
+def apart_from_the_step() -> Iterator[None]:
+    """Code run inside a training step that is not part of it (verification's own runs of a graph,
+    captured in a forward or in a recompute): no decision of the step (keep, offload, chunk, a
+    recompute's skip) applies to it, and an enclosing checkpoint's saved-tensor hooks do not see
+    what it saves (in a recompute they would count its tensors as the layer's and stop it)."""
+    with keeping_activations(False), offloading(False), chunking_as(None), \
+            torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+        yield
+
+
+def _as_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _kept() -> bool:
