@@ -7,7 +7,7 @@ dropout inside SDPA, GPT-2's residual and embedding dropout).
 
 import pytest
 import torch
-from tiny_models import assert_same_training_step, batch, loss_and_grads, tiny_model, twin
+from tiny_models import CHECKPOINT_IN_FORWARD, assert_same_training_step, batch, loss_and_grads, tiny_model, twin
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import sloth_fx
@@ -36,7 +36,8 @@ def test_llama_dropout_under_checkpointing_is_exact(where):
                 module.attention_dropout = 0.1
     optimized = sloth_fx.optimize(twin(original))
     assert_same_seeded_step(original, optimized, batch())
-    assert "replay the forward's RNG" in sloth_fx.explain(optimized)
+    # in the captured graph, sloth_fx's checkpoint replays the RNG; around it, torch's own (5.17)
+    assert ("replay the forward's RNG" in sloth_fx.explain(optimized)) == CHECKPOINT_IN_FORWARD
     # the masks are really random: another seed gives another loss
     assert not torch.equal(seeded_step(optimized, batch(), seed=8)[0], seeded_step(optimized, batch())[0])
 

@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 import torch
-from tiny_models import batch, tiny_model, twin
+from tiny_models import CHECKPOINT_IN_FORWARD, batch, tiny_model, twin
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -27,9 +27,11 @@ class GradientCheckpointingLayer(nn.Module):
 
 @pytest.fixture
 def layers_checkpoint_in_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Llama's layer as in 5.17: its own forward (not today's checkpointing wrapper) and that ``__call__``."""
-    monkeypatch.setattr(LlamaDecoderLayer, "forward", LlamaDecoderLayer.forward.__wrapped__)
-    monkeypatch.setattr(LlamaDecoderLayer, "__call__", GradientCheckpointingLayer.__call__)
+    """Llama's layer as in 5.17: its own forward (not today's checkpointing wrapper) and that
+    ``__call__`` (with 5.17 itself, as it is)."""
+    if CHECKPOINT_IN_FORWARD:
+        monkeypatch.setattr(LlamaDecoderLayer, "forward", LlamaDecoderLayer.forward.__wrapped__)
+        monkeypatch.setattr(LlamaDecoderLayer, "__call__", GradientCheckpointingLayer.__call__)
 
 
 def step(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

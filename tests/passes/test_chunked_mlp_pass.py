@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 from chunk_calls import count_chunk_runs, no_runs
-from tiny_models import assert_refused_unchanged, batch, tiny_model, twin
+from tiny_models import CHECKPOINT_IN_FORWARD, assert_refused_unchanged, batch, tiny_model, twin
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -73,7 +73,7 @@ def test_same_training_step_as_unchunked(family, runs):
     inputs = batch(s=37)
     loss, embeds_grad, grads = step(chunked, inputs)
     both_layers = [16, 16, 16, 16, 10] * 2
-    skipped = checkpoint_in_graph(chunked) and family != "olmo2"
+    skipped = CHECKPOINT_IN_FORWARD and family != "olmo2"
     assert runs == {"forward": both_layers, "recompute": [] if skipped else both_layers, "backward": both_layers}
     assert ("not run again in the layer's recompute" in sloth_fx.explain(chunked)) == skipped
     loss_u, embeds_grad_u, grads_u = step(unchunked, inputs)
@@ -88,13 +88,6 @@ def test_same_training_step_as_unchunked(family, runs):
         torch.testing.assert_close(grads[name], grads_u[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
         assert_as_close_to_float64(grads[name], grads_u[name], grads_t[name], name)
     assert "this forward ran 2 MLPs over chunks of tokens" in sloth_fx.explain(chunked)
-
-
-def checkpoint_in_graph(model: nn.Module) -> bool:
-    """The layers' checkpoint is in their captured graph (transformers checkpoints inside the
-    forward), not around it (older transformers: in the layer's ``__call__``)."""
-    captures = [c for region in sloth_fx.report(model).regions.values() for c in region.captures]
-    return any("activation checkpoint" in note for capture in captures for note in capture.notes)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
