@@ -120,7 +120,7 @@ class Backend:
             capture.logs.append(log)
             if before is None or not log.rewrites:
                 continue
-            with apart_from_the_step():  # a capture may happen inside a step, even in a recompute
+            with apart_from_the_step():  # a capture happens inside a step, maybe inside a checkpoint
                 verdict = compare(gm, before, example_inputs)
             if not verdict.ok:
                 capture.dropped.append(f"{name}: {verdict.detail}")

@@ -72,10 +72,12 @@ def keeping_activations(keep: bool) -> Iterator[KeptStep | None]:
 
 @contextlib.contextmanager
 def apart_from_the_step() -> Iterator[None]:
-    """Code run inside a training step that is not part of it (verification's own runs of a graph,
-    captured in a forward or in a recompute): no decision of the step (keep, offload, chunk, a
-    recompute's skip) applies to it, and an enclosing checkpoint's saved-tensor hooks do not see
-    what it saves (in a recompute they would count its tensors as the layer's and stop it)."""
+    """Code run inside a training step that is not part of it (verification's own runs of a graph
+    being captured): no decision of the step (keep, offload, chunk, a recompute's skip) applies to
+    it, and an enclosing checkpoint's saved-tensor hooks do not take what it saves. (A layer that
+    checkpoints around its capture, as in transformers 5.17, is captured inside the checkpoint's
+    forward: its hooks took verification's tensors, and verification's own backward then started
+    the layer's recompute, which stopped it.)"""
     with keeping_activations(False), offloading(False), chunking_as(None), \
             torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
         yield

@@ -1,8 +1,8 @@
 """A tiny Llama whose layers checkpoint in ``__call__``, around the captured forward, as transformers
 5.17 (the GPU machine's) does: optimized with ``verify``, a step that offloads and chunks trains
-as the unoptimized model does. There the layer's recompute runs the captured forward again and
-Dynamo captures it anew inside the recompute; verification then runs its own graphs apart from
-the step (before, the recompute's saved-tensor hooks counted their tensors and stopped them)."""
+as the unoptimized model does. There the capture happens inside the checkpoint's forward;
+verification runs its own graphs apart from the step (before, the checkpoint's saved-tensor hooks
+took their tensors, and verification's backward started the layer's recompute, which stopped it)."""
 
 from functools import partial
 
