@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--memory-cap-gib", type=float, help="cap PyTorch's allocator at this many GiB (a smaller GPU)")
     m.add_argument("--results", default="results/latest")
 
-    f = sub.add_parser("profile", help="CUDA kernels by time over a few steps of each system (GPU)")
+    f = sub.add_parser("profile", help="where a step's time goes: GPU busy and idle by phase, kernels, host functions (GPU)")
     f.add_argument("--config", required=True)
     f.add_argument("--systems", default="sloth_fx")
     f.add_argument("--results", default="results/latest")

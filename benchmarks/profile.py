@@ -1,6 +1,6 @@
 """Where a system's training step spends its time: GPU kernels, GPU idle time and host functions.
 
-    python -m benchmarks profile --system sloth_fx --config E1 --layers 2 --results DIR
+    python -m benchmarks profile --systems sloth_fx --config E1 --layers 2 --results DIR
 
 Prepares the system as the e2e run does (same model, batches and optimizer), runs ``warmup``
 steps unprofiled, then writes ``profile_<system>_<config>.txt`` with three parts:
