@@ -12,6 +12,7 @@ from tiny_models import tiny_model, twin
 from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, text_dataset, tokenizer
 
 import sloth_fx
+from sloth_fx import token_chunks
 
 trl = pytest.importorskip("trl")
 
@@ -63,9 +64,11 @@ def test_sft_on_a_bfloat16_base_keeps_the_lora_rewrites(tmp_path):
                                torch.tensor(reference.state.log_history[-2]["loss"]), rtol=2e-3, atol=0)
 
 
-def test_sft_offloads_checkpointed_layers_under_trls_head(tmp_path):
+def test_sft_offloads_and_chunks_checkpointed_layers_under_trls_head(tmp_path, monkeypatch):
     """TRL's head calls the backbone itself, past sloth_fx's head gate: the decoder call still
-    decides each step's offload, and the run is the un-optimized one's."""
+    decides each step's offload and MLP chunks (of 8 tokens here), and the run is the un-optimized
+    one's up to rounding."""
+    monkeypatch.setattr(token_chunks, "CHUNK_TOKENS", 8)
     arguments = {"bf16": False, "gradient_checkpointing": True}
     original = tiny_model("llama", lora=True, layers=4)  # more layers than offloading keeps on the device
     optimized = sloth_fx.optimize(twin(original), memory_budget=0)
@@ -73,3 +76,4 @@ def test_sft_offloads_checkpointed_layers_under_trls_head(tmp_path):
     text = sloth_fx.explain(optimized)
     assert "add_fused_lm_head" in text and "activation checkpointing, offload (latest)" in text, text
     assert "this forward moved" in text and "moved nothing" not in text, text  # it ran, not only was decided
+    assert "this forward ran 4 MLPs over chunks of tokens" in text, text
