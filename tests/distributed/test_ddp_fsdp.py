@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from two_rank_training import ORDERS, Result, Wrapper, adapters, lora_llama, one_process, two_ranks
+from two_rank_training import CHUNK_TOKENS, ORDERS, Result, Wrapper, adapters, lora_llama, one_process, two_ranks
 
 # fp32 sums in another order (two halves, then their mean): a few roundings apart (seen: 1e-7
 # relative on the losses, 1e-8 absolute on the adapters)
@@ -30,6 +30,20 @@ def test_two_ranks_train_like_one_process(wrapper: Wrapper, checkpointing: bool,
         if when is not None:
             assert results[when]["sites"] == rewritten["sites"], f"{label}: other rewrites than in one process"
             assert results[when]["checkpoints"] == rewritten["checkpoints"], f"{label}: activation checkpoints"
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_two_ranks_whose_steps_chunk_their_mlps_train_like_one_process(wrapper: Wrapper, reference_ops: None) -> None:
+    """A budget of 0 bytes: each rank's checkpointed steps run their MLPs over chunks of tokens,
+    whose gradients are taken inside backward and reach DDP's and FSDP2's hooks as any other."""
+    results = two_ranks(wrapper, checkpointing=True, memory_budget=0)
+    expected = one_process(optimized=False, checkpointing=False)
+    for when in ORDERS[1:]:
+        label = f"{wrapper}, optimize {when}, chunked"
+        _assert_same_training(results[when], expected, label)
+        (decision,) = results[when]["decisions"].values()
+        assert f"MLPs run over chunks of {CHUNK_TOKENS} tokens" in decision, decision
+        assert "this forward ran 2 MLPs over chunks of tokens" in decision, decision
 
 
 def _assert_same_training(result: Result, expected: Result, label: str) -> None:

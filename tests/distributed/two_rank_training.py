@@ -29,14 +29,18 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import sloth_fx
+from sloth_fx import token_chunks
 
 WORLD = 2
 STEPS = 3
 LEARNING_RATE = 0.5
 ROWS, LENGTH, PADS = 4, 10, 3
 ORDERS = (None, "before", "after")  # when optimize is called: never (the control), before or after wrapping
-Result = dict[str, Any]  # "losses": [float], "adapters": {name: tensor}, "sites": {pass: [site]}, "checkpoints": int
+Result = dict[str, Any]  # "losses", "adapters" {name: tensor}, "sites" {pass: [site]}, "checkpoints", "decisions"
 Wrapper = Literal["ddp", "fsdp2"]
+# Each step's MLPs in chunks of this many tokens, where a step's budget (0 bytes) chunks them: a
+# rank's half of a batch (2 rows of 10) runs in three chunks, the whole batch in five.
+CHUNK_TOKENS = 8
 
 
 def lora_llama(checkpointing: bool) -> nn.Module:
@@ -94,14 +98,15 @@ def adapters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def outcome(model: nn.Module, losses: list[float], optimized: bool) -> Result:
-    """The losses, the adapters, and for an optimized model where its rewrites run and how many
-    captures hold an activation checkpoint."""
-    result: Result = {"losses": losses, "adapters": adapters(model), "sites": {}, "checkpoints": 0}
+    """The losses, the adapters, and for an optimized model where its rewrites run, how many
+    captures hold an activation checkpoint and the latest step's checkpointing decisions."""
+    result: Result = {"losses": losses, "adapters": adapters(model), "sites": {}, "checkpoints": 0, "decisions": {}}
     if optimized:
         report = sloth_fx.report(model)
         result["sites"] = {name: sorted(report.sites(name)) for name in sloth_fx.available_passes()}
         result["checkpoints"] = sum(any("activation checkpoint" in note for note in capture.notes)
                                     for region in report.regions.values() for capture in region.captures)
+        result["decisions"] = dict(report.checkpointing)
     return result
 
 
@@ -114,22 +119,25 @@ def one_process(optimized: bool, checkpointing: bool) -> Result:
     return outcome(model, train(model, model, [global_batch(s) for s in range(STEPS)], lambda loss: loss), optimized)
 
 
-def two_ranks(wrapper: Wrapper, checkpointing: bool) -> dict[str | None, Result]:
+def two_ranks(wrapper: Wrapper, checkpointing: bool, memory_budget: int | None = None) -> dict[str | None, Result]:
     """Rank 0's result for each of ``ORDERS``, trained under ``wrapper`` ("ddp" or "fsdp2") by two
-    spawned processes, each on its half of every batch."""
+    spawned processes, each on its half of every batch, optimized with ``memory_budget``."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "rank0.pt"
         # a file store: no port to pick, none to collide with a concurrent test run
-        mp.spawn(_rank_main, args=(wrapper, checkpointing, f"file://{folder}/store", str(out)), nprocs=WORLD)
+        args = (wrapper, checkpointing, memory_budget, f"file://{folder}/store", str(out))
+        mp.spawn(_rank_main, args=args, nprocs=WORLD)
         return torch.load(out)
 
 
-def _rank_main(rank: int, wrapper: Wrapper, checkpointing: bool, store: str, out: str) -> None:
+def _rank_main(rank: int, wrapper: Wrapper, checkpointing: bool, memory_budget: int | None, store: str,
+               out: str) -> None:
     torch.set_num_threads(1)  # two processes on a machine of few cores
+    token_chunks.CHUNK_TOKENS = CHUNK_TOKENS  # a spawned process: its own module state
     # a rank left waiting in a collective fails after the timeout instead of holding up the suite
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
-        results = {when: _train_on_rank(rank, wrapper, checkpointing, when) for when in ORDERS}
+        results = {when: _train_on_rank(rank, wrapper, checkpointing, memory_budget, when) for when in ORDERS}
         if rank == 0:
             torch.save(results, out)
         # Tear down only when no rank has traffic in flight, and only after the models (FSDP2's
@@ -142,13 +150,14 @@ def _rank_main(rank: int, wrapper: Wrapper, checkpointing: bool, store: str, out
         dist.destroy_process_group()
 
 
-def _train_on_rank(rank: int, wrapper: Wrapper, checkpointing: bool, when: str | None) -> Result:
+def _train_on_rank(rank: int, wrapper: Wrapper, checkpointing: bool, memory_budget: int | None,
+                   when: str | None) -> Result:
     model = lora_llama(checkpointing)
     if when == "before":
-        sloth_fx.optimize(model)
+        sloth_fx.optimize(model, memory_budget=memory_budget)
     runner = _wrap(model, wrapper)
     if when == "after":
-        sloth_fx.optimize(runner)
+        sloth_fx.optimize(runner, memory_budget=memory_budget)
     losses = train(model, runner, [half(global_batch(s), rank) for s in range(STEPS)], _mean_over_ranks)
     return outcome(model, losses, when is not None)
 
