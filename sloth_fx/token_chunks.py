@@ -69,8 +69,13 @@ def run_in_token_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args:
     if torch.is_grad_enabled():
         skip = unread_width if _RECOMPUTE.get() else None
         return ChunksRunAgainInBackward.apply(fn, chunk_tokens, skip, x, *args)
-    outs = [run_chunk(fn, chunk, args) for chunk in rows.split(chunk_tokens)]  # no backward: nothing to save
-    out = torch.cat(outs)
+    return _over_chunks(fn, x, args, chunk_tokens)  # no backward: nothing to save
+
+
+def _over_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, args: Sequence[Any],
+                 chunk_tokens: int) -> torch.Tensor:
+    """``fn`` on each chunk of ``x``'s rows in turn, the outputs joined back to ``x``'s leading shape."""
+    out = torch.cat([run_chunk(fn, chunk, args) for chunk in x.reshape(-1, x.shape[-1]).split(chunk_tokens)])
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -101,8 +106,7 @@ class ChunksRunAgainInBackward(torch.autograd.Function):
         ctx.save_for_backward(x, *tensors)
         if unread_width is not None:
             return x.new_zeros(*x.shape[:-1], unread_width)
-        out = torch.cat([run_chunk(fn, chunk, args) for chunk in x.reshape(-1, x.shape[-1]).split(chunk_tokens)])
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return _over_chunks(fn, x, args, chunk_tokens)
 
     @staticmethod
     def backward(ctx, grad_out):
