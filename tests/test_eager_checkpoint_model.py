@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 import torch
-from tiny_models import CHECKPOINT_IN_FORWARD, batch, tiny_model, twin
+from tiny_models import CHECKPOINT_IN_FORWARD, batch, loss_and_grads, tiny_model, twin
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -34,20 +34,13 @@ def layers_checkpoint_in_call(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(LlamaDecoderLayer, "__call__", GradientCheckpointingLayer.__call__)
 
 
-def step(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch(s=37)).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_verified_offloaded_and_chunked_step_is_exact(layers_checkpoint_in_call, monkeypatch):
     monkeypatch.setattr(token_chunks, "CHUNK_TOKENS", 16)
     original = tiny_model("llama", lora=True, checkpointing=True, layers=5)
     optimized = sloth_fx.optimize(twin(original), memory_budget=0, verify=True)
     for _ in range(2):  # the first step captures, the second runs what was captured
-        loss, grads = step(optimized)
-        loss_ref, grads_ref = step(original)
+        loss, grads = loss_and_grads(optimized, batch(s=37))
+        loss_ref, grads_ref = loss_and_grads(original, batch(s=37))
         torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
         assert grads.keys() == grads_ref.keys() and len(grads) == 5 * 14
         for name in grads_ref:
