@@ -28,6 +28,16 @@ apply) the two inputs split the gradient, and autograd carries ``d(xd)`` into dr
 
 ``xd`` is saved instead of ``x`` for dA (``x`` only if ``W`` trains); dB is unchanged.
 
+Steps of fewer than ``HOST_BOUND_TOKENS`` tokens are host-bound: the host spends longer queueing
+a step's many small ops than the GPU spends running them, so every rank-r product of such a call
+runs as plain PyTorch (``lowrank_mm``'s ``host_bound``: fp32 copies and cuBLAS, fewer host cycles
+than a Triton launch, more GPU time), and longer steps, which keep the GPU busy, run the Triton
+kernel (no copies). One decision per call, so the siblings of a group never mix the two. On an
+H200 (2026-11-30, Llama-2-7B, fp32 adapters, one process alternating the two paths on the same
+batches) the Triton path ran 4096-token steps (E2) in 0.22-0.29 s against 0.32 s, and the PyTorch
+path ran ~2200-token packed steps (R1p) about 5% faster. The crossover depends on the model's
+width and the GPU; the constant is that measurement's.
+
 A bitsandbytes 4-bit base weight is dequantized for the product that needs it — once in forward,
 once again in backward — and never kept alive from one to the other: on CUDA into a scratch
 buffer that the next 4-bit product of that shape overwrites, which is safe because the products
@@ -44,13 +54,16 @@ import torch
 from .lowrank_mm import lowrank_mm, runs_wide, split_k_for, wide_dtype
 from .toolkit import dense_weight, is_4bit
 
-__all__ = ["LoRAGroupFunction"]
+__all__ = ["HOST_BOUND_TOKENS", "LoRAGroupFunction"]
+
+HOST_BOUND_TOKENS = 4096  # a call over fewer tokens runs its rank-r products as PyTorch (module doc)
 
 
-def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype,
+                   host_bound: bool) -> torch.Tensor:
     """``W + s·B·A`` summed in fp32 and rounded once to ``dtype``: a temporary, never kept."""
     merged = w.clone() if w.dtype == dtype else w.to(dtype)
-    return lowrank_mm(b, a, alpha=s, out=merged, accumulate=True)
+    return lowrank_mm(b, a, alpha=s, out=merged, accumulate=True, host_bound=host_bound)
 
 
 class LoRAGroupFunction(torch.autograd.Function):
@@ -67,20 +80,21 @@ class LoRAGroupFunction(torch.autograd.Function):
     def forward(ctx, x, xd, scales, plans, n, *params):
         weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
         x2 = x.reshape(-1, x.shape[-1])  # a view when x's last dims are contiguous, else a copy
+        host_bound = x2.shape[0] < HOST_BOUND_TOKENS
         src = x if xd is None else xd  # what the adapters read
         ranks = [a.shape[0] for a in lora_as]
         # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
         a_cat = lora_as[0] if n == 1 else torch.cat(lora_as)
-        xa = lowrank_mm(src.reshape(-1, src.shape[-1]), a_cat.t())
+        xa = lowrank_mm(src.reshape(-1, src.shape[-1]), a_cat.t(), host_bound=host_bound)
         outs = []
         for w, a, b, bias, s, xa_i, plan in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1), plans):
             dense = dense_weight(w, x.dtype, scratch=True)
             if plan.forward == "merged":
-                dense = _merged_weight(dense, a, b, s, x.dtype)
+                dense = _merged_weight(dense, a, b, s, x.dtype, host_bound)
             y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
             del dense
             if plan.forward != "merged":
-                lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True)
+                lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True, host_bound=host_bound)
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
         need = ctx.needs_input_grad
         need_w = any(need[5 + i] for i in range(n))
@@ -93,13 +107,13 @@ class LoRAGroupFunction(torch.autograd.Function):
         ctx.save_for_backward(x if keep_x else None, xd if keep_xd else None, xa if need_xa else None, *dense_params)
         ctx.quantized = {i: w for i, w in enumerate(weights) if is_4bit(w)}  # frozen leaves: no cycle
         ctx.x_shape, ctx.scales, ctx.plans, ctx.n, ctx.ranks = x.shape, scales, plans, n, ranks
-        ctx.adapters_read_x = xd is None
+        ctx.adapters_read_x, ctx.host_bound = xd is None, host_bound
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x, xd, xa, *params = ctx.saved_tensors
-        n, scales, ranks, plans = ctx.n, ctx.scales, ctx.ranks, ctx.plans
+        n, scales, ranks, plans, host_bound = ctx.n, ctx.scales, ctx.ranks, ctx.plans, ctx.host_bound
         for i, w in ctx.quantized.items():
             params[i] = w
         weights, lora_as, lora_bs, biases = (params[i * n:(i + 1) * n] for i in range(4))
@@ -119,16 +133,16 @@ class LoRAGroupFunction(torch.autograd.Function):
         adapter_dx = need_dx and ctx.adapters_read_x
         need_g = [need_a[i] or need_dxd or (adapter_dx and plans[i].backward_dx == "factored") for i in range(n)]
         d_w, d_a, d_bias = [None] * n, [None] * n, [None] * n
-        if all(runs_wide(dy, b) for dy, b in zip(dys, lora_bs)):
+        if all(runs_wide(dy, b, host_bound=host_bound) for dy, b in zip(dys, lora_bs)):
             g, d_b = _thin_grads_wide(dys, lora_bs, xa, scales, ranks, any(need_g), need_b)
         else:
             g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
             for lo, hi in _runs(need_g):
-                _thin_products([(dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1,
+                _thin_products([(dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1, host_bound,
                                g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]])
             d_b = [None] * n
             for lo, hi in _runs(need_b):
-                parts = _thin_products([(dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0)
+                parts = _thin_products([(dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0, host_bound)
                 for i, part in zip(range(lo, hi), parts):
                     d_b[i] = part.to(lora_bs[i].dtype)
         for i in range(n):
@@ -142,19 +156,21 @@ class LoRAGroupFunction(torch.autograd.Function):
             for i in range(n):
                 weight = dense_weight(weights[i], cd, scratch=True)
                 if plans[i].backward_dx == "merged":
-                    weight = _merged_weight(weight, lora_as[i], lora_bs[i], scales[i], cd)
+                    weight = _merged_weight(weight, lora_as[i], lora_bs[i], scales[i], cd, host_bound)
                 dx = dys[i] @ weight if dx is None else dx.addmm_(dys[i], weight)
                 del weight
             if adapter_dx:
                 for lo, hi in _runs([plans[i].backward_dx == "factored" for i in range(n)]):
                     a_run = lora_as[lo] if hi - lo == 1 else torch.cat(lora_as[lo:hi])
-                    lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]], a_run, out=dx, accumulate=True)
+                    lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]], a_run, out=dx, accumulate=True,
+                               host_bound=host_bound)
         dxd = None
         if need_dxd:  # one linear (n == 1): d(xd) = g·A, rounded once to the adapters' dtype (xd's)
             dxd = torch.empty(g.shape[0], lora_as[0].shape[1], device=g.device, dtype=lora_as[0].dtype)
-            dxd = lowrank_mm(g, lora_as[0], out=dxd).reshape(ctx.x_shape)
+            dxd = lowrank_mm(g, lora_as[0], out=dxd, host_bound=host_bound).reshape(ctx.x_shape)
         for lo, hi in _runs(need_a):
-            rows = lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]].t(), src)  # every dA in one product
+            # every dA in one product
+            rows = lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]].t(), src, host_bound=host_bound)
             for i, part in zip(range(lo, hi), rows.split(ranks[lo:hi], dim=0)):
                 d_a[i] = part.to(lora_as[i].dtype)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
@@ -165,7 +181,7 @@ def _thin_grads_wide(dys: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor
                      scales: Sequence[float], ranks: Sequence[int], need_g: bool,
                      need_b: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """``g`` and the ``dB_i`` of a group whose thin products all take ``lowrank_mm``'s reference
-    path (small steps on CUDA; CPU): every sibling in one wide product each, so that a step of
+    path (host-bound steps on CUDA; CPU): every sibling in one wide product each, so that a step of
     many small calls launches a few products instead of two per sibling::
 
         dY = [dY_1 … dY_n]  (widened once)      B = blockdiag(B_1, …, B_n)
@@ -195,7 +211,7 @@ def _thin_grads_wide(dys: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor
     return g, d_b
 
 
-def _thin_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dim: int,
+def _thin_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dim: int, host_bound: bool,
                    out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``alpha_i·a_i·b_i`` for each product: into consecutive slices of the fp32 ``out`` along
     ``dim`` (0: rows, 1: columns), or without ``out`` as fresh results; returned.
@@ -205,23 +221,23 @@ def _thin_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
     of one pass each: the same additions in the same order (``lowrank_mm``'s ``partials``), fewer
     launches. The fresh results are then rows of one tensor.
     """
-    splits = {split_k_for(a, b) for a, b, _ in products}
+    splits = {split_k_for(a, b, host_bound=host_bound) for a, b, _ in products}
     split = splits.pop() if len(splits) == 1 else 1
     if out is None and split > 1 and dim == 0 and len({b.shape[1] for _, b, _ in products}) == 1:
         a0, b0, _ = products[0]
         out = torch.empty(sum(a.shape[0] for a, _, _ in products), b0.shape[1], device=a0.device, dtype=torch.float32)
     if out is None:
-        return [lowrank_mm(a, b, alpha=alpha) for a, b, alpha in products]
+        return [lowrank_mm(a, b, alpha=alpha, host_bound=host_bound) for a, b, alpha in products]
     sizes = [a.shape[0] if dim == 0 else b.shape[1] for a, b, _ in products]
     parts = out.split(sizes, dim=dim)
     if split > 1:
         partials = torch.empty(split, *out.shape, device=out.device, dtype=torch.float32)
         for (a, b, alpha), part in zip(products, partials.split(sizes, dim=dim + 1)):
-            lowrank_mm(a, b, alpha=alpha, partials=part)
+            lowrank_mm(a, b, alpha=alpha, partials=part, host_bound=host_bound)
         torch.sum(partials, dim=0, out=out)
     else:
         for (a, b, alpha), part in zip(products, parts):
-            lowrank_mm(a, b, alpha=alpha, out=part)
+            lowrank_mm(a, b, alpha=alpha, out=part, host_bound=host_bound)
     return list(parts)
 
 

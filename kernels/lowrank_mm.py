@@ -37,12 +37,12 @@ When the ``out`` tiles alone cannot fill the GPU (``r`` is one side of ``out`` a
 is cut into ``split`` slices whose partial products land in an fp32 buffer ``[split, M, N]``
 summed afterwards: deterministic, unlike atomics.
 
-Small products run as plain PyTorch on CUDA (the reference: fp32 copies and an fp32 cuBLAS
-product, the same fp32 accuracy and one rounding). A Triton launch costs the host about 0.1 ms
-(argument specialisation, cache lookups), a cuBLAS op a tenth of that; below
-``HOST_BOUND_VOLUME`` multiply-adds (``M·N·K``; the product and its copies then take the GPU
-less than a Triton launch takes the host) the step is host-bound and the fewer host cycles win.
-At the 7B shapes of ~2k-token steps every rank-r product is below it; at 16k tokens none is.
+A caller whose step is host-bound passes ``host_bound=True``: the product then runs as plain
+PyTorch on CUDA too (the reference: fp32 copies and an fp32 cuBLAS product, the same fp32
+accuracy and one rounding). A Triton launch costs the host about 0.1 ms (argument
+specialisation, cache lookups), a cuBLAS op a tenth of that, but the copies and the fp32 product
+cost the GPU more than the kernel does. Which one wins is a property of the whole step, not of one
+product, so the caller decides (the LoRA op, by its token count).
 """
 
 from __future__ import annotations
@@ -59,9 +59,6 @@ from .toolkit import (
 )
 
 __all__ = ["lowrank_mm", "lowrank_mm_reference", "runs_wide", "split_k_for", "wide_dtype"]
-
-HOST_BOUND_VOLUME = 2**30  # M·N·K below which a CUDA product is cheaper as PyTorch ops (see above)
-
 
 # How the tile product is formed (a compile-time constant of the kernel).
 NATIVE, SPLIT_A, SPLIT_B, SPLIT_BOTH, FMA = 0, 1, 2, 3, 4
@@ -209,26 +206,28 @@ def _launch(m: int, n: int, k: int, fresh_fp32: bool, split_k: int | None, devic
                    4 if long_k else 3)
 
 
-def split_k_for(a: torch.Tensor, b: torch.Tensor) -> int:
+def split_k_for(a: torch.Tensor, b: torch.Tensor, host_bound: bool = False) -> int:
     """How many K slices :func:`lowrank_mm` cuts ``a·b`` into for a fresh fp32 result by default
     (1 off the Triton path): the leading size of a ``partials`` buffer for that product."""
-    if not _triton_path((a, b), a.shape[0], b.shape[1], a.shape[1]):
+    if not _triton_path((a, b), host_bound):
         return 1
     m, k = a.shape
     return _launch(m, b.shape[1], k, True, None, a.device).grid[2] if m and b.shape[1] and k else 1
 
 
-def runs_wide(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when ``lowrank_mm(a, b)`` takes the reference path, which copies both operands to fp32
-    (or fp64): a caller with one operand in several such products may widen it once itself."""
-    return not _triton_path((a, b), a.shape[0], b.shape[1], a.shape[1])
+def runs_wide(a: torch.Tensor, b: torch.Tensor, host_bound: bool = False) -> bool:
+    """True when ``lowrank_mm(a, b, host_bound=host_bound)`` takes the reference path, which
+    copies both operands to fp32 (or fp64): a caller with one operand in several such products may
+    widen it once itself."""
+    return not _triton_path((a, b), host_bound)
 
 
-def _triton_path(tensors: tuple[torch.Tensor, ...], m: int, n: int, k: int) -> bool:
-    """The Triton kernel runs: its device and dtypes, and on CUDA a product worth a launch."""
+def _triton_path(tensors: tuple[torch.Tensor, ...], host_bound: bool) -> bool:
+    """The Triton kernel runs: its device and dtypes, and on CUDA a step that is not host-bound
+    (under the interpreter it always runs: the tests' way to the kernel)."""
     if not use_triton(*tensors) or any(t.dtype not in SUPPORTED_DTYPES for t in tensors):
         return False
-    return not tensors[0].is_cuda or m * n * k >= HOST_BOUND_VOLUME
+    return not (host_bound and tensors[0].is_cuda)
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> None:
@@ -248,7 +247,7 @@ def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, accumulat
 
 def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor | None = None,
                accumulate: bool = False, split_k: int | None = None,
-               partials: torch.Tensor | None = None) -> torch.Tensor:
+               partials: torch.Tensor | None = None, host_bound: bool = False) -> torch.Tensor:
     """``out = alpha·a·b`` (``+ out`` with ``accumulate``), fp32 accumulation, one rounding.
 
     ``a [M, K]`` and ``b [K, N]`` in any strides and float dtypes; ``out [M, N]`` (any strides,
@@ -261,6 +260,9 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
     written to ``partials[s]`` and nothing is summed, so that several products (LoRA's siblings,
     side by side in one buffer) are summed in one pass; ``partials.sum(0)`` is then bit for bit
     the result with ``out=None``. Returned. Triton path only.
+
+    ``host_bound``: the caller's step is host-bound; on CUDA the product runs as PyTorch ops (see
+    the module doc).
     """
     _check(a, b, out, accumulate)
     tensors = (a, b) if out is None else (a, b, out)
@@ -269,7 +271,7 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
                 or partials.dtype != torch.float32 or not use_triton(a, b, partials):
             raise ValueError(f"partials must be an fp32 [S, {a.shape[0]}, {b.shape[1]}] buffer on the Triton path, "
                              "with neither out nor accumulate")
-    elif not _triton_path(tensors, a.shape[0], b.shape[1], a.shape[1]):
+    elif not _triton_path(tensors, host_bound):
         return lowrank_mm_reference(a, b, alpha=alpha, out=out, accumulate=accumulate)
     m, k = a.shape
     n = b.shape[1]

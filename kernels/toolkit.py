@@ -20,7 +20,7 @@ Those arguments are loop bounds and masks along rows, where divisibility buys no
 kernel lists them in ``do_not_specialize``; sizes along a row's contiguous dimension stay
 specialised (their divisibility vectorises the loads). ``lowrank_mm``'s M and K are kept: each is
 the token count in some products and the contiguous size in others, and it runs only on steps
-long enough (see its ``HOST_BOUND_VOLUME``) that a compile once per class is noise.
+long enough (the LoRA op's ``HOST_BOUND_TOKENS``) that a compile once per class is noise.
 
 An op's checks raise :class:`UnsupportedType` or :class:`UnsupportedValue` (a ``TypeError`` and a
 ``ValueError`` to its callers); :func:`refusal` turns the same checks into the answer to "do you

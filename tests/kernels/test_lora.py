@@ -9,6 +9,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sloth_fx.kernels.lora as lora_mod
+import sloth_fx.kernels.lora_function as lora_function
 from sloth_fx.kernels import toolkit
 from sloth_fx.kernels.lora import (
     lora_linear,
@@ -18,6 +19,7 @@ from sloth_fx.kernels.lora import (
     lora_linear_reference,
     lora_linear_supports,
 )
+from sloth_fx.kernels.lora_function import HOST_BOUND_TOKENS
 from sloth_fx.kernels.lora_plan import LoRAPlan
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -326,10 +328,13 @@ def test_supports_takes_fake_tensors():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("host_bound_tokens", [0, 2**62], ids=["triton", "pytorch"])
 @pytest.mark.parametrize("plan", [FACTORED, MERGED], ids=["factored", "merged"])
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
 @pytest.mark.parametrize("lead,i,outs,ranks", SHAPES + [((2, 1000), 512, [512, 128, 128], [16, 16, 16])])
-def test_bf16_on_gpu(plan, adapter_dtype, lead, i, outs, ranks):
+def test_bf16_on_gpu(plan, adapter_dtype, lead, i, outs, ranks, host_bound_tokens, monkeypatch):
+    """Both ways of running the rank-r products: the Triton kernel and, for host-bound steps, PyTorch."""
+    monkeypatch.setattr(lora_function, "HOST_BOUND_TOKENS", host_bound_tokens)
     check_group(lead, i, outs, ranks, [0.5, 2.0, 1.0][: len(outs)], torch.bfloat16, seed=91, bias=True,
                 plans=[plan] * len(outs), adapter_dtype=adapter_dtype, device="cuda")
 
@@ -376,6 +381,24 @@ def test_caches_never_change_a_result_when_shapes_change(monkeypatch):
         check_group((t,), 40, [24, 96, 24], [8, 8, 8], [0.5, 2.0, 1.0], torch.float32, seed=100 + t, bias=True)
     assert calls == [5, 5, 5, 17, 17, 17]  # one plan per linear per new token count
     lora_mod._group_plans.cache_clear()
+
+
+@pytest.mark.parametrize("tokens", [HOST_BOUND_TOKENS - 1, HOST_BOUND_TOKENS])
+def test_one_host_bound_decision_per_call(tokens, monkeypatch):
+    """Every rank-r product of a call, forward and backward, is told the same thing: host-bound
+    below HOST_BOUND_TOKENS tokens, not from there on."""
+    told = []
+
+    def spy(real):
+        def call(*args, host_bound, **kw):
+            told.append(host_bound)
+            return real(*args, host_bound=host_bound, **kw)
+        return call
+
+    for name in ("lowrank_mm", "runs_wide", "split_k_for"):
+        monkeypatch.setattr(lora_function, name, spy(getattr(lora_function, name)))
+    check_group((tokens,), 8, [8, 12], [2, 2], [0.5, 2.0], torch.float32, seed=5)
+    assert len(told) >= 6 and set(told) == {tokens < HOST_BOUND_TOKENS}
 
 
 def test_grouped_split_k_partials_match_one_product_each(monkeypatch):

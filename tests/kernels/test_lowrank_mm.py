@@ -88,9 +88,8 @@ def test_bad_inputs_are_refused():
 @pytest.mark.parametrize("m,k,n", SHAPES + [(16384, 4096, 48), (16384, 16, 11008), (4096, 16384, 16), (48, 16384, 4096)])
 @pytest.mark.parametrize("da,db", DTYPES + [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                                             (torch.bfloat16, torch.bfloat16)])
-def test_on_gpu_against_float64(m, k, n, da, db, monkeypatch):
+def test_on_gpu_against_float64(m, k, n, da, db):
     """The kernel itself: every product on Triton, however small."""
-    monkeypatch.setattr(mm_module, "HOST_BOUND_VOLUME", 0)
     a, b = operands(m, k, n, da, db, seed=m + k + n, device="cuda", transposed=n < 64)
     got = lowrank_mm(a, b, alpha=0.5)
     assert torch.isfinite(got).all() and rel_err(got, a, b, 0.5) < 3e-5  # fp32 accuracy: pieces exact, K up to 16384 summed in fp32
@@ -102,15 +101,15 @@ def test_on_gpu_against_float64(m, k, n, da, db, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n", [(2048, 4096, 48), (2048, 16, 4096), (4096, 2048, 16)])
-def test_on_gpu_small_products_run_as_pytorch_at_fp32_accuracy(m, k, n, monkeypatch):
-    """Below HOST_BOUND_VOLUME a CUDA product skips the Triton launch, at the same accuracy."""
+def test_on_gpu_host_bound_products_run_as_pytorch_at_fp32_accuracy(m, k, n, monkeypatch):
+    """With host_bound a CUDA product skips the Triton launch, at the same accuracy."""
     monkeypatch.setattr(mm_module, "_lowrank_mm_kernel", None)  # a launch would fail
     a, b = operands(m, k, n, torch.bfloat16, torch.float32, seed=m + k + n, device="cuda", transposed=n < 64)
-    got = lowrank_mm(a, b, alpha=0.5)
+    got = lowrank_mm(a, b, alpha=0.5, host_bound=True)
     assert torch.isfinite(got).all() and rel_err(got, a, b, 0.5) < 3e-5
     out = torch.randn(m, n, device="cuda").to(torch.bfloat16)
     base = out.clone()
-    lowrank_mm(a, b, alpha=0.5, out=out, accumulate=True)
+    lowrank_mm(a, b, alpha=0.5, out=out, accumulate=True, host_bound=True)
     assert rel_err(out, a, b, 0.5, base) < TOL[torch.bfloat16]
 
 

@@ -29,7 +29,6 @@ def _inputs(device: torch.device) -> dict[str, list[torch.Tensor]]:
         "gated_mlp": [t(7, 96), t(7, 96)],
         "rope": [t(2, 4, 5, 64), t(2, 2, 5, 64), t(1, 5, 64, grad=False), t(1, 5, 64, grad=False)],
         "cross_entropy": [t(9, 32), t(50, 32), torch.randint(0, 50, (9,), generator=g).to(device)],
-        # above HOST_BOUND_VOLUME: the Triton kernel, not the PyTorch path of small products
         "lowrank_mm": [t(4096, 16, grad=False), t(16, 16384, dtype=torch.float32, grad=False)],
         "lora": [t(7, 64), t(48, 64, grad=False), t(8, 64, dtype=torch.float32), t(48, 8, dtype=torch.float32)],
     }
