@@ -140,7 +140,7 @@ def lowrank_mm_reference(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0
                          accumulate: bool = False) -> torch.Tensor:
     """:func:`lowrank_mm` in plain PyTorch: the product in fp32 (fp64 if an operand is fp64).
 
-    An accumulated product takes the fewest kernels and bytes, for the small products that take
+    An accumulated product takes the fewest kernels and bytes, for the host-bound products that take
     this path on CUDA: into a wide ``out``, one in-place ``addmm`` (the sum in the product's
     epilogue); into a 16-bit ``out``, the wide product and one in-place ``add_``, which sums
     ``out + alpha·(a·b)`` in fp32 and rounds once into ``out`` (no wide copy of ``out``)."""
