@@ -6,10 +6,11 @@
     python -m benchmarks lora-plans --results DIR
     python -m benchmarks maxlen --config E6 --systems hf,sloth_fx --lo 4096 --hi 65536 --results DIR
     python -m benchmarks profile --config E1 --layers 2 --systems hf,sloth_fx --results DIR
+    python -m benchmarks ab --config E2 --set sloth_fx.kernels.lora_function.HOST_BOUND_TOKENS=4096,0 --steps 6
     python -m benchmarks report --results DIR
     python -m benchmarks worker --system hf --config E2 --out row.json     (one run; used by e2e, sft)
 
-Each e2e or sft run and each maxlen probe is its own subprocess; ``--budget-s`` bounds the whole command
+Each e2e or sft run and each maxlen probe is its own subprocess (ab and profile run in this one); ``--budget-s`` bounds the whole command
 (each subprocess gets the time left, at most ``--timeout``).
 """
 
@@ -50,14 +51,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-cap-gib", type=float, help="cap PyTorch's allocator at this many GiB (a smaller GPU)")
 
 
+def _unsloth_first(system: str) -> None:
+    """Unsloth patches transformers at import: a process that runs it imports it first."""
+    if system == "unsloth":
+        try:
+            import unsloth  # noqa: F401
+        except Exception:
+            pass  # the run reports the ImportError from systems._unsloth
+
+
 def cmd_worker(a: argparse.Namespace) -> int:
     """One system on one configuration; always writes a row (ok or failed) and exits 0 unless
     the process itself dies."""
-    if a.system == "unsloth":
-        try:  # Unsloth patches transformers at import: it must come first.
-            import unsloth  # noqa: F401
-        except Exception:
-            pass  # the row reports the ImportError from systems._unsloth
+    _unsloth_first(a.system)
     import torch
 
     from benchmarks.configs import get_config
@@ -237,6 +243,27 @@ def cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ab(a: argparse.Namespace) -> int:
+    _unsloth_first(a.system)
+    import torch
+
+    from benchmarks.ab import run_ab, summarize
+    from benchmarks.configs import get_config
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = run_ab(a.system, get_config(a.config, **_overrides(a)), a.set, blocks=a.blocks, steps=a.steps,
+                    device=device, seed=a.seed)
+    for row in result["blocks"]:
+        print(f"block {row['block']} {result['setting']}={row['value']!r}: {row['tokens_per_s']:.0f} tokens/s, "
+              f"steps {[round(t, 3) for t in row['step_times']]}, loss {row['loss']:.4f}, gpu {row['gpu']}")
+    for s in summarize(result):
+        print(f"{result['setting']}={s['value']}: median {s['median_tokens_per_s']} tokens/s over {s['blocks']} blocks after its first")
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / f"ab_{result['config']}_{a.system}.json").write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from benchmarks.report import write_report
 
@@ -308,12 +335,21 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--results", default="results/latest")
     _add_model_args(f)
 
+    b = sub.add_parser("ab", help="one process, one model, the same batches: blocks alternating a setting's values")
+    b.add_argument("--config", required=True)
+    b.add_argument("--system", default="sloth_fx", choices=SYSTEMS)
+    b.add_argument("--set", required=True, help="module.NAME=v1,v2 (Python literals), e.g. "
+                   "sloth_fx.kernels.lora_function.HOST_BOUND_TOKENS=4096,0")
+    b.add_argument("--blocks", type=int, default=8, help="blocks in all, A, B, A, B, ... (default 8)")
+    b.add_argument("--results", default="results/latest")
+    _add_model_args(b)
+
     r = sub.add_parser("report", help="report.md and plots from a results folder")
     r.add_argument("--results", default="results/latest")
 
     a = p.parse_args(argv)
     return {"worker": cmd_worker, "e2e": cmd_e2e, "sft": cmd_sft, "kernels": cmd_kernels, "maxlen": cmd_maxlen, "lora-plans": cmd_lora_plans,
-            "profile": cmd_profile, "report": cmd_report}[a.cmd](a)
+            "profile": cmd_profile, "ab": cmd_ab, "report": cmd_report}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@
 #   --tests-workers N   pytest-xdist processes for the GPU tests when xdist is installed (default 8:
 #                       the tests are mostly compile time, which is host work)
 #   --profile CONFIG[:SYSTEMS]  before e2e: GPU busy share, kernels and host functions of a step
+#   --ab CONFIG:MODULE.NAME=V1,V2  before e2e: sloth_fx in one process, blocks alternating the values
 #   --kernel-ops LIST   subset of ops
 #   --maxlen LO:HI:GRAN[:SYSTEMS[:CONFIG]]  run E6's bisection (CONFIG: E6, Llama-2-7B nf4, or E6L3, Llama-3-8B nf4)
 #   --ladder            E6 climbs LO, LO+GRAN, ... in one worker per system (one model build) instead of bisecting
@@ -33,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET=540 CONFIGS=E1,E2,E3 SYSTEMS=hf,liger,compile,unsloth,sloth_fx LAYERS="" STEPS=8
-LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=180 TESTS_WORKERS=8 PROFILE="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" SFT="" EXTRA=() MAXLEN_ARGS=()
+LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=180 TESTS_WORKERS=8 PROFILE="" AB="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" SFT="" EXTRA=() MAXLEN_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift ;;
@@ -46,6 +47,7 @@ while [ $# -gt 0 ]; do
     --tests-timeout) TESTS_TIMEOUT=$2; shift ;;
     --tests-workers) TESTS_WORKERS=$2; shift ;;
     --profile) PROFILE=$2; shift ;;
+    --ab) AB=$2; shift ;;
     --no-kernels) KERNELS=0 ;;
     --kernels-timeout) KERNELS_TIMEOUT=$2; shift ;;
     --kernel-ops) KOPS=$2; shift ;;
@@ -121,6 +123,16 @@ if [ -n "$PROFILE" ]; then
   timeout "$T" $PY -m benchmarks profile --config "$PCFG" --systems "${PSYS:-sloth_fx}" --steps 6 --warmup 3 \
       --results "$RES" ${LAYERS:+--layers "$LAYERS"} >>"$LOG" 2>&1
   say "profile exit $?"
+fi
+
+# 2c. A/B: one setting's values alternating in one process (one model, the same batches).
+if [ -n "$AB" ]; then
+  IFS=: read -r ACFG ASPEC <<<"$AB"
+  T=$(min 300 $(( $(left) - 60 )))
+  say "ab $ACFG $ASPEC (timeout ${T}s)"
+  timeout "$T" $PY -m benchmarks ab --config "$ACFG" --set "$ASPEC" --steps 6 --results "$RES" \
+      ${LAYERS:+--layers "$LAYERS"} >>"$LOG" 2>&1
+  say "ab exit $?"
 fi
 
 # 3. End-to-end runs (the table), leaving room for kernels and the report.
