@@ -60,6 +60,13 @@ def _unsloth_first(system: str) -> None:
             pass  # the run reports the ImportError from systems._unsloth
 
 
+def _device(a: argparse.Namespace) -> str:
+    """``--device``, else CUDA where there is one."""
+    import torch
+
+    return a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cmd_worker(a: argparse.Namespace) -> int:
     """One system on one configuration; always writes a row (ok or failed) and exits 0 unless
     the process itself dies."""
@@ -71,7 +78,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     from benchmarks.maxlen import ladder_lengths
     from benchmarks.sft import run_sft, sft_label
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(a)
     row: dict[str, Any] = {"system": a.system, "config": a.config}
 
     def write(r: dict[str, Any]) -> None:
@@ -250,9 +257,11 @@ def cmd_ab(a: argparse.Namespace) -> int:
     from benchmarks.ab import run_ab, summarize
     from benchmarks.configs import get_config
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(a)
+    if a.memory_cap_gib:
+        cap_process_memory(torch.device(device), a.memory_cap_gib)
     result = run_ab(a.system, get_config(a.config, **_overrides(a)), a.set, blocks=a.blocks, steps=a.steps,
-                    device=device, seed=a.seed)
+                    device=device, seed=a.seed, unsloth_offload=a.unsloth_offload)
     for row in result["blocks"]:
         print(f"block {row['block']} {result['setting']}={row['value']!r}: {row['tokens_per_s']:.0f} tokens/s, "
               f"steps {[round(t, 3) for t in row['step_times']]}, loss {row['loss']:.4f}, gpu {row['gpu']}")

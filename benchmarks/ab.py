@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.configs import Config
 from benchmarks.data import batches_for
-from benchmarks.e2e import timed_prepare, train_steps
+from benchmarks.e2e import require_packed_ok, timed_prepare, train_steps
 
 __all__ = ["gpu_state", "parse_setting", "run_ab", "summarize"]
 
@@ -62,17 +62,18 @@ def gpu_state() -> str | None:
 
 
 def run_ab(system: str, cfg: Config, spec: str, *, blocks: int, steps: int, device: str = "cuda",
-           seed: int = 0) -> dict[str, Any]:
+           seed: int = 0, **opts: Any) -> dict[str, Any]:
     """Prepare ``system`` on ``cfg`` once and train ``blocks`` blocks of the same ``steps`` batches,
     alternating the values of ``spec`` (see :func:`parse_setting`); the setting's own value is put
-    back afterwards. The result: the setting, and one row per block with its value, tokens/s over
+    back afterwards. ``opts`` go to the system's preparation (as an e2e run's do). The result: the setting, and one row per block with its value, tokens/s over
     its steps after the first (real tokens), step times, last loss and GPU state."""
     module, name, values = parse_setting(spec)
     if steps < 2 or blocks < len(values):
         raise ValueError(f"need at least 2 steps a block and a block per value, got {steps} and {blocks}")
     dev = torch.device(device)
     batches = batches_for(cfg, steps, seed)
-    prepared, setup = timed_prepare(system, cfg, dev, seed, {})
+    prepared, setup = timed_prepare(system, cfg, dev, seed, opts)
+    require_packed_ok(system, cfg, prepared)
     real = [b.real_tokens for b in batches]
     original = getattr(module, name)
     rows = []

@@ -140,6 +140,14 @@ def timed_prepare(system: str, cfg: Config, dev: torch.device, seed: int,
     return prepared, setup
 
 
+def require_packed_ok(system: str, cfg: Config, prepared: Any) -> None:
+    """Raise ``Unsupported`` where ``cfg``'s batches are packed rows and ``system`` takes none."""
+    from benchmarks.systems import Unsupported
+
+    if cfg.data == "packed" and not prepared.packed_ok:
+        raise Unsupported(f"{system} takes no packed input")
+
+
 def run_e2e(
     system: str,
     cfg: Config,
@@ -152,16 +160,13 @@ def run_e2e(
 ) -> dict[str, Any]:
     """Prepare ``system`` on ``cfg`` and train ``steps`` steps; the result row as a dict.
     Raises on failure (the worker turns exceptions into failure rows)."""
-    from benchmarks.systems import Unsupported
-
     require_timed_steps(steps, warmup, opts.pop("allow_few_steps", False))
     dev = torch.device(device)
     row: dict[str, Any] = {"system": system, "config": cfg.id, "config_desc": cfg.describe(), "status": "running"}
     batches = batches_for(cfg, steps, seed)
     prepared, setup = timed_prepare(system, cfg, dev, seed, opts)
     row.update(setup)
-    if cfg.data == "packed" and not prepared.packed_ok:
-        raise Unsupported(f"{system} takes no packed input")
+    require_packed_ok(system, cfg, prepared)
     row["notes"] = prepared.notes
     res = train_steps(prepared, batches, dev, warmup)
     row.update(res)

@@ -48,3 +48,15 @@ def test_blocks_alternate_the_code_sees_each_value_and_the_setting_is_put_back(m
 def test_bad_settings_are_refused_by_name(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_setting(spec)
+
+
+def test_packed_rows_are_refused_for_a_system_that_takes_none(monkeypatch):
+    import types
+
+    import benchmarks.ab as ab
+    from benchmarks.configs import get_config
+    from benchmarks.systems import Unsupported
+
+    monkeypatch.setattr(ab, "timed_prepare", lambda *args: (types.SimpleNamespace(packed_ok=False), {}))
+    with pytest.raises(Unsupported, match="takes no packed input"):
+        ab.run_ab("hf", get_config("tiny", data="packed"), f"{SETTING}=4096,0", blocks=2, steps=2, device="cpu")
