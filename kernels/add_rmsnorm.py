@@ -30,9 +30,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import launch
 from .rmsnorm import _check as _check_rmsnorm, _signature as _rmsnorm_signature, rmsnorm_reference
 from .rmsnorm_kernel import _ROUND_CODES, _as_rows, _block_config, _empty, _round_to, rmsnorm_backward
-from .toolkit import UnsupportedType, UnsupportedValue, device_guard, refusal, use_triton, validate
+from .toolkit import UnsupportedType, UnsupportedValue, refusal, use_triton, validate
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_reference", "add_rmsnorm_supports", "AddRMSNormFunction"]
 
@@ -113,14 +114,14 @@ class AddRMSNormFunction(torch.autograd.Function):
         rstd = _empty((m,), torch.float32, x.device)
         if m > 0:
             block, single, num_warps = _block_config(n, x.element_size())
-            with device_guard(x):
-                _add_rmsnorm_fwd_kernel[(m,)](
-                    x2, r2, weight.contiguous(), y, h, rstd,
-                    x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
-                    n, float(eps), float(weight_offset),
-                    HAS_OFFSET=weight_offset != 0.0, ROUND=_ROUND_CODES[normed_dtype],
-                    BLOCK=block, SINGLE_TILE=single, num_warps=num_warps,
-                )
+            launch(
+                _add_rmsnorm_fwd_kernel, (m,),
+                x2, r2, weight.contiguous(), y, h, rstd,
+                x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
+                n, float(eps), float(weight_offset),
+                HAS_OFFSET=weight_offset != 0.0, ROUND=_ROUND_CODES[normed_dtype],
+                BLOCK=block, SINGLE_TILE=single, num_warps=num_warps,
+            )
         h = h.view(x.shape)
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             ctx.mark_non_differentiable(h)  # h is x + residual: no gradient through the weight

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .toolkit import cdiv, device_guard, next_power_of_2, tanh
+from .launch import launch
+from .toolkit import cdiv, next_power_of_2, tanh
 
 __all__ = ["rows_loss_and_grad_", "scale_"]
 
@@ -124,12 +125,12 @@ def rows_loss_and_grad_(logits: Tensor, labels: Tensor, loss: Tensor, scale: Ten
     range), ``loss [R]`` fp32, ``scale [1]`` fp32. ``max_block_v`` caps the vocabulary block.
     """
     block_v, num_warps = _row_tiles(logits.shape[1], max_block_v)
-    with device_guard(logits):
-        _rows_kernel[(logits.shape[0],)](
-            logits, logits.stride(0), labels, loss, scale, logits.shape[1], ignore_index,
-            float(logit_softcap) if logit_softcap is not None else 1.0,
-            HAS_SOFTCAP=logit_softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
-        )
+    launch(
+        _rows_kernel, (logits.shape[0],),
+        logits, logits.stride(0), labels, loss, scale, logits.shape[1], ignore_index,
+        float(logit_softcap) if logit_softcap is not None else 1.0,
+        HAS_SOFTCAP=logit_softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
+    )
 
 
 def scale_(t: Tensor, g: Tensor) -> Tensor:
@@ -139,6 +140,5 @@ def scale_(t: Tensor, g: Tensor) -> Tensor:
         return t.mul_(g)
     n = t.numel()
     if n:
-        with device_guard(t):
-            _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](t, g, n, BLOCK=_SCALE_BLOCK)
+        launch(_scale_kernel, (cdiv(n, _SCALE_BLOCK),), t, g, n, BLOCK=_SCALE_BLOCK)
     return t

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .toolkit import (
-    SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, device_guard, dtype_names, next_power_of_2, refusal,
+    SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, dtype_names, next_power_of_2, refusal,
     tanh, use_triton, validate,
 )
 
@@ -138,8 +139,7 @@ def _launch_fwd(g: torch.Tensor, u: torch.Tensor, y: torch.Tensor, act: int) -> 
     if n == 0:
         return  # a zero-size grid is not a valid launch on CUDA
     block, programs = _tiles(n)
-    with device_guard(g):
-        _gated_fwd_kernel[(programs,)](g, u, y, n, ACT=act, BLOCK=block)
+    launch(_gated_fwd_kernel, (programs,), g, u, y, n, ACT=act, BLOCK=block)
 
 
 def _launch_bwd(
@@ -150,8 +150,7 @@ def _launch_bwd(
     if n == 0:
         return
     block, programs = _tiles(n)
-    with device_guard(g):
-        _gated_bwd_kernel[(programs,)](dy, g, u, dg, du, n, ACT=act, BLOCK=block)
+    launch(_gated_bwd_kernel, (programs,), dy, g, u, dg, du, n, ACT=act, BLOCK=block)
 
 
 class GatedMLPFunction(torch.autograd.Function):

@@ -54,9 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .toolkit import (
-    SUPPORTED_DTYPES, cdiv, device_guard, interpreting, multi_processor_count, next_power_of_2, use_triton,
-)
+from .launch import launch
+from .toolkit import SUPPORTED_DTYPES, cdiv, interpreting, multi_processor_count, next_power_of_2, use_triton
 
 __all__ = ["lowrank_mm", "lowrank_mm_reference", "runs_wide", "split_k_for", "wide_dtype"]
 
@@ -283,8 +282,8 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
     if k == 0:
         return result if accumulate else result.zero_()
     fresh_fp32 = not accumulate and (partials is not None or out.dtype == torch.float32)
-    launch = _launch(m, n, k, fresh_fp32, split_k, a.device)
-    splits = launch.grid[2]
+    tiles = _launch(m, n, k, fresh_fp32, split_k, a.device)
+    splits = tiles.grid[2]
     if splits > 1 and not fresh_fp32:
         raise ValueError("split_k > 1 writes fp32 partial sums: only for a fresh fp32 out")
     if partials is not None and partials.shape[0] != splits:
@@ -293,13 +292,11 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
         partials = torch.empty(splits, m, n, device=a.device, dtype=torch.float32)
     target = out if partials is None else partials
     stride_cs = 0 if partials is None else target.stride(0)
-    with device_guard(a):
-        _lowrank_mm_kernel[launch.grid](
-            a, b, target, m, n, k, launch.k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            stride_cs, target.stride(-2), target.stride(-1), float(alpha), ACCUMULATE=accumulate,
-            MODE=_mode(a.dtype, b.dtype, interpreting()), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-            BLOCK_K=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
-        )
+    launch(_lowrank_mm_kernel, tiles.grid,
+           a, b, target, m, n, k, tiles.k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+           stride_cs, target.stride(-2), target.stride(-1), float(alpha), ACCUMULATE=accumulate,
+           MODE=_mode(a.dtype, b.dtype, interpreting()), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+           BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if out is not None and partials is not None:  # split here: sum the slices into out
         torch.sum(partials, dim=0, out=out)
     return result

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .toolkit import cdiv, device_guard, multi_processor_count, next_power_of_2
+from .launch import launch
+from .toolkit import cdiv, multi_processor_count, next_power_of_2
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
@@ -245,14 +246,14 @@ def rmsnorm_forward(x: Tensor, weight: Tensor, eps: float, weight_offset: float,
     rstd = _empty((m,), torch.float32, x.device)
     if m > 0:
         block, single, num_warps = _block_config(n, x.element_size())
-        with device_guard(x):
-            _rmsnorm_fwd_kernel[(m,)](
-                x2, weight.contiguous(), y, rstd,
-                x2.stride(0), y.stride(0),
-                n, float(eps), float(weight_offset),
-                HAS_OFFSET=weight_offset != 0.0, ROUND=_ROUND_CODES[normed_dtype],
-                BLOCK=block, SINGLE_TILE=single, num_warps=num_warps,
-            )
+        launch(
+            _rmsnorm_fwd_kernel, (m,),
+            x2, weight.contiguous(), y, rstd,
+            x2.stride(0), y.stride(0),
+            n, float(eps), float(weight_offset),
+            HAS_OFFSET=weight_offset != 0.0, ROUND=_ROUND_CODES[normed_dtype],
+            BLOCK=block, SINGLE_TILE=single, num_warps=num_warps,
+        )
     return y.view(x.shape), rstd
 
 
@@ -282,15 +283,15 @@ def rmsnorm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, weight
     # Pointers of buffers a constexpr flag switches off are never dereferenced.
     dx_arg = dx if need_dx else x2
     dw_arg = dw_part if need_dw else rstd
-    with device_guard(x):
-        _rmsnorm_bwd_kernel[(num_partials,)](
-            dy2, x2, w, rstd, dx_arg, dw_arg,
-            dy2.stride(0), x2.stride(0), dx_arg.stride(0),
-            m, n, rows_per_program, weight_offset,
-            HAS_OFFSET=weight_offset != 0.0, ROUND=_ROUND_CODES[normed_dtype],
-            BLOCK=block, SINGLE_TILE=single,
-            COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, num_warps=num_warps,
-        )
+    launch(
+        _rmsnorm_bwd_kernel, (num_partials,),
+        dy2, x2, w, rstd, dx_arg, dw_arg,
+        dy2.stride(0), x2.stride(0), dx_arg.stride(0),
+        m, n, rows_per_program, weight_offset,
+        HAS_OFFSET=weight_offset != 0.0, ROUND=_ROUND_CODES[normed_dtype],
+        BLOCK=block, SINGLE_TILE=single,
+        COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, num_warps=num_warps,
+    )
     if need_dw:
         # Second stage of the dw reduction: sum the per-program partial rows (fp32).
         dw = dw_part.sum(dim=0).to(weight.dtype)

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .toolkit import device_guard, next_power_of_2
+from .launch import launch
+from .toolkit import next_power_of_2
 
 __all__ = ["empty_bhsd", "rotate_into"]
 
@@ -176,15 +177,15 @@ def rotate_into(
     if bsz * seq == 0:
         return  # nothing to rotate; a zero-size grid is not a valid launch on CUDA
     blocks = _blocks(hq, k.shape[1], head_dim, cos.shape[-1])
-    with device_guard(q):
-        _rope_kernel[(bsz * seq,)](
-            q, k, cos, sin, q_out, k_out,
-            seq, hq, k.shape[1], blocks.half, head_dim,
-            *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(q_out), *_bshd_strides(k_out),
-            *_table_strides(cos, bsz, seq), *_table_strides(sin, bsz, seq),
-            BLOCK_HQ=blocks.block_hq,
-            BLOCK_HK=blocks.block_hk,
-            BLOCK_HALF=blocks.block_half,
-            BLOCK_TAIL=blocks.block_tail,
-            BACKWARD=backward,
-        )
+    launch(
+        _rope_kernel, (bsz * seq,),
+        q, k, cos, sin, q_out, k_out,
+        seq, hq, k.shape[1], blocks.half, head_dim,
+        *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(q_out), *_bshd_strides(k_out),
+        *_table_strides(cos, bsz, seq), *_table_strides(sin, bsz, seq),
+        BLOCK_HQ=blocks.block_hq,
+        BLOCK_HK=blocks.block_hk,
+        BLOCK_HALF=blocks.block_half,
+        BLOCK_TAIL=blocks.block_tail,
+        BACKWARD=backward,
+    )
