@@ -39,9 +39,9 @@ summed afterwards: deterministic, unlike atomics.
 
 A caller whose step is host-bound passes ``host_bound=True``: the product then runs as plain
 PyTorch on CUDA too (the reference: fp32 copies and an fp32 cuBLAS product, the same fp32
-accuracy and one rounding). A Triton launch costs the host about 0.1 ms (argument
-specialisation, cache lookups), a cuBLAS op a tenth of that, but the copies and the fp32 product
-cost the GPU more than the kernel does. Which one wins is a property of the whole step, not of one
+accuracy and one rounding). A Triton launch costs the host more than a cuBLAS op, even through
+:mod:`~sloth_fx.kernels.launch`'s cache, while the copies and the fp32 product cost the GPU more
+than the kernel does. Which one wins is a property of the whole step, not of one
 product, so the caller decides (the LoRA op, by its token count).
 """
 
