@@ -33,10 +33,11 @@ a step's many small ops than the GPU spends running them, so every rank-r produc
 runs as plain PyTorch (``lowrank_mm``'s ``host_bound``: fp32 copies and cuBLAS, fewer host cycles
 than a Triton launch, more GPU time), and longer steps, which keep the GPU busy, run the Triton
 kernel (no copies). One decision per call, so the siblings of a group never mix the two. On an
-H200 (2026-11-30, Llama-2-7B, fp32 adapters, one process alternating the two paths on the same
-batches) the Triton path ran 4096-token steps (E2) in 0.22-0.29 s against 0.32 s, and the PyTorch
-path ran ~2200-token packed steps (R1p) about 5% faster. The crossover depends on the model's
-width and the GPU; the constant is that measurement's.
+H200 (2026-11-30, Llama-2-7B, fp32 adapters, kernels launched through
+:mod:`~sloth_fx.kernels.launch`, one process alternating the two paths on the same batches; median
+tokens/s): 512-token steps 2555 (PyTorch) against 2329 (Triton), 1024-token steps 5717 against
+5333, ~2200-token packed steps (R1p) 11708 against 12743. The constant lies between the last two.
+The crossover depends on the model's width, the GPU and the host; it is that measurement's.
 
 A bitsandbytes 4-bit base weight is dequantized for the product that needs it — once in forward,
 once again in backward — and never kept alive from one to the other: on CUDA into a scratch
@@ -56,7 +57,7 @@ from .toolkit import dense_weight, is_4bit
 
 __all__ = ["HOST_BOUND_TOKENS", "LoRAGroupFunction"]
 
-HOST_BOUND_TOKENS = 4096  # a call over fewer tokens runs its rank-r products as PyTorch (module doc)
+HOST_BOUND_TOKENS = 2048  # a call over fewer tokens runs its rank-r products as PyTorch (module doc)
 
 
 def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype,

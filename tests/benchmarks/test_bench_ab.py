@@ -24,13 +24,14 @@ def test_blocks_alternate_the_code_sees_each_value_and_the_setting_is_put_back(m
         return real(*args, host_bound=host_bound, **kw)
 
     monkeypatch.setattr(lora_function, "lowrank_mm", spy)
+    original = lora_function.HOST_BOUND_TOKENS
     assert main(["ab", "--config", "tiny", "--set", f"{SETTING}=4096,0", "--blocks", "4", "--steps", "2",
                  "--device", "cpu", "--results", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "ab_tiny_sloth_fx.json").read_text())
     assert [r["value"] for r in result["blocks"]] == [4096, 0, 4096, 0]
     per_block = len(told) // 4
     assert per_block > 0 and told == ([True] * per_block + [False] * per_block) * 2
-    assert lora_function.HOST_BOUND_TOKENS == 4096
+    assert lora_function.HOST_BOUND_TOKENS == original
     assert all(r["tokens_per_s"] > 0 and len(r["step_times"]) == 2 and r["gpu"] is None for r in result["blocks"])
     summary = summarize(result)
     assert [(s["value"], s["blocks"]) for s in summary] == [("4096", 1), ("0", 1)]
