@@ -36,8 +36,12 @@ kernel (no copies). One decision per call, so the siblings of a group never mix 
 H200 (2026-11-30, Llama-2-7B, fp32 adapters, kernels launched through
 :mod:`~sloth_fx.kernels.launch`, one process alternating the two paths on the same batches; median
 tokens/s): 512-token steps 2555 (PyTorch) against 2329 (Triton), 1024-token steps 5717 against
-5333, ~2200-token packed steps (R1p) 11708 against 12743. The constant lies between the last two.
-The crossover depends on the model's width, the GPU and the host; it is that measurement's.
+5333, ~2200-token packed steps (R1p) 11708 against 12743, 4096-token steps (E2) faster on Triton.
+The constant is not the steady-state crossover (between 1024 and ~2200 tokens) because the
+kernel specialises its M and K on their divisibility by 16: on ragged steps the first token count
+of a new class compiles every product again, and with the constant at 2048 an 8-step R1p run
+stalled 4.3 s on its last step (2038 tokens/s). Below 4096 tokens that stall is not worth the
+gain. The crossover depends on the model's width, the GPU and the host.
 
 A bitsandbytes 4-bit base weight is dequantized for the product that needs it — once in forward,
 once again in backward — and never kept alive from one to the other: on CUDA into a scratch
@@ -57,7 +61,7 @@ from .toolkit import dense_weight, is_4bit
 
 __all__ = ["HOST_BOUND_TOKENS", "LoRAGroupFunction"]
 
-HOST_BOUND_TOKENS = 2048  # a call over fewer tokens runs its rank-r products as PyTorch (module doc)
+HOST_BOUND_TOKENS = 4096  # a call over fewer tokens runs its rank-r products as PyTorch (module doc)
 
 
 def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype,
