@@ -41,8 +41,8 @@ A caller whose step is host-bound passes ``host_bound=True``: the product then r
 PyTorch on CUDA too (the reference: fp32 copies and an fp32 cuBLAS product, the same fp32
 accuracy and one rounding). A Triton launch costs the host more than a cuBLAS op, even through
 :mod:`~sloth_fx.kernels.launch`'s cache, while the copies and the fp32 product cost the GPU more
-than the kernel does. Which one wins is a property of the whole step, not of one
-product, so the caller decides (the LoRA op, by its token count).
+than the kernel does. Which one wins is a property of the whole step, not of one product, so the
+caller decides (the LoRA op, by its token count).
 """
 
 from __future__ import annotations
@@ -292,11 +292,13 @@ def lowrank_mm(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, out: tor
         partials = torch.empty(splits, m, n, device=a.device, dtype=torch.float32)
     target = out if partials is None else partials
     stride_cs = 0 if partials is None else target.stride(0)
-    launch(_lowrank_mm_kernel, tiles.grid,
-           a, b, target, m, n, k, tiles.k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-           stride_cs, target.stride(-2), target.stride(-1), float(alpha), ACCUMULATE=accumulate,
-           MODE=_mode(a.dtype, b.dtype, interpreting()), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-           BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    launch(
+        _lowrank_mm_kernel, tiles.grid,
+        a, b, target, m, n, k, tiles.k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        stride_cs, target.stride(-2), target.stride(-1), float(alpha), ACCUMULATE=accumulate,
+        MODE=_mode(a.dtype, b.dtype, interpreting()), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
     if out is not None and partials is not None:  # split here: sum the slices into out
         torch.sum(partials, dim=0, out=out)
     return result
