@@ -130,3 +130,80 @@ def test_gpu_direct_launch_equals_tritons_dispatch(monkeypatch):
                         got = lowrank_mm(a, b, alpha=0.5, out=out_base[:, 1:].clone(), accumulate=accumulate)
                         assert torch.equal(got, expected), (m, k, n, da, db, accumulate)
     assert launch_module._compiled  # the hits ran from the cache
+
+
+class _Compiled:
+    """What the recording stand-in hands back for a launch: the kernel and its launch options."""
+
+    def __init__(self, kernel, options):
+        self.kernel, self.options = kernel, options
+
+
+class _Recording:
+    """Wraps a kernel: ``kernel[grid]`` runs it (the interpreter) and returns a :class:`_Compiled`."""
+
+    def __init__(self, kernel):
+        self.kernel, self.arg_names, self.dispatched = kernel, kernel.arg_names, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.dispatched += 1
+            self.kernel[grid](*args, **meta)
+            return _Compiled(self.kernel, {k: v for k, v in meta.items() if k in ("num_warps", "num_stages")})
+        return run
+
+
+def _every_op():
+    """Each kernel of the package, run by its op on small CPU inputs, gradients included."""
+    from sloth_fx.kernels.add_rmsnorm import add_rmsnorm
+    from sloth_fx.kernels.cross_entropy import linear_cross_entropy
+    from sloth_fx.kernels.gated_mlp import gated_mlp
+    from sloth_fx.kernels.rmsnorm import rmsnorm
+    from sloth_fx.kernels.rope import rope
+
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+
+    x, w = rand(5, 24), rand(24)
+    outs = [rmsnorm(x, w, 1e-6, normed_dtype=torch.float32), *add_rmsnorm(x, rand(5, 24), w, 1e-6)]
+    q, k = rand(1, 4, 5, 16), rand(1, 2, 5, 16)
+    outs += [*rope(q, k, torch.randn(1, 5, 16, generator=gen), torch.randn(1, 5, 16, generator=gen))]
+    outs.append(gated_mlp(rand(5, 24), rand(5, 24)))
+    hidden = rand(6, 24, dtype=torch.bfloat16)
+    outs.append(linear_cross_entropy(hidden, rand(40, 24, dtype=torch.bfloat16), torch.tensor([1, 5, -100, 39, 0, 7])))
+    sum(o.float().sum() for o in outs).backward()
+    grads = [t.grad for t in (x, w, q, k, hidden)]
+    return [o.detach() for o in outs] + grads + [lowrank_mm(torch.randn(37, 20, generator=gen), torch.randn(20, 5, generator=gen))]
+
+
+def test_every_kernel_is_kept_and_its_direct_launch_gives_the_same_bits(monkeypatch):
+    """Run on the interpreter with direct launches allowed: every kernel of the package is kept
+    after its first launch (each launch site passes every constexpr by keyword), and the second
+    run, whose launches all go direct with the arguments in signature order, gives the first
+    run's bits."""
+    from sloth_fx.kernels import add_rmsnorm, cross_entropy_rows, gated_mlp, lowrank_mm as mm, rmsnorm_kernel, rope_kernel
+
+    kernels = {(m, name) for m in (add_rmsnorm, cross_entropy_rows, gated_mlp, mm, rmsnorm_kernel, rope_kernel)
+               for name in dir(m) if name.endswith("_kernel") and not name.startswith("__")
+               and hasattr(getattr(m, name), "arg_names")}
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, _Recording(getattr(module, name)))
+    direct = []
+
+    def run_direct(compiled, grid, device, arguments):
+        direct.append(compiled.kernel)
+        compiled.kernel[grid](*arguments, **compiled.options)
+
+    monkeypatch.setattr(launch_module, "_direct", lambda first: True)
+    monkeypatch.setattr(launch_module, "_run", run_direct)
+    monkeypatch.setattr(launch_module, "_compiled", {})
+    first = _every_op()
+    dispatched = [getattr(module, name).dispatched for module, name in kernels]
+    direct.clear()
+    second = _every_op()
+    assert [getattr(module, name).dispatched for module, name in kernels] == dispatched  # no miss
+    assert set(direct) == {getattr(module, name).kernel for module, name in kernels} and len(kernels) == 9
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
