@@ -246,10 +246,20 @@ def step_figures(
     if cfg.data == "random":  # every batch alike: the definition of BENCHMARKS.md, median step
         row["tokens_per_s"] = row["real_tokens_per_s"] = cfg.tokens_per_step / med
     row["slots_per_step"], row["real_tokens_per_step"] = slots, real
+    row["slowest_step"] = slowest_step(timed, timed_batches, warmup)
     per_step_flops = [flops_mod.step_flops(cfg.shape, b.lengths, cfg.checkpointing)["total"] for b in timed_batches]
     row["flops_per_step"] = sum(per_step_flops) / len(per_step_flops)
     row["mfu"] = sum(per_step_flops) / sum(timed) / matmul_flops if matmul_flops else None
     return row
+
+
+def slowest_step(timed: list[float], timed_batches: list[Batch], warmup: int) -> dict[str, Any]:
+    """The timed step with the most seconds per real token, and how many times the timed steps'
+    median per token that is: a compile or a synchronisation inside the timed steps shows as a
+    ratio far above 1 (ragged batches differ in length, hence per token)."""
+    per_token = [t / max(1, b.real_tokens) for t, b in zip(timed, timed_batches)]
+    worst = max(range(len(per_token)), key=per_token.__getitem__)
+    return {"step": warmup + worst, "s": timed[worst], "vs_median": per_token[worst] / stats.median(per_token)}
 
 
 def classify_failure(exc: BaseException) -> str:

@@ -74,26 +74,32 @@ def memory_decision(row: dict[str, Any]) -> str:
     return ", ".join(modes + chunked) or "—"
 
 
+def _slowest(row: dict[str, Any]) -> str:
+    slow = row.get("slowest_step")
+    return f"{slow['s']:.2f} s ({slow['vs_median']:.1f}x)" if slow else "—"
+
+
 def detail_table(rows: list[dict[str, Any]]) -> str:
     """One line per row with every figure, and sloth_fx's memory decision (:func:`memory_decision`)."""
     head = (
         "| config | system | tokens/s | real tokens/s | step s (median) | peak GiB | peak GiB after warm-up "
-        "| model GiB | setup s | first step s | MFU % | max rel. loss diff vs hf | activations | status |"
+        "| model GiB | setup s | first step s | slowest timed step (x median per token) | MFU % "
+        "| max rel. loss diff vs hf | activations | status |"
     )
-    lines = [head, "| --- " * 14 + "|"]
+    lines = [head, "| --- " * 15 + "|"]
     systems = list(SYSTEMS)
     key = lambda r: (list(CONFIGS).index(r["config"]) if r["config"] in CONFIGS else 99,
                      systems.index(r["system"]) if r["system"] in systems else 99)
     for r in sorted(rows, key=key):
         if r.get("status") != "ok":
-            lines.append(f"| {r['config']} | {r['system']} |" + " — |" * 11 + f" {_cell(r)} |")
+            lines.append(f"| {r['config']} | {r['system']} |" + " — |" * 12 + f" {_cell(r)} |")
             continue
         lines.append(
             f"| {r['config']} | {r['system']} | {_fmt(r.get('tokens_per_s'), '.0f')} "
             f"| {_fmt(r.get('real_tokens_per_s'), '.0f')} | {_fmt(r.get('step_time_s'), '.3f')} "
             f"| {_fmt(r.get('peak_bytes'), '.2f', 1 / GIB)} | {_fmt(r.get('timed_peak_bytes'), '.2f', 1 / GIB)} "
             f"| {_fmt(r.get('model_bytes'), '.2f', 1 / GIB)} "
-            f"| {_fmt(r.get('setup_s'), '.1f')} | {_fmt(r.get('first_step_s'), '.2f')} "
+            f"| {_fmt(r.get('setup_s'), '.1f')} | {_fmt(r.get('first_step_s'), '.2f')} | {_slowest(r)} "
             f"| {_fmt(r.get('mfu'), '.1f', 100)} | {_fmt(r.get('loss_max_rel_diff_vs_hf'), '.2e')} "
             f"| {memory_decision(r)} | ok |"
         )

@@ -23,6 +23,8 @@ from benchmarks import stats
 from benchmarks.progress import RunBar
 from benchmarks.report import safe_name
 
+# A timed step this many times slower per token than the median is named in the run's summary line.
+STALL_RATIO = 3.0
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|Killed|Segmentation fault)\b")
 
 
@@ -165,5 +167,7 @@ def summarize_row(row: dict[str, Any]) -> str:
         return f"FAILED: {row.get('reason')}"
     peak = row.get("peak_bytes")
     mem = f", peak {peak / 2**30:.2f} GiB" if peak else ""
-    tps, first = row.get("tokens_per_s"), row.get("first_step_s")
-    return (f"{tps:.0f} tokens/s" if tps else "ok") + mem + (f", first step {first:.1f} s" if first else "")
+    tps, first, slow = row.get("tokens_per_s"), row.get("first_step_s"), row.get("slowest_step")
+    stall = (f", timed step {slow['step']} took {slow['s']:.2f} s, {slow['vs_median']:.1f}x the median per token"
+             if slow and slow["vs_median"] >= STALL_RATIO else "")
+    return (f"{tps:.0f} tokens/s" if tps else "ok") + mem + (f", first step {first:.1f} s" if first else "") + stall

@@ -66,7 +66,7 @@ def test_detail_table_says_what_sloth_fx_did_with_its_activations():
     assert report.memory_decision(row) == "recompute, offload, MLPs chunked"
     assert report.memory_decision(_fake_rows()[0]) == "—"
     line = report.detail_table([row]).splitlines()[2]
-    assert line.endswith("| recompute, offload, MLPs chunked | ok |") and line.count("|") == 15
+    assert line.endswith("| recompute, offload, MLPs chunked | ok |") and line.count("|") == 16
 
 
 def test_write_report_makes_pngs_and_markdown(tmp_path):

@@ -97,3 +97,19 @@ def test_padded_and_packed_train_to_the_same_losses():
 def test_too_few_timed_steps_is_refused():
     with pytest.raises(ValueError, match="timed steps"):
         run_e2e("hf", get_config("tiny"), device="cpu", steps=4, warmup=3)
+
+
+def test_a_stall_inside_the_timed_steps_is_named():
+    """R1p's run of 2026-11-30: the last step compiled again, 4.58 s where its siblings took ~0.3;
+    ragged batches differ in length, so the comparison is per real token."""
+    from benchmarks.data import Batch
+    from benchmarks.e2e import slowest_step
+
+    batches = [Batch({}, [900, 1300]), Batch({}, [2000]), Batch({}, [1100, 1000]), Batch({}, [2100])]
+    times = [0.30, 0.29, 0.31, 4.58]
+    slow = slowest_step(times, batches, warmup=3)
+    assert slow["step"] == 6 and slow["s"] == 4.58 and slow["vs_median"] > 10
+    row = {"status": "ok", "tokens_per_s": 2038.0, "slowest_step": slow}
+    assert "timed step 6 took 4.58 s" in runner.summarize_row(row)
+    even = slowest_step([0.22, 0.20, 0.21, 0.21], batches, warmup=3)  # time in proportion to length
+    assert even["vs_median"] < 1.2 and "timed step" not in runner.summarize_row({**row, "slowest_step": even})
