@@ -23,6 +23,10 @@ from sloth_fx.kernels.lora_function import HOST_BOUND_TOKENS
 from sloth_fx.kernels.lora_plan import LoRAPlan
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# check_group's errors relative to the magnitudes of the terms (rel_to): a few units of each dtype's
+# rounding. Over 150 seeds of every SHAPES case the largest were 8.3e-8 (fp32) and 1.6e-4 (fp16); bf16
+# (GPU only) keeps TOL's bound, which rel_to only loosens.
+MAGNITUDE_TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 FACTORED, MERGED = LoRAPlan("factored", "factored"), LoRAPlan("merged", "merged")
 
 
@@ -51,6 +55,22 @@ def check_group(lead, i, outs, ranks, scales, dtype, seed, bias=False, plans=Non
     g = torch.Generator().manual_seed(seed + 1)
     dys = [torch.randn(y.shape, generator=g).to(y.device, y.dtype) for y in ys]
     grads = torch.autograd.grad(ys, leaves, dys)
+    refs, ref_grads = _reference(leaves, ws, scales, dys, outs, bias, train_weights)
+    # The same maths on the magnitudes of every input: each output and gradient becomes the sum of
+    # the magnitudes of its terms, the scale of fp32's rounding error. A result that cancels (T = 1
+    # and r = 1 make xa and g single dot products) can be far smaller than that.
+    mags, mag_grads = _reference([t.abs() for t in leaves], [w.abs() for w in ws], [abs(s) for s in scales],
+                                 [d.abs() for d in dys], outs, bias, train_weights)
+    for y, r, m in zip(ys, refs, mags):
+        assert y.dtype == dtype and y.shape == r.shape  # the base dtype, as PEFT casts back
+        assert torch.isfinite(y).all() and rel_to(y, r, m) < MAGNITUDE_TOL[dtype], rel_to(y, r, m)
+    for leaf, gr, r, m in zip(leaves, grads, ref_grads, mag_grads):
+        assert gr.dtype == leaf.dtype and gr.shape == leaf.shape
+        assert torch.isfinite(gr).all() and rel_to(gr, r, m) < MAGNITUDE_TOL[dtype], rel_to(gr, r, m)
+
+
+def _reference(leaves, ws, scales, dys, outs, bias, train_weights):
+    """Outputs and gradients of the float64 reference at ``leaves`` (as check_group orders them)."""
     d64 = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(d64)
     x64 = next(it)
@@ -59,13 +79,12 @@ def check_group(lead, i, outs, ranks, scales, dtype, seed, bias=False, plans=Non
     b64 = [next(it) for _ in outs]
     bias64 = [next(it) for _ in outs] if bias else [None] * len(outs)
     refs = lora_linear_group_reference(x64, w64, a64, b64, scales, bias64)
-    ref_grads = torch.autograd.grad(refs, d64, [d.double() for d in dys])
-    for y, r in zip(ys, refs):
-        assert y.dtype == dtype and y.shape == r.shape  # the base dtype, as PEFT casts back
-        assert torch.isfinite(y).all() and rel(y, r) < TOL[dtype], rel(y, r)
-    for leaf, gr, r in zip(leaves, grads, ref_grads):
-        assert gr.dtype == leaf.dtype and gr.shape == leaf.shape
-        assert torch.isfinite(gr).all() and rel(gr, r) < TOL[dtype], rel(gr, r)
+    return refs, torch.autograd.grad(refs, d64, [d.double() for d in dys])
+
+
+def rel_to(a, ref, magnitude):
+    """``|a - ref|`` relative to the magnitudes of the terms that make ``ref`` (see check_group)."""
+    return ((a.double() - ref.double()).norm() / magnitude.double().norm().clamp_min(1e-30)).item()
 
 
 SHAPES = [  # (leading dims, in, outs, ranks): T = 1, 7, 33; r > in allowed
