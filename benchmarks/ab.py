@@ -65,8 +65,9 @@ def run_ab(system: str, cfg: Config, spec: str, *, blocks: int, steps: int, devi
            seed: int = 0, **opts: Any) -> dict[str, Any]:
     """Prepare ``system`` on ``cfg`` once and train ``blocks`` blocks of the same ``steps`` batches,
     alternating the values of ``spec`` (see :func:`parse_setting`); the setting's own value is put
-    back afterwards. ``opts`` go to the system's preparation (as an e2e run's do). The result: the setting, and one row per block with its value, tokens/s over
-    its steps after the first (real tokens), step times, last loss and GPU state."""
+    back afterwards. ``opts`` go to the system's preparation (as an e2e run's do). The result: the
+    setting, and one row per block with its value, tokens/s over its steps after the first (real
+    tokens), step times, last loss and GPU state."""
     module, name, values = parse_setting(spec)
     if steps < 2 or blocks < len(values):
         raise ValueError(f"need at least 2 steps a block and a block per value, got {steps} and {blocks}")

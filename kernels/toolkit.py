@@ -19,8 +19,10 @@ such kernel again.
 Those arguments are loop bounds and masks along rows, where divisibility buys nothing, so each
 kernel lists them in ``do_not_specialize``; sizes along a row's contiguous dimension stay
 specialised (their divisibility vectorises the loads). ``lowrank_mm``'s M and K are kept: each is
-the token count in some products and the contiguous size in others, and it runs only on steps
-long enough (the LoRA op's ``HOST_BOUND_TOKENS``) that a compile once per class is noise.
+the token count in some products and the contiguous size in others. It runs only on steps of at
+least the LoRA op's ``HOST_BOUND_TOKENS`` tokens, but there too a ragged step whose count falls in
+a new class stops once to compile every product again (4.6 s on an H200 when that constant was
+2048: see the LoRA op's module doc).
 
 An op's checks raise :class:`UnsupportedType` or :class:`UnsupportedValue` (a ``TypeError`` and a
 ``ValueError`` to its callers); :func:`refusal` turns the same checks into the answer to "do you
