@@ -38,6 +38,8 @@ __all__ = ["CACHED", "argument_classes", "launch"]
 CACHED = True  # read per launch; False: every launch through kernel[grid]
 
 _I32, _I64 = 2**31, 2**63
+# Far above the keys one model makes; the bound only keeps a process that launches ever new shapes finite.
+_MAX_KEPT = 4096
 _compiled: dict[tuple, tuple[Any, tuple[str, ...]]] = {}
 
 
@@ -80,7 +82,7 @@ def launch(kernel: triton.runtime.JITFunction, grid: tuple[int, ...], *args: Any
             compiled = kernel[grid](*args, **meta)
             tail = tuple(kernel.arg_names[len(args):])
             if compiled is not None and None not in classes and all(name in meta for name in tail):
-                if len(_compiled) >= 4096:
+                if len(_compiled) >= _MAX_KEPT:
                     _compiled.clear()
                 _compiled[key] = (compiled, tail)
             return
