@@ -39,9 +39,11 @@ tokens/s): 512-token steps 2555 (PyTorch) against 2329 (Triton), 1024-token step
 5333, ~2200-token packed steps (R1p) 11708 against 12743, 4096-token steps (E2) faster on Triton.
 The constant is not the steady-state crossover (between 1024 and ~2200 tokens) because the
 kernel specialises its M and K on their divisibility by 16: on ragged steps the first token count
-of a new class compiles every product again, and with the constant at 2048 an 8-step R1p run
-stalled 4.3 s on its last step (2038 tokens/s). Below 4096 tokens that stall is not worth the
-gain. The crossover depends on the model's width, the GPU and the host.
+of a new class compiles every product again, and with the constant at 2048 the last step of an
+8-step R1p run took 4.6 s against about 0.3 s for the others (2038 tokens/s). Below 4096 tokens that
+stall is not worth the gain: with the token count left unspecialised and the constant at 2048,
+R1p ran at 9724 tokens/s against 9762 at 4096 (same H200, same day). The crossover depends on the
+model's width, the GPU and the host.
 
 A bitsandbytes 4-bit base weight is dequantized for the product that needs it — once in forward,
 once again in backward — and never kept alive from one to the other: on CUDA into a scratch
