@@ -5,6 +5,6 @@
 """
 
 from sloth_fx.api import explain, optimize, report
-from sloth_fx.pass_manager import available_passes, register_pass
+from sloth_fx.rewrite.pass_manager import available_passes, register_pass
 
 __all__ = ["optimize", "explain", "report", "register_pass", "available_passes"]

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sloth_fx.capture import RegionGate
-from sloth_fx.install import Installation, displaced, install, uninstall
+from sloth_fx.capture.regions import RegionGate
+from sloth_fx.capture.install import Installation, displaced, install, uninstall
 from sloth_fx.kernels.toolkit import SUPPORTED_DTYPES
-from sloth_fx.pass_manager import available_passes, get_pass
+from sloth_fx.rewrite.pass_manager import available_passes, get_pass
 from sloth_fx.report import Report
 
 _ATTR = "_sloth_fx"
@@ -31,7 +31,7 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     step is judged against ``memory_budget`` (bytes; None: what the GPU can still hand out, and
     none on CPU): a step whose activations take at most half of it keeps them and recomputes
     nothing; one whose predicted memory is over it keeps its checkpointed layers' inputs in host
-    memory until their recompute (:mod:`sloth_fx.memory_budget`, :mod:`sloth_fx.offload`); either
+    memory until their recompute (:mod:`sloth_fx.memory.budget`, :mod:`sloth_fx.memory.offload`); either
     way with the loss and gradients of plain checkpointing, bit for bit. ``explain`` gives the
     latest decision and the prediction. Calling it again replaces the earlier set-up. Returns
     ``model`` itself; its sloth_fx state lives on it (copied by ``deepcopy``, saved by pickling). A

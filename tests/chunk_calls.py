@@ -1,9 +1,9 @@
-"""Counting the token chunks that sloth_fx.token_chunks runs, by when each ran."""
+"""Counting the token chunks that sloth_fx.memory.token_chunks runs, by when each ran."""
 
 import pytest
 import torch
 
-from sloth_fx import token_chunks
+from sloth_fx.memory import token_chunks
 
 WHEN = ("forward", "recompute", "backward")
 

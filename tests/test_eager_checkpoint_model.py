@@ -13,7 +13,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import sloth_fx
-from sloth_fx import token_chunks
+from sloth_fx.memory import token_chunks
 
 
 class GradientCheckpointingLayer(nn.Module):

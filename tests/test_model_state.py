@@ -67,7 +67,7 @@ def test_uninstall_restores_what_install_replaced():
     layer.forward = hooked
     sloth_fx.optimize(model)
     sloth_fx.optimize(model, passes=["rmsnorm"])  # replaces the first set-up
-    from sloth_fx.install import uninstall
+    from sloth_fx.capture.install import uninstall
 
     uninstall(model._sloth_fx)
     assert layer.__dict__["forward"] is hooked

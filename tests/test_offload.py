@@ -16,9 +16,9 @@ from tiny_models import CHECKPOINT_IN_FORWARD, batch, loss_and_grads, tiny_model
 from torch import nn
 
 import sloth_fx
-from sloth_fx import offload
-from sloth_fx.checkpoint import checkpoint_body
-from sloth_fx.memory_budget import decide_checkpointing, device_budget, estimate_activations, plan_checkpointing
+from sloth_fx.memory import offload
+from sloth_fx.memory.checkpoint import checkpoint_body
+from sloth_fx.memory.budget import decide_checkpointing, device_budget, estimate_activations, plan_checkpointing
 
 GiB = 2**30
 
@@ -324,7 +324,7 @@ def test_kept_activations_give_the_recomputed_loss_and_gradients_without_a_recom
         calls.append(1)
         return torch.utils.checkpoint.checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr("sloth_fx.checkpoint.checkpoint", counted)
+    monkeypatch.setattr("sloth_fx.memory.checkpoint.checkpoint", counted)
     plain = seeded_step(recomputed, batch())
     checkpoints = 3 if CHECKPOINT_IN_FORWARD else 0  # 5.17's layers checkpoint with their own function
     assert len(calls) == checkpoints
@@ -391,7 +391,7 @@ def test_explain_says_what_a_forward_moved_and_when_a_decision_to_offload_moved_
     moved = 3 * 4 * 40 * 64 * 4  # every layer's fp32 hidden input but the last one's
     assert f"; this forward moved 3 layers' inputs ({moved / 2**10:.2f} KiB) to host memory" in sloth_fx.explain(model)
     # a layer checkpointed around sloth_fx's checkpoint (as if a graph break left HF's in charge)
-    monkeypatch.setattr("sloth_fx.checkpoint.offloaded_inputs", lambda args: contextlib.nullcontext())
+    monkeypatch.setattr("sloth_fx.memory.checkpoint.offloaded_inputs", lambda args: contextlib.nullcontext())
     loss_and_grads(model, inputs)
     text = sloth_fx.explain(model)
     assert "activation checkpointing, offload (latest)" in text

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sloth_fx import checkpoint as sloth_checkpoint
-from sloth_fx import offload
+from sloth_fx.memory import checkpoint as sloth_checkpoint
+from sloth_fx.memory import offload
 
 
 class GradientCheckpointingLayer(nn.Module):

@@ -8,9 +8,9 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
-from sloth_fx.packed_attention import (NAME, install_packed_attention, packed_attention_forward,
+from sloth_fx.batching.packed_attention import (NAME, install_packed_attention, packed_attention_forward,
                                       uninstall_packed_attention)
-from sloth_fx.padding_free import plan
+from sloth_fx.batching.padding_free import plan
 from tiny_models import loss_and_grads, tiny_model, twin
 
 FAMILIES = ["llama", "mistral"]  # mistral's tiny config has GQA (2 kv heads for 4 query heads)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening, DynamicCache
 
-from sloth_fx.packed_attention import install_packed_attention
-from sloth_fx.padding_free import PaddingFree, plan
+from sloth_fx.batching.packed_attention import install_packed_attention
+from sloth_fx.batching.padding_free import PaddingFree, plan
 from tiny_models import tiny_model, twin
 
 FAMILIES = ["llama", "mistral"]

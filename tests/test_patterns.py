@@ -5,8 +5,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from sloth_fx.canonicalize import canonicalize_graph
-from sloth_fx.patterns import find_matches, trace_pattern
+from sloth_fx.rewrite.canonicalize import canonicalize_graph
+from sloth_fx.rewrite.patterns import find_matches, trace_pattern
 
 
 def scaled_square(x, w, eps, dtype):

@@ -7,9 +7,9 @@ import torch
 from chunk_calls import count_chunk_runs, no_runs
 from torch.utils.checkpoint import checkpoint
 
-from sloth_fx import token_chunks
-from sloth_fx.checkpoint import recomputed_as_forward
-from sloth_fx.token_chunks import chunk_in_step, chunking, run_in_token_chunks
+from sloth_fx.memory import token_chunks
+from sloth_fx.memory.checkpoint import recomputed_as_forward
+from sloth_fx.memory.token_chunks import chunk_in_step, chunking, run_in_token_chunks
 
 
 def scaled_square(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

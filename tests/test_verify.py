@@ -1,5 +1,5 @@
 """verify: a rewrite is judged by its distance from a float64 run of the original, against the
-original's own distance (sloth_fx/verify.py)."""
+original's own distance (sloth_fx/rewrite/verify.py)."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from tiny_models import assert_same_training_step, batch, tiny_model, twin, wron
 
 import sloth_fx
 from sloth_fx.kernels.rmsnorm import rmsnorm
-from sloth_fx.verify import compare
+from sloth_fx.rewrite.verify import compare
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

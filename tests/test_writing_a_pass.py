@@ -1,5 +1,5 @@
 """README's "Writing a pass": the pass written there works from the text alone, and is the pass
-in passes/add_rmsnorm.py."""
+in sloth_fx/passes/add_rmsnorm.py."""
 
 import re
 import types
@@ -8,7 +8,7 @@ from pathlib import Path
 from tiny_models import assert_same_training_step, batch, tiny_model, twin
 
 import sloth_fx
-from sloth_fx import pass_manager
+from sloth_fx.rewrite import pass_manager
 
 ROOT = Path(__file__).parents[1]
 MARKER = "<!-- writing-a-pass: the pass -->"

@@ -17,7 +17,7 @@ from sloth_fx.report import PassLog, Report
 
 # Current transformers checkpoint a layer inside its forward (a wrapper), so the checkpoint lies in
 # sloth_fx's captured graph; 5.17 and before checkpoint in the layer's __call__, around the capture
-# (sloth_fx.checkpoint.EagerCheckpoint). Assertions on how the checkpoint ran depend on which.
+# (sloth_fx.memory.checkpoint.EagerCheckpoint). Assertions on how the checkpoint ran depend on which.
 CHECKPOINT_IN_FORWARD = LlamaDecoderLayer.forward.__code__.co_name == "forward_with_checkpointing"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)

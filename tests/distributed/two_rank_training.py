@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import sloth_fx
-from sloth_fx import token_chunks
+from sloth_fx.memory import token_chunks
 
 WORLD = 2
 STEPS = 3

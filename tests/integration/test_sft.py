@@ -12,7 +12,7 @@ from tiny_models import tiny_model, twin
 from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, text_dataset, tokenizer
 
 import sloth_fx
-from sloth_fx import token_chunks
+from sloth_fx.memory import token_chunks
 
 trl = pytest.importorskip("trl")
 

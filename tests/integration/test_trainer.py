@@ -7,7 +7,7 @@ from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, t
 from transformers import Trainer, TrainingArguments
 
 import sloth_fx
-from sloth_fx import token_chunks
+from sloth_fx.memory import token_chunks
 
 
 def trained(model, tmp_path, **arguments) -> Trainer:

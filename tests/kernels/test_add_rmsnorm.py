@@ -4,7 +4,7 @@ Two yardsticks for every case:
 
 * **float64 maths**: ``add_rmsnorm_reference`` on float64 copies with no intermediate rounding,
   gradients by autograd over it; the fused op is within the tolerance of its lowest-precision dtype.
-* **the unfused ops**: ``h = x + residual`` and ``rmsnorm(h, ...)`` (kernels/rmsnorm.py, tested on
+* **the unfused ops**: ``h = x + residual`` and ``rmsnorm(h, ...)`` (sloth_fx/kernels/rmsnorm.py, tested on
   its own), with autograd summing h's two gradients. The fused op must give the same numbers: ``h``
   and the normed output bit for bit, and the gradients bit for bit (the same backward kernel, the
   same sum in h's dtype), where both run the same kernels.

@@ -1,4 +1,4 @@
-"""Tests for the fused gated-MLP activation (kernels/gated_mlp.py) against a float64 reference."""
+"""Tests for the fused gated-MLP activation (sloth_fx/kernels/gated_mlp.py) against a float64 reference."""
 
 from __future__ import annotations
 

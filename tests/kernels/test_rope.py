@@ -1,4 +1,4 @@
-"""Tests for the fused rotary embedding (kernels/rope.py) against a float64 reference."""
+"""Tests for the fused rotary embedding (sloth_fx/kernels/rope.py) against a float64 reference."""
 
 from __future__ import annotations
 

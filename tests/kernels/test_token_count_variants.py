@@ -3,7 +3,7 @@
 Ragged batches give each step another token count. Triton compiles one variant of a kernel per
 class of each specialised integer argument (1, a multiple of 16, other), so a kernel that took the
 token count as a specialised argument stopped the first step whose count was a multiple of 16
-for a compile (kernels/toolkit.py). The counts below fall in every class.
+for a compile (sloth_fx/kernels/toolkit.py). The counts below fall in every class.
 """
 
 from __future__ import annotations

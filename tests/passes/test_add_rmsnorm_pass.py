@@ -9,7 +9,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import sloth_fx
-from sloth_fx.pass_manager import get_pass, run_pass
+from sloth_fx.rewrite.pass_manager import get_pass, run_pass
 
 LAYERS = 3
 

@@ -15,12 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from sloth_fx.capture import mark_batch_and_sequence_dynamic
-from sloth_fx.checkpoint import replay_rng_in_checkpoints
-from sloth_fx.pass_manager import run_pass, subgraphs
+from sloth_fx.capture.regions import mark_batch_and_sequence_dynamic
+from sloth_fx.memory.checkpoint import replay_rng_in_checkpoints
+from sloth_fx.rewrite.pass_manager import run_pass, subgraphs
 from sloth_fx.report import PassLog
-from sloth_fx import token_chunks
-from sloth_fx.token_chunks import chunk_in_step, chunking
+from sloth_fx.memory import token_chunks
+from sloth_fx.memory.token_chunks import chunk_in_step, chunking
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 

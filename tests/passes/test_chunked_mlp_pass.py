@@ -15,8 +15,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import sloth_fx
-from sloth_fx import token_chunks
-from sloth_fx.memory_budget import estimate_activations
+from sloth_fx.memory import token_chunks
+from sloth_fx.memory.budget import estimate_activations
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 

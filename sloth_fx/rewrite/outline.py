@@ -3,7 +3,7 @@
 :func:`outline` moves the nodes that compute one value into a new ``GraphModule``, attached to the
 graph's module and read by a ``get_attr`` node, and puts one call ``fn(body, *inputs, **kwargs)``
 in the value's place. ``body(*inputs)`` computes what the nodes computed, so ``fn`` decides how
-the part runs (over chunks of tokens, say: :mod:`sloth_fx.token_chunks`). The pass manager enters
+the part runs (over chunks of tokens, say: :mod:`sloth_fx.memory.token_chunks`). The pass manager enters
 graphs read by ``get_attr`` nodes, so passes that run later rewrite inside the body too.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from sloth_fx.graph_edit import NotSchedulable, replace_with_call
+from sloth_fx.rewrite.graph_edit import NotSchedulable, replace_with_call
 
 
 def outline(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], output: fx.Node,
@@ -23,7 +23,7 @@ def outline(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[fx.No
     reads them but through ``output``) into a body ``gm.<name>_<i>`` taking ``inputs`` in order,
     and replace ``output`` with ``fn(body, *inputs, **kwargs)``; the call node and the body.
 
-    Raises :class:`~sloth_fx.graph_edit.NotSchedulable` (the graph unchanged) when the call
+    Raises :class:`~sloth_fx.rewrite.graph_edit.NotSchedulable` (the graph unchanged) when the call
     cannot be placed after all ``inputs`` and before the first use of ``output``.
     """
     body = fx.GraphModule(gm, _body_graph(nodes, inputs, output))

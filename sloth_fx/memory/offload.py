@@ -1,6 +1,6 @@
 """Offloaded activation checkpointing: checkpointed layers' saved inputs wait in host memory.
 
-Under non-reentrant checkpointing (:func:`sloth_fx.checkpoint.checkpoint_body`) a layer keeps only
+Under non-reentrant checkpointing (:func:`sloth_fx.memory.checkpoint.checkpoint_body`) a layer keeps only
 its inputs for the recompute. torch saves them as saved tensors when the checkpoint starts, before
 it pushes its own ``saved_tensors_hooks`` for the body, so a hook pair around the checkpoint call
 sees exactly those inputs and nothing the body saves. An :class:`OffloadStep` (one training
@@ -29,8 +29,8 @@ forward) is that pair:
   last layer's inputs, at most three layers' inputs are on the device during backward.
 
 Where the checkpoint runs: inside a captured layer graph (transformers' ``forward_with_checkpointing``),
-through :func:`sloth_fx.checkpoint.checkpoint_body`; in older transformers, whose layers checkpoint in
-``__call__`` around the captured ``forward``, through :class:`sloth_fx.checkpoint.EagerCheckpoint`.
+through :func:`sloth_fx.memory.checkpoint.checkpoint_body`; in older transformers, whose layers checkpoint in
+``__call__`` around the captured ``forward``, through :class:`sloth_fx.memory.checkpoint.EagerCheckpoint`.
 
 torch's own ``save_on_cpu`` is the same hook pair in its simplest form: it copies each tensor at
 save time on the current stream and copies it back only when backward asks. Here the copy waits

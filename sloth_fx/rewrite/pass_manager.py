@@ -1,7 +1,7 @@
 """The pass manager: runs registered passes over a captured graph and the graphs nested in it.
 
 A pass is a function ``(gm, log) -> gm`` that rewrites ``gm.graph`` in place and records in ``log``
-what it rewrote and what it refused; a :class:`sloth_fx.rewrite.Rewrite` (patterns, a check and a
+what it rewrote and what it refused; a :class:`sloth_fx.rewrite.engine.Rewrite` (patterns, a check and a
 replacement, with the engine owning the loop) is one. Passes register by name;
 ``optimize(passes=[...])`` picks them by that name. Canonicalization runs first, always. After
 every pass each graph is linted.
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch.fx as fx
 
-from sloth_fx.canonicalize import canonicalize
+from sloth_fx.rewrite.canonicalize import canonicalize
 from sloth_fx.report import PassLog
 
 GraphPass = Callable[[fx.GraphModule, PassLog], fx.GraphModule]

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sloth_fx.capture import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
-from sloth_fx.checkpoint import join_eager_checkpoints, keeping_activations
-from sloth_fx.memory_budget import plan_checkpointing, size_text
-from sloth_fx.offload import offloading
-from sloth_fx.padding_free import BOUNDARIES, call_tokens, plan
+from sloth_fx.capture.regions import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
+from sloth_fx.memory.checkpoint import keeping_activations
+from sloth_fx.memory.layer_checkpoint import own_checkpoints
+from sloth_fx.memory.budget import decoder_layers, plan_checkpointing, size_text
+from sloth_fx.memory.offload import offloading
+from sloth_fx.batching.padding_free import BOUNDARIES, call_tokens, plan
 from sloth_fx.report import Report
-from sloth_fx.token_chunks import chunking
+from sloth_fx.memory.token_chunks import chunking
 
 
 class HeadGate(RegionGate):
@@ -26,7 +27,7 @@ class HeadGate(RegionGate):
     - labels are checked (shape and dtype), so that bad ones raise a clear error, not a fake-tensor one;
     - no KV cache unless the call asks for one (``use_cache=False``): training never reads it, and
       each layer's guard on its own cache entry would capture every layer apart;
-    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.padding_free`).
+    - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.batching.padding_free`).
     """
 
     def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool) -> None:
@@ -93,7 +94,7 @@ class OpaqueDecoder:
     Every training call reaches the layers through here, the head's own or a trainer's that calls
     the backbone itself (TRL's fused head), so this is where a step decides whether its
     checkpointed layers' inputs wait in host memory: when its predicted activation memory is over
-    ``memory_budget`` (:mod:`sloth_fx.memory_budget`, :mod:`sloth_fx.offload`).
+    ``memory_budget`` (:mod:`sloth_fx.memory.budget`, :mod:`sloth_fx.memory.offload`).
     """
 
     def __init__(self, decoder: nn.Module, owner: Report, memory_budget: int | None) -> None:
@@ -121,7 +122,8 @@ class OpaqueDecoder:
             yield
             return
         decision = plan_checkpointing(self.decoder, args, kwargs, self.memory_budget)
-        join_eager_checkpoints(self.decoder)
+        own_checkpoints(layer for layer in decoder_layers(self.decoder)
+                        if isinstance(layer.__dict__.get("forward"), RegionGate))
         with keeping_activations(decision.keep) as kept, offloading(decision.offload) as step, \
                 chunking(decision.chunk) as chunked:
             yield

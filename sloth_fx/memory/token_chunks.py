@@ -29,7 +29,7 @@ without running ``fn``: ``fn`` runs twice, as an MLP does under plain checkpoint
 the rows fit in one chunk, ``fn`` runs as it is: short batches pay nothing.
 
 **When.** A rewritten graph calls :func:`chunk_in_step`, which chunks only inside a training
-step that decided to (:func:`chunking`, from :mod:`sloth_fx.memory_budget`: one layer's
+step that decided to (:func:`chunking`, from :mod:`sloth_fx.memory.budget`: one layer's
 ``[T x intermediate]`` products would take too much of the budget); elsewhere ``fn`` runs as it
 is, so short steps pay nothing.
 

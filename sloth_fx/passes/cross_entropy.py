@@ -22,11 +22,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.graph_edit import erase_dead, fake_value, module_path, replace_with_call
+from sloth_fx.rewrite.graph_edit import erase_dead, fake_value, module_path, replace_with_call
 from sloth_fx.kernels.cross_entropy import LogitScale, linear_cross_entropy, linear_cross_entropy_supports
-from sloth_fx.pass_manager import register_pass
-from sloth_fx.patterns import Match, trace_pattern
-from sloth_fx.rewrite import Rewrite, Site
+from sloth_fx.rewrite.pass_manager import register_pass
+from sloth_fx.rewrite.patterns import Match, trace_pattern
+from sloth_fx.rewrite.engine import Rewrite, Site
 
 LITERALS = ("vocab", "ignore_index", "reduction", "dtype")
 

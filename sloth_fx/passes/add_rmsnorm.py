@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from sloth_fx.graph_edit import fake_value, replace_with_call
+from sloth_fx.rewrite.graph_edit import fake_value, replace_with_call
 from sloth_fx.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_supports
 from sloth_fx.kernels.rmsnorm import rmsnorm
-from sloth_fx.pass_manager import register_pass
-from sloth_fx.patterns import Match, trace_pattern
-from sloth_fx.rewrite import Rewrite, Site, output_path
+from sloth_fx.rewrite.pass_manager import register_pass
+from sloth_fx.rewrite.patterns import Match, trace_pattern
+from sloth_fx.rewrite.engine import Rewrite, Site, output_path
 
 # Keep rmsnorm one call when the pattern is traced: it is the op the rmsnorm pass put in the graph.
 fx.wrap("rmsnorm")

@@ -59,7 +59,7 @@ def rmsnorm_reference(x: Tensor, weight: Tensor, eps: float, *, weight_offset: f
     With ``normed_dtype=x.dtype`` this is bitwise ``LlamaRMSNorm``; with ``weight_offset=1.0,
     out_dtype=x.dtype`` it is bitwise ``GemmaRMSNorm``. A float64 ``x`` is computed in float64
     (for tests); everything else in float32. The pass's patterns are HF's own spellings
-    (``passes/rmsnorm.py``), not traced from this function.
+    (``sloth_fx/passes/rmsnorm.py``), not traced from this function.
     """
     if out_dtype is None:
         out_dtype = torch.promote_types(x.dtype, weight.dtype)

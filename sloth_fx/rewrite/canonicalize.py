@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from sloth_fx.graph_edit import fake_value
+from sloth_fx.rewrite.graph_edit import fake_value
 
 CAST = torch.Tensor.to  # the one spelling of a dtype cast
 

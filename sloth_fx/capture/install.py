@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from sloth_fx.capture import RegionGate, RegionRuntime, find_regions
-from sloth_fx.head_gate import HeadGate, OpaqueDecoder
-from sloth_fx.packed_attention import install_packed_attention, uninstall_packed_attention
+from sloth_fx.capture.regions import RegionGate, RegionRuntime, find_regions
+from sloth_fx.capture.head_gate import HeadGate, OpaqueDecoder
+from sloth_fx.batching.packed_attention import install_packed_attention, uninstall_packed_attention
 from sloth_fx.report import RegionReport, Report
 
 

@@ -5,7 +5,7 @@ and keeps ``h`` as the next residual. Per row of length ``N`` (all leading dims 
 
     h = (x + residual) rounded to x.dtype              # HF's add: one rounding, then stored
     r = 1 / sqrt(mean(h_f32 ** 2) + eps)               # from the rounded h, as HF normalises it
-    y = (w + weight_offset) * round_normed(h_f32 * r)  # exactly kernels/rmsnorm.py's y of h
+    y = (w + weight_offset) * round_normed(h_f32 * r)  # exactly sloth_fx/kernels/rmsnorm.py's y of h
 
 ``add_rmsnorm`` returns ``(y, h)``: the Triton forward reads ``x`` and ``residual`` once and writes
 ``h`` and ``y`` (the unfused ops read ``x`` and ``residual``, write ``h``, read it back, write
@@ -18,7 +18,7 @@ Backward, given ``dy`` and ``dh`` (the gradient from ``h``'s other uses, the nex
     dx = dresidual = dh_total    # the add passes its gradient to both operands
     dw = RMSNorm's dw            # sum over rows of dy * round_normed(h * r)
 
-``dh_norm`` and ``dw`` are RMSNorm's backward (``rmsnorm_backward``, kernels/rmsnorm_kernel.py) run
+``dh_norm`` and ``dw`` are RMSNorm's backward (``rmsnorm_backward``, sloth_fx/kernels/rmsnorm_kernel.py) run
 on ``h``. Forward saves ``h`` (its own output, no copy), ``weight`` (a parameter) and the per-row
 fp32 ``rstd``; ``x`` and ``residual`` are not kept.
 """

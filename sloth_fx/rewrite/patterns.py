@@ -9,7 +9,7 @@ A pattern is written as the reference computation, e.g.::
 
 Its arguments are *inputs* (bound to graph nodes: tensors) unless listed as *literals* (bound to
 constants in the graph: eps, dtypes). Both the pattern and the captured graph are put into the
-canonical form of ``sloth_fx/canonicalize.py`` first, so one spelling serves ``x.pow(2)``,
+canonical form of ``sloth_fx/rewrite/canonicalize.py`` first, so one spelling serves ``x.pow(2)``,
 ``torch.pow(x, 2)`` and ``x ** 2``. The matcher then walks backwards from the pattern's output:
 
 - commutative operations (add, mul) match with their two operands in either order;
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from sloth_fx.canonicalize import CAST, canonicalize_graph
+from sloth_fx.rewrite.canonicalize import CAST, canonicalize_graph
 
 COMMUTATIVE = {torch.add, torch.mul, operator.add, operator.mul}
 

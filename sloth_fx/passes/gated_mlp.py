@@ -12,11 +12,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.graph_edit import fake_value, replace_with_call
+from sloth_fx.rewrite.graph_edit import fake_value, replace_with_call
 from sloth_fx.kernels.gated_mlp import gated_mlp, gated_mlp_supports
-from sloth_fx.pass_manager import register_pass
-from sloth_fx.patterns import Match, trace_pattern
-from sloth_fx.rewrite import Rewrite, Site, output_path
+from sloth_fx.rewrite.pass_manager import register_pass
+from sloth_fx.rewrite.patterns import Match, trace_pattern
+from sloth_fx.rewrite.engine import Rewrite, Site, output_path
 
 def swiglu(gate, up):
     return F.silu(gate) * up

@@ -13,10 +13,10 @@ call when it does. ``W`` is the ``Params4bit`` parameter itself, a graph input: 
 module's live parameter, ``quant_state`` and all, so the fused op gets it as its weight argument
 and dequantizes with the real state; the lifted quant-state tensors are left unused.
 
-``passes/lora.py`` puts these matches into the same sibling groups as dense ones; their base
+``sloth_fx/passes/lora.py`` puts these matches into the same sibling groups as dense ones; their base
 shape comes from :func:`weight_shape` (the quant state), not from the packed uint8 tensor.
 
-Refused, with the reason: ``lora_dropout > 0`` (fused over a dense base by ``passes/lora.py``, not
+Refused, with the reason: ``lora_dropout > 0`` (fused over a dense base by ``sloth_fx/passes/lora.py``, not
 yet here); a compute dtype other than ``x``'s (bitsandbytes
 would compute the product in another precision than the fused op); a bias on the 4-bit base;
 an intermediate used outside the LoRA sum. DoRA and other LoRA variants have other graphs and do
@@ -33,9 +33,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.canonicalize import CAST
-from sloth_fx.graph_edit import fake_value
-from sloth_fx.patterns import Match, find_matches, trace_pattern
+from sloth_fx.rewrite.canonicalize import CAST
+from sloth_fx.rewrite.graph_edit import fake_value
+from sloth_fx.rewrite.patterns import Match, find_matches, trace_pattern
 
 VIEWS = ("view", torch.Tensor.view)
 Base4bit = tuple[fx.Node, fx.Node, tuple[int, int], list[fx.Node], "str | None"]  # x, W, [out, in], nodes, reason
@@ -65,7 +65,7 @@ class QuantLoRAMatch(Match):
 
 def find_4bit_lora(gm: fx.GraphModule) -> list[tuple[QuantLoRAMatch, str | None]]:
     """Every PEFT LoRA linear over a bitsandbytes 4-bit base in ``gm`` (canonicalized), with the
-    4-bit reason it must not be fused, or ``None`` (``passes/lora.py`` then checks the adapters
+    4-bit reason it must not be fused, or ``None`` (``sloth_fx/passes/lora.py`` then checks the adapters
     as it does for a dense base).
 
     Each match binds ``inputs`` ``x`` (the layer's input), ``weight`` (the ``Params4bit``),
@@ -78,7 +78,7 @@ def find_4bit_lora(gm: fx.GraphModule) -> list[tuple[QuantLoRAMatch, str | None]
         for adapter in find_matches(gm.graph, pattern):
             base = _base_4bit(gm, adapter.inputs["base"])
             if base is None or adapter.output in seen:
-                continue  # a dense base (passes/lora.py's own), or a dropout match already refused
+                continue  # a dense base (sloth_fx/passes/lora.py's own), or a dropout match already refused
             seen.add(adapter.output)
             x, weight, shape, base_nodes, reason = base
             inputs = {k: v for k, v in adapter.inputs.items() if k != "base"}

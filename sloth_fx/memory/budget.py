@@ -1,7 +1,7 @@
 """The memory budget: per training step, whether checkpointed layers keep their activations,
 recompute them, or recompute them with their inputs offloaded to host memory.
 
-Recompute costs a layer's forward again; offloading (:mod:`sloth_fx.offload`) adds two copies of
+Recompute costs a layer's forward again; offloading (:mod:`sloth_fx.memory.offload`) adds two copies of
 every layer's input over the host link. A batch whose activations fit pays for neither. Each
 training step is judged on its own, from a prediction of its activation memory against a budget:
 
@@ -15,7 +15,7 @@ training step is judged on its own, from a prediction of its activation memory a
 - **offloaded**: what stays on the device then: ``KEPT_LAYERS`` layers' inputs (the last layer's,
   the one recomputing, the one prefetched) plus the same peak;
 - **chunked**: the recompute peak when the MLPs run over chunks of ``CHUNK_TOKENS`` tokens
-  (:mod:`sloth_fx.token_chunks`): the intermediate-wide values of one chunk instead of the row's;
+  (:mod:`sloth_fx.memory.token_chunks`): the intermediate-wide values of one chunk instead of the row's;
 - **budget**: ``memory_budget`` bytes as given; or, with none, on CUDA what PyTorch's allocator can
   still hand out (free memory within the process's cap, plus what it holds unused), less a
   margin; on CPU with none, no budget: there is no device memory to save, and layers recompute
@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sloth_fx import token_chunks
-from sloth_fx.padding_free import call_tokens
+from sloth_fx.memory import token_chunks
+from sloth_fx.batching.padding_free import call_tokens
 
 # The recompute peak per token. The H100 probe of issue 15 (Llama-2-7B, bf16, one row of 65,536
 # tokens, 27.3 GiB of activations, 16 of them the 32 layers' inputs) gave the sum: 26.7 GiB
@@ -98,7 +98,7 @@ KEEP, RECOMPUTE, OFFLOAD, NONE = "keep", "recompute", "offload", "none"
 class CheckpointDecision:
     mode: str  # KEEP, RECOMPUTE, OFFLOAD; NONE: nothing is checkpointed
     text: str  # the decision and the prediction, in words, for explain
-    chunk: bool = False  # token-wise MLPs run over chunks of tokens (sloth_fx.token_chunks)
+    chunk: bool = False  # token-wise MLPs run over chunks of tokens (sloth_fx.memory.token_chunks)
 
     @property
     def offload(self) -> bool:

@@ -14,7 +14,7 @@ mask, so such a linear is its own op: siblings share no ``xd·Aᵀ``. ``p = 0`` 
 dropouts, where Dynamo records them, are kept and read the same way.
 
 Refused, with the reason, never half-applied: a weight that is not a plain 2-D tensor, or an input
-in another dtype than the base weight; ``lora_dropout > 0`` over a 4-bit base (``passes/lora_4bit.py``).
+in another dtype than the base weight; ``lora_dropout > 0`` over a 4-bit base (``sloth_fx/passes/lora_4bit.py``).
 
 The pattern ends with PEFT's cast back to the base dtype (``result.to(torch_result_dtype)``,
 absent from the graph when adapters and base share a dtype). With fp32 adapters on a bf16 model
@@ -27,7 +27,7 @@ custom Function's view outputs. Where the graph writes into a LoRA output in pla
 the fused op and the copy takes every use of it: the copy is exact, costs one ``[T, out]`` read and
 write, and its backward passes the gradient through unchanged.
 
-PEFT's LoRA over a bitsandbytes 4-bit base (QLoRA) is found by ``passes/lora_4bit.py`` and joins the
+PEFT's LoRA over a bitsandbytes 4-bit base (QLoRA) is found by ``sloth_fx/passes/lora_4bit.py`` and joins the
 same sibling groups; the fused op dequantizes the base itself. DoRA and merged adapters do not match.
 Adapters stay PEFT's own parameters: the fused op reads them as graph inputs.
 """
@@ -42,14 +42,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.graph_edit import fake_value, replace_with_call
+from sloth_fx.rewrite.graph_edit import fake_value, replace_with_call
 from sloth_fx.kernels.lora import lora_linear, lora_linear_group, lora_linear_supports
 from sloth_fx.kernels.lora_plan import lora_plan
 from sloth_fx.kernels.toolkit import SUPPORTED_DTYPES, dtype_names
-from sloth_fx.pass_manager import register_pass
+from sloth_fx.rewrite.pass_manager import register_pass
 from sloth_fx.passes.lora_4bit import QuantLoRAMatch, find_4bit_lora, weight_shape
-from sloth_fx.patterns import Match, find_matches, trace_pattern
-from sloth_fx.rewrite import Rewrite, Site, output_path
+from sloth_fx.rewrite.patterns import Match, find_matches, trace_pattern
+from sloth_fx.rewrite.engine import Rewrite, Site, output_path
 
 def peft_lora(x, weight, lora_a, lora_b, scale, adapter_dtype, result_dtype):
     result = F.linear(x, weight, None)

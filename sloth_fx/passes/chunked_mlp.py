@@ -4,8 +4,8 @@ again in backward, in the training steps whose memory budget calls for it.
 At long rows a layer's peak is the MLP's ``[T x intermediate]`` activations (gate, up,
 ``act(gate) * up`` and their gradients), above all in the layer being recomputed under activation
 checkpointing. This pass outlines the MLP, from its input ``x [..., hidden]`` to its output, into
-a body graph (:mod:`sloth_fx.outline`) and calls it through :func:`~sloth_fx.token_chunks.chunk_in_step`.
-In a step that chunks (:mod:`sloth_fx.memory_budget` decides per step: one layer's recompute
+a body graph (:mod:`sloth_fx.rewrite.outline`) and calls it through :func:`~sloth_fx.memory.token_chunks.chunk_in_step`.
+In a step that chunks (:mod:`sloth_fx.memory.budget` decides per step: one layer's recompute
 peak would be over a third of the budget) the body runs over chunks of ``CHUNK_TOKENS`` tokens,
 saving only its inputs; backward runs each chunk's forward again and at once its backward, so
 that one chunk's intermediates live at a time, forward or backward; the number of chunks comes
@@ -13,12 +13,12 @@ from the actual token count (the graph's sizes are symbolic). In every other ste
 batch of at most ``CHUNK_TOKENS`` tokens, the body runs as the MLP did. Chunked, outputs and the
 input gradient are the unchunked values (up to rounding where a matrix product rounds a row
 differently with another number of rows); weight and adapter gradients are the same per-token
-sums, grouped by chunk (the maths is in :mod:`sloth_fx.token_chunks`). Dropout inside
+sums, grouped by chunk (the maths is in :mod:`sloth_fx.memory.token_chunks`). Dropout inside
 (``lora_dropout``) is replayed exactly in backward, but draws its masks chunk by chunk.
 
 **The layer's recompute.** Where the graph is a whole checkpointed function that its recompute
 replays op for op (a checkpoint's body with no selective policy:
-:func:`~sloth_fx.checkpoint.recompute_replays_whole`) and the MLP's output reaches nothing but the
+:func:`~sloth_fx.memory.checkpoint.recompute_replays_whole`) and the MLP's output reaches nothing but the
 graph's output, through sums only (the residual add), the recompute never reads that output: the
 call is told so (``unread_width``) and the recompute skips the chunks, saving only their inputs.
 The MLP then runs twice in a chunked step, as under plain checkpointing, instead of three times.
@@ -51,16 +51,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sloth_fx.canonicalize import CAST
-from sloth_fx.checkpoint import recompute_replays_whole
-from sloth_fx.graph_edit import NotSchedulable, fake_value, module_path
+from sloth_fx.rewrite.canonicalize import CAST
+from sloth_fx.memory.checkpoint import recompute_replays_whole
+from sloth_fx.rewrite.graph_edit import NotSchedulable, fake_value, module_path
 from sloth_fx.kernels.gated_mlp import gated_mlp
 from sloth_fx.kernels.lora import lora_linear, lora_linear_group
-from sloth_fx.outline import outline
-from sloth_fx.pass_manager import register_pass
+from sloth_fx.rewrite.outline import outline
+from sloth_fx.rewrite.pass_manager import register_pass
 from sloth_fx.report import PassLog
-from sloth_fx import token_chunks
-from sloth_fx.token_chunks import chunk_in_step
+from sloth_fx.memory import token_chunks
+from sloth_fx.memory.token_chunks import chunk_in_step
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Ops whose every output token is computed from the same token of their inputs alone.

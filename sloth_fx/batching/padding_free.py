@@ -2,7 +2,7 @@
 
 ``plan(kwargs)`` takes the keyword arguments of a causal LM's training forward and returns either
 a :class:`PaddingFree` (``kwargs``: the call to make on a model with
-``sloth_fx.packed_attention.install_packed_attention`` applied; ``restore``: the output mapped back
+``sloth_fx.batching.packed_attention.install_packed_attention`` applied; ``restore``: the output mapped back
 to the padded layout) or the reason it leaves the call alone.
 
 Why the numbers are the padded run's. Let row b's real tokens be the contiguous run

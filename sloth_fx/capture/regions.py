@@ -10,7 +10,7 @@ control flow; Dynamo can. sloth_fx compiles *regions*, not the whole model:
 - the decoder's other parametrised children (the final norm);
 - the head and loss: the causal-LM module's forward, with the decoder call made opaque
   (``torch._dynamo.disable``), so the graph after that break is ``lm_head`` + loss; its gate
-  prepares each training call first (:mod:`sloth_fx.head_gate`).
+  prepares each training call first (:mod:`sloth_fx.capture.head_gate`).
 
 The backend runs the passes and returns the rewritten ``GraphModule``, which runs eagerly, so
 autograd runs each fused op's own backward. Regions run compiled only when the module is training
@@ -21,11 +21,11 @@ recapture; a size of 1 causes one more capture (Dynamo specialises sizes 0 and 1
 Dynamo keeps its state (cache entries, guards, recompile counts, which floats and sizes it saw
 change) on code objects, for the whole process, and a class's forward is one code object for every
 model of the class (transformers' ``forward_with_checkpointing`` is one for every layer class). So
-each region of each ``optimize`` call compiles its own copy of the forward (:mod:`sloth_fx.isolation`):
+each region of each ``optimize`` call compiles its own copy of the forward (:mod:`sloth_fx.capture.isolation`):
 a second model, a ``deepcopy`` or a reloaded pickle never sees another's captures, its eps and
 scales stay the constants they are, and each has its own recompile budget, raised only inside its
 own calls. All of sloth_fx's state lives in the gate objects installed as the modules' ``forward``
-(picklable, copied with the model; a copy compiles afresh), installed by :mod:`sloth_fx.install`.
+(picklable, copied with the model; a copy compiles afresh), installed by :mod:`sloth_fx.capture.install`.
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sloth_fx.checkpoint import apart_from_the_step, replay_rng_in_checkpoints
-from sloth_fx.isolation import isolated
-from sloth_fx.pass_manager import run_pass, subgraphs
+from sloth_fx.memory.checkpoint import apart_from_the_step, replay_rng_in_checkpoints
+from sloth_fx.memory.layer_checkpoint import asks_to_checkpoint, checkpointed_call, flag_lowered
+from sloth_fx.capture.isolation import isolated
+from sloth_fx.rewrite.pass_manager import run_pass, subgraphs
 from sloth_fx.report import Capture, RegionReport, Report
-from sloth_fx.verify import compare, concrete
+from sloth_fx.rewrite.verify import compare, concrete
 
 
 @dataclass
@@ -98,7 +99,7 @@ def find_regions(model: nn.Module) -> tuple[list[Region], nn.Module | None, nn.M
 class Backend:
     """The Dynamo backend of one region: passes over each captured graph, optional verification.
 
-    Every checkpointed body first gets RNG replay (:mod:`sloth_fx.checkpoint`), so that both the
+    Every checkpointed body first gets RNG replay (:mod:`sloth_fx.memory.checkpoint`), so that both the
     rewrite and its verification see the recompute draw the forward's random numbers.
     """
 
@@ -174,7 +175,9 @@ class RegionRuntime:
 
 
 class RegionGate:
-    """Installed as a module's ``forward``: the training forward runs through the region's capture."""
+    """Installed as a module's ``forward``: the training forward runs through the region's capture,
+    and under sloth_fx's own checkpoint where the module asks to checkpoint
+    (:mod:`sloth_fx.memory.layer_checkpoint`)."""
 
     def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime) -> None:
         self.module, self.path, self.runtime = module, path, runtime
@@ -191,6 +194,8 @@ class RegionGate:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not (self.module.training and torch.is_grad_enabled()):
             return self.eager(*args, **kwargs)
+        if asks_to_checkpoint(self.module):
+            return checkpointed_call(self.module, self.run, args, kwargs)
         return self.run(args, kwargs)
 
     def run(self, args: tuple, kwargs: dict) -> Any:
@@ -201,7 +206,7 @@ class RegionGate:
         run = _Run([])
         token = _RUNNING.set(run)
         try:
-            with torch._dynamo.config.patch(self.runtime.dynamo_config()):
+            with torch._dynamo.config.patch(self.runtime.dynamo_config()), flag_lowered(self.module):
                 out = self._compiled(*args, **kwargs)
         finally:
             _RUNNING.reset(token)

@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import torch.fx as fx
 
-from sloth_fx.graph_edit import NotSchedulable, module_path
-from sloth_fx.patterns import Match, Pattern, find_matches
+from sloth_fx.rewrite.graph_edit import NotSchedulable, module_path
+from sloth_fx.rewrite.patterns import Match, Pattern, find_matches
 from sloth_fx.report import PassLog
 
 

@@ -10,15 +10,17 @@ state (CPU and every CUDA device of the inputs) stashed at the forward and resto
 recompute, as ``torch.utils.checkpoint`` does for an eager HF model. A selective-checkpoint policy
 that the user gave (``context_fn``, which Dynamo keeps on the body graph's ``meta``) is kept.
 
-Older transformers checkpoint in the layer's ``__call__``, around the captured ``forward``: no
-checkpoint lies in a graph there, and :class:`EagerCheckpoint` wraps each layer's
-``_gradient_checkpointing_func`` instead (:func:`join_eager_checkpoints`).
+The checkpoint of a decoder layer that sloth_fx captures is sloth_fx's own, around the capture
+(:mod:`sloth_fx.memory.layer_checkpoint`), whichever way transformers checkpoints: the layer's graph
+then holds no checkpoint. A checkpoint that a model's own forward makes inside a captured graph
+still comes here.
 
-Each training step's decision (:mod:`sloth_fx.memory_budget`) applies to both: in a step that
-offloads (:mod:`sloth_fx.offload`), the inputs the checkpoint saves wait in host memory; in a step
-that keeps its activations (:func:`keeping_activations`), the body runs as it is, with no
-checkpoint: autograd keeps what backward needs and nothing is recomputed. The values are the same
-either way (the recompute replays the forward's RNG, so it draws the masks the forward drew).
+Each training step's decision (:mod:`sloth_fx.memory.budget`) applies to both (:func:`step_checkpoint`):
+in a step that offloads (:mod:`sloth_fx.memory.offload`), the inputs the checkpoint saves wait in
+host memory; in a step that keeps its activations (:func:`keeping_activations`), the function runs
+as it is, with no checkpoint: autograd keeps what backward needs and nothing is recomputed. The
+values are the same either way (the recompute replays the forward's RNG, so it draws the masks the
+forward drew).
 """
 
 from __future__ import annotations
@@ -31,18 +33,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sloth_fx.memory_budget import decoder_layers
-from sloth_fx.offload import offloaded_inputs, offloading
-from sloth_fx.token_chunks import chunking_as, current_chunking
+from sloth_fx.memory.offload import offloaded_inputs, offloading
+from sloth_fx.memory.token_chunks import chunking_as, current_chunking
 
 _HOP = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
 # set by the checkpoint call itself, never forwarded from the captured kwargs
 _OWN_KWARGS = ("use_reentrant", "preserve_rng_state", "context_fn")
-# torch.utils.checkpoint's own keywords; any other keyword goes to the checkpointed function
-_CHECKPOINT_KWARGS = (*_OWN_KWARGS, "determinism_check", "debug", "early_stop")
 # A body graph's meta flag: the graph is a whole checkpointed function, so its outputs are what the
 # checkpoint's recompute gives back, and nothing of the recompute runs after them.
 CHECKPOINT_BODY = "sloth_fx_checkpoint_body"
@@ -95,25 +93,35 @@ def _kept() -> bool:
     return step is not None
 
 
-def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-    """``body(*args)`` under non-reentrant activation checkpointing that replays the RNG; its saved
-    inputs are offloaded when the current step offloads, and it runs with no checkpoint when the
-    step keeps its activations."""
+def step_checkpoint(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any] | None = None,
+                    options: dict[str, Any] | None = None) -> Any:
+    """``fn(*args, **kwargs)`` under non-reentrant activation checkpointing that replays the RNG
+    (``options``: more of ``torch.utils.checkpoint.checkpoint``'s keywords, a ``context_fn``), as the
+    step decided: its saved inputs are offloaded when the step offloads, and it runs with no
+    checkpoint when the step keeps its activations."""
+    kwargs = kwargs or {}
     if _kept():
-        return body(*args)
-    kept = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
+        return fn(*args, **kwargs)
+    with offloaded_inputs(args):
+        return checkpoint(recomputed_as_forward(fn), *args, use_reentrant=False, preserve_rng_state=True,
+                          **(options or {}), **kwargs)
+
+
+def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+    """A checkpoint that lies in a captured graph: ``body(*args)`` through :func:`step_checkpoint`,
+    with the checkpoint's captured keywords and the body's selective-checkpoint policy."""
+    options = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
     context_fn = body.meta.get(_CONTEXT_FN)
     if context_fn is not None:
-        kept["context_fn"] = context_fn
-    with offloaded_inputs(args):
-        return checkpoint(recomputed_as_forward(body), *args, use_reentrant=False, preserve_rng_state=True, **kept)
+        options["context_fn"] = context_fn
+    return step_checkpoint(body, args, options=options)
 
 
 def recomputed_as_forward(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` run in the step state of the forward that checkpoints it (whether token-wise calls
-    chunk: :func:`~sloth_fx.token_chunks.chunking_as`) whenever it runs: its recompute, in backward
+    chunk: :func:`~sloth_fx.memory.token_chunks.chunking_as`) whenever it runs: its recompute, in backward
     after that forward's state has ended, then saves what the forward saved. Every run after the
-    first is a recompute, and runs as one (:func:`~sloth_fx.token_chunks.recomputing`)."""
+    first is a recompute, and runs as one (:func:`~sloth_fx.memory.token_chunks.recomputing`)."""
     step = current_chunking()
     runs = 0
 
@@ -146,36 +154,3 @@ def replay_rng_in_checkpoints(gm: fx.GraphModule) -> int:
     if nodes:
         gm.recompile()
     return len(nodes)
-
-
-class EagerCheckpoint:
-    """A layer's ``_gradient_checkpointing_func`` whose calls follow the step's decision (as
-    :func:`checkpoint_body`'s do): for transformers versions whose layers
-    checkpoint in ``GradientCheckpointingLayer.__call__``, around the captured ``forward``, where
-    no checkpoint is inside a captured graph for sloth_fx to point at its own. Without an active
-    step it is the function it wraps."""
-
-    def __init__(self, checkpoint_fn: Any) -> None:
-        self.checkpoint_fn = checkpoint_fn
-
-    def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if _kept():
-            return fn(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_KWARGS})
-        with offloaded_inputs(args):
-            return self.checkpoint_fn(recomputed_as_forward(fn), *args, **kwargs)
-
-
-def join_eager_checkpoints(decoder: nn.Module) -> int:
-    """Wrap the checkpoint function of every layer of ``decoder`` that checkpoints eagerly in its
-    ``__call__`` (see :class:`EagerCheckpoint`; checked each training call, since a trainer may
-    enable checkpointing after ``optimize``); how many layers checkpoint that way. Only the
-    decoder's layers are looked at: walking every module took ~7 ms a step under cProfile (7B PEFT)."""
-    count = 0
-    for layer in decoder_layers(decoder):
-        checkpoint_fn = layer.__dict__.get("_gradient_checkpointing_func")
-        if checkpoint_fn is None or getattr(type(layer).__call__, "__qualname__", "") != "GradientCheckpointingLayer.__call__":
-            continue
-        if not isinstance(checkpoint_fn, EagerCheckpoint):
-            layer._gradient_checkpointing_func = EagerCheckpoint(checkpoint_fn)
-        count += 1
-    return count

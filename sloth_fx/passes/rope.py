@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from sloth_fx.graph_edit import fake_value, replace_with_call
+from sloth_fx.rewrite.graph_edit import fake_value, replace_with_call
 from sloth_fx.kernels.rope import rope, rope_supports
-from sloth_fx.pass_manager import register_pass
-from sloth_fx.patterns import Match, trace_pattern
-from sloth_fx.rewrite import Rewrite, Site, output_path
+from sloth_fx.rewrite.pass_manager import register_pass
+from sloth_fx.rewrite.patterns import Match, trace_pattern
+from sloth_fx.rewrite.engine import Rewrite, Site, output_path
 
 def rotary_embedding(x, cos, sin, half):
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

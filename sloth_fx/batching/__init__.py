@@ -1,0 +1,1 @@
+"""Batching: padded batches run padding-free, packed rows run attention per sequence."""

@@ -1,0 +1,1 @@
+"""The memory policy of a training step: keep, recompute, offload or chunk."""
