@@ -77,8 +77,9 @@ class RegionReport:
     current: dict[str, tuple[int, ...]] = field(default_factory=dict)  # module path -> captures of its last call
     eager: dict[str, str] = field(default_factory=dict)  # module path -> why its last call ran no capture
 
-    def ran(self, module: str, captures: list[int]) -> None:
-        """One training call of ``module`` ran ``captures`` (none: Dynamo ran it eagerly, unrewritten)."""
+    def ran(self, module: str, captures: list[int], why_none: str | None = None) -> None:
+        """One training call of ``module`` ran ``captures`` (none: Dynamo ran it eagerly, unrewritten,
+        for the reason ``why_none``)."""
         for index in captures:
             calls = self.captures[index].modules
             calls[module] = calls.get(module, 0) + 1
@@ -86,7 +87,7 @@ class RegionReport:
         if captures:
             self.eager.pop(module, None)
         else:
-            self.eager[module] = "Dynamo ran no capture for it (a frame it skips, or a guard it cannot meet)"
+            self.eager[module] = why_none or "Dynamo ran no capture for it (a frame it skips, or a guard it cannot meet)"
 
     def forget(self) -> None:
         """Start over (a copy of the model recaptures everything for itself)."""

@@ -62,7 +62,7 @@ def test_a_module_run_eagerly_is_named_with_its_reason():
     report = sloth_fx.report(model)
     assert report.count("rmsnorm") == 0
     text = sloth_fx.explain(model)
-    assert "model.layers.1 runs unrewritten: Dynamo ran no capture for it" in text
+    assert "model.layers.1 runs unrewritten: TorchDynamo did not capture its forward" in text
     loss_and_grads(model, batch())
     assert report.count("rmsnorm") == 5 and "runs unrewritten" not in sloth_fx.explain(model)
 

@@ -57,7 +57,7 @@ def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free:
             continue
         region_report = RegionReport(region.name, [path for path, _ in modules])
         report.regions[region.name] = region_report
-        runtime = RegionRuntime(region.name, region_report, report, passes, verify)
+        runtime = RegionRuntime(region.name, region_report, report, passes, verify, region.layers)
         for path, module in modules:
             gate = (HeadGate(module, path, runtime, installation.packed_attention is not None)
                     if module is head else RegionGate(module, path, runtime))

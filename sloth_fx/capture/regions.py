@@ -44,6 +44,7 @@ from torch import nn
 from sloth_fx.memory.checkpoint import apart_from_the_step, replay_rng_in_checkpoints
 from sloth_fx.memory.layer_checkpoint import asks_to_checkpoint, checkpointed_call, flag_lowered
 from sloth_fx.capture.isolation import isolated
+from sloth_fx.capture.unrewritten import breaks_since, graph_breaks, unrewritten_cause, warn_unrewritten
 from sloth_fx.rewrite.pass_manager import run_pass, subgraphs
 from sloth_fx.report import Capture, RegionReport, Report
 from sloth_fx.rewrite.verify import compare, concrete
@@ -66,6 +67,7 @@ class Region:
 
     name: str
     modules: list[tuple[str, nn.Module]]
+    layers: bool = False  # decoder layers (a training call of one that runs unrewritten warns)
 
 
 def find_regions(model: nn.Module) -> tuple[list[Region], nn.Module | None, nn.Module | None]:
@@ -86,7 +88,7 @@ def find_regions(model: nn.Module) -> tuple[list[Region], nn.Module | None, nn.M
             by_class: dict[type, list[tuple[str, nn.Module]]] = {}
             for i, layer in enumerate(child):
                 by_class.setdefault(type(layer), []).append((f"{path}.{i}", layer))
-            regions += [Region(cls.__name__, mods) for cls, mods in by_class.items()]
+            regions += [Region(cls.__name__, mods, layers=True) for cls, mods in by_class.items()]
         elif not isinstance(child, nn.Embedding) and any(True for _ in child.parameters(recurse=False)):
             regions.append(Region(type(child).__name__, [(path, child)]))
     has_head = hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None
@@ -115,9 +117,16 @@ class Backend:
         if replayed:
             capture.notes.append(f"{replayed} activation checkpoint(s) replay the forward's RNG in the recompute")
         check = self.verify and concrete(example_inputs)
+        captured = copy.deepcopy(gm)
         for name in self.passes:
             before = copy.deepcopy(gm) if check else None
-            log = run_pass(gm, name)
+            try:
+                log = run_pass(gm, name)
+            except Exception as error:  # a pass's defect must not stop training: the graph runs as captured
+                capture.logs.clear()
+                capture.notes.append(f"a pass failed on this graph ({name}: {type(error).__name__}: {error}); "
+                                     "it runs as Dynamo captured it, unrewritten")
+                return CaptureRunner(captured, self.region, len(self.region.captures) - 1)
             capture.logs.append(log)
             if before is None or not log.rewrites:
                 continue
@@ -148,8 +157,10 @@ class CaptureRunner:
 class RegionRuntime:
     """One region of one ``optimize`` call: its report, its passes and its own compiled entry."""
 
-    def __init__(self, name: str, report: RegionReport, owner: Report, passes: Sequence[str], verify: bool) -> None:
+    def __init__(self, name: str, report: RegionReport, owner: Report, passes: Sequence[str], verify: bool,
+                 layers: bool = False) -> None:
         self.name, self.report, self.owner, self.passes, self.verify = name, report, owner, list(passes), verify
+        self.warns = layers and bool(self.passes)  # a layer that runs unrewritten warns, once per region
         self._entry: Callable[..., Any] | None = None
         self._backend: Backend | None = None
 
@@ -167,8 +178,19 @@ class RegionRuntime:
         Dynamo would split the region's graph at DDP's bucket boundaries (the first bucket holds
         1 MiB: a real layer's adapters split it), cutting patterns apart. The split buys compiled
         graphs an overlap of all-reduce with backward, which a rewritten graph has anyway: it runs
-        eagerly, so DDP's hooks fire as each gradient is made."""
-        return {**{name: 4 * len(self.report.modules) + 8 for name in _LIMITS}, "optimize_ddp": False}
+        eagerly, so DDP's hooks fire as each gradient is made. Dynamo's own failures run the frame
+        eagerly (``suppress_errors``): the layer trains as it was, and warns
+        (:mod:`sloth_fx.capture.unrewritten`)."""
+        return {**{name: 4 * len(self.report.modules) + 8 for name in _LIMITS}, "optimize_ddp": False,
+                "suppress_errors": True}
+
+    def ran(self, path: str, captures: list[int], breaks: list[str]) -> None:
+        """Record that ``path`` ran ``captures``; the first layer of the region to run unrewritten warns."""
+        cause = unrewritten_cause([self.report.captures[i] for i in captures], breaks)
+        self.report.ran(path, captures, cause if not captures else None)
+        if cause is not None and self.warns:
+            self.warns = False
+            warn_unrewritten(path, self.name, len(self.report.modules), cause)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_entry": None, "_backend": None}
@@ -205,12 +227,13 @@ class RegionGate:
             self._compiled = self.runtime.compile(self.module)
         run = _Run([])
         token = _RUNNING.set(run)
+        breaks = graph_breaks()
         try:
             with torch._dynamo.config.patch(self.runtime.dynamo_config()), flag_lowered(self.module):
                 out = self._compiled(*args, **kwargs)
         finally:
             _RUNNING.reset(token)
-        self.runtime.report.ran(self.path, run.captures)
+        self.runtime.ran(self.path, run.captures, breaks_since(breaks))
         return out
 
     def __getstate__(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 from chunk_calls import count_chunk_runs, no_runs
-from tiny_models import CHECKPOINT_IN_FORWARD, assert_refused_unchanged, batch, tiny_model, twin
+from tiny_models import assert_refused_unchanged, batch, tiny_model, twin
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -64,18 +64,16 @@ def assert_as_close_to_float64(x: torch.Tensor, unchunked: torch.Tensor, truth: 
 def test_same_training_step_as_unchunked(family, runs):
     """2 rows of 37 tokens, 5 chunks a layer (the last of 10): the loss and the input gradient of
     the unchunked run up to rounding, every gradient as close to float64 as the unchunked one. The
-    chunks run in the forward and again in backward; the layers' recomputes do not run them where
-    the checkpoint is in the captured graph and the MLP's output is only added to the residual
-    (not in Olmo2, whose norm after the MLP saves that output for its backward)."""
+    chunks run in the forward, in the layer's recompute (sloth_fx's checkpoint lies around the
+    captured layer) and again in backward."""
     original = tiny_model(family, lora=True, checkpointing=True)
     unchunked = sloth_fx.optimize(twin(original), passes=without_chunking())
     chunked = sloth_fx.optimize(twin(original), memory_budget=CHUNKING)
     inputs = batch(s=37)
     loss, embeds_grad, grads = step(chunked, inputs)
     both_layers = [16, 16, 16, 16, 10] * 2
-    skipped = CHECKPOINT_IN_FORWARD and family != "olmo2"
-    assert runs == {"forward": both_layers, "recompute": [] if skipped else both_layers, "backward": both_layers}
-    assert ("not run again in the layer's recompute" in sloth_fx.explain(chunked)) == skipped
+    assert runs == {"forward": both_layers, "recompute": both_layers, "backward": both_layers}
+    assert "not run again in the layer's recompute" not in sloth_fx.explain(chunked)
     loss_u, embeds_grad_u, grads_u = step(unchunked, inputs)
     loss_t, embeds_grad_t, grads_t = step(twin(original).double(), inputs, torch.float64)
     # A row's product rounds alike in any number of rows only where the BLAS makes it so (MKL's
