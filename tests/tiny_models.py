@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config, OlmoConfig,
-                          PhiConfig)
+                          Phi3Config, PhiConfig, Qwen2Config, Qwen3Config)
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import sloth_fx
@@ -19,7 +19,8 @@ from sloth_fx.report import PassLog, Report
 # sloth_fx's captured graph; 5.17 and before checkpoint in the layer's __call__, around the capture
 # (sloth_fx.memory.checkpoint.EagerCheckpoint). Assertions on how the checkpoint ran depend on which.
 CHECKPOINT_IN_FORWARD = LlamaDecoderLayer.forward.__code__.co_name == "forward_with_checkpointing"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Llama's seven projections, and Phi-3's fused ones (qkv_proj, gate_up_proj), which no other family has
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
 
 
@@ -36,6 +37,13 @@ def config(family: str, layers: int = 2):
         return Olmo2Config(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4, eos_token_id=0)
     if family == "phi":
         return PhiConfig(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4)
+    if family == "qwen2":  # q, k and v with a bias
+        return Qwen2Config(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=2)
+    if family == "qwen3":  # RMSNorm of each head of q and k (q_norm, k_norm) before the rotary embedding
+        return Qwen3Config(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=2, head_dim=16)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj (the MLP's gate and up are chunks of one linear)
+        return Phi3Config(**{**COMMON, "num_hidden_layers": layers}, num_key_value_heads=4, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2)
     raise ValueError(family)
 
 
@@ -43,7 +51,7 @@ def tiny_model(family: str = "llama", *, lora: bool = False, checkpointing: bool
                dtype: torch.dtype = torch.float32, seed: int = 0,
                prepare: Callable[[nn.Module], nn.Module] | None = None, lora_dropout: float = 0.0) -> nn.Module:
     """A random-init model of ``family`` in ``dtype``; ``prepare`` (say, swapping its linears for
-    4-bit ones) runs before PEFT LoRA goes on all seven projections, with non-zero B."""
+    4-bit ones) runs before PEFT LoRA goes on all seven projections (Phi-3: its four), with non-zero B."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config(family, layers), attn_implementation="sdpa").to(dtype)
     if prepare is not None:
