@@ -30,8 +30,9 @@ class HeadGate(RegionGate):
     - with ``padding_free``, a padded batch runs as one packed row (:mod:`sloth_fx.batching.padding_free`).
     """
 
-    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool) -> None:
-        super().__init__(module, path, runtime)
+    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, padding_free: bool,
+                 hub_forward: Any = None, decoder: nn.Module | None = None) -> None:
+        super().__init__(module, path, runtime, hub_forward, apart=decoder)
         self.padding_free = padding_free
         self.takes_use_cache = "use_cache" in inspect.signature(self.eager).parameters
 

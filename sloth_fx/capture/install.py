@@ -11,6 +11,7 @@ from torch import nn
 
 from sloth_fx.capture.regions import RegionGate, RegionRuntime, find_regions
 from sloth_fx.capture.head_gate import HeadGate, OpaqueDecoder
+from sloth_fx.capture.hub_layers import is_hub_kernel
 from sloth_fx.batching.packed_attention import install_packed_attention, uninstall_packed_attention
 from sloth_fx.report import RegionReport, Report
 
@@ -49,7 +50,8 @@ def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free:
         else:
             report.notes.append(f"padding-free off: {refused}")
     for region in regions:
-        foreign = {path: _name(module.__dict__["forward"]) for path, module in region.modules if "forward" in module.__dict__}
+        foreign = {path: _name(module.__dict__["forward"]) for path, module in region.modules
+                   if "forward" in module.__dict__ and not is_hub_kernel(module)}
         report.notes += [f"{path}: its forward was replaced by {name} before optimize; left as it is, unrewritten"
                          + _what_replaced(name) for path, name in foreign.items()]
         modules = [(path, module) for path, module in region.modules if path not in foreign]
@@ -59,8 +61,9 @@ def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free:
         report.regions[region.name] = region_report
         runtime = RegionRuntime(region.name, region_report, report, passes, verify, region.layers)
         for path, module in modules:
-            gate = (HeadGate(module, path, runtime, installation.packed_attention is not None)
-                    if module is head else RegionGate(module, path, runtime))
+            hub_forward = module.__dict__.get("forward")  # a hub kernel's (foreign ones are left out above)
+            gate = (HeadGate(module, path, runtime, installation.packed_attention is not None, hub_forward, decoder)
+                    if module is head else RegionGate(module, path, runtime, hub_forward))
             _replace_forward(installation, module, gate)
     if decoder is not None and any(module is head for module, _, _ in installation.replaced):
         _replace_forward(installation, decoder, OpaqueDecoder(decoder, report, memory_budget))

@@ -43,6 +43,7 @@ from torch import nn
 
 from sloth_fx.memory.checkpoint import apart_from_the_step, replay_rng_in_checkpoints
 from sloth_fx.memory.layer_checkpoint import asks_to_checkpoint, checkpointed_call, flag_lowered
+from sloth_fx.capture.hub_layers import hub_kernel_modules, hub_kernels_set_aside
 from sloth_fx.capture.isolation import isolated
 from sloth_fx.capture.unrewritten import breaks_since, graph_breaks, unrewritten_cause, warn_unrewritten
 from sloth_fx.rewrite.pass_manager import run_pass, subgraphs
@@ -198,12 +199,17 @@ class RegionRuntime:
 
 class RegionGate:
     """Installed as a module's ``forward``: the training forward runs through the region's capture,
-    and under sloth_fx's own checkpoint where the module asks to checkpoint
-    (:mod:`sloth_fx.memory.layer_checkpoint`)."""
+    under sloth_fx's own checkpoint where the module asks to checkpoint
+    (:mod:`sloth_fx.memory.layer_checkpoint`), with hub kernels set in it before its first training
+    call seen as the modules they replace (:mod:`sloth_fx.capture.hub_layers`)."""
 
-    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime) -> None:
+    def __init__(self, module: nn.Module, path: str, runtime: RegionRuntime, hub_forward: Any = None,
+                 apart: nn.Module | None = None) -> None:
         self.module, self.path, self.runtime = module, path, runtime
+        self.hub_forward = hub_forward  # the module's own hub kernel, its forward outside training
+        self.apart = apart  # a part of the module that is captured on its own (the head's decoder)
         self._compiled: Callable[..., Any] | None = None
+        self._hub_candidates: list[nn.Module] = []  # where a hub kernel may sit (read at the first call)
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -211,7 +217,7 @@ class RegionGate:
 
     @property
     def eager(self) -> Callable[..., Any]:
-        return type(self.module).forward.__get__(self.module)
+        return self.hub_forward or type(self.module).forward.__get__(self.module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not (self.module.training and torch.is_grad_enabled()):
@@ -225,11 +231,13 @@ class RegionGate:
         mark_batch_and_sequence_dynamic(args, kwargs)
         if self._compiled is None:
             self._compiled = self.runtime.compile(self.module)
+            self._hub_candidates = hub_kernel_modules(self.module, self.apart)
         run = _Run([])
         token = _RUNNING.set(run)
         breaks = graph_breaks()
         try:
-            with torch._dynamo.config.patch(self.runtime.dynamo_config()), flag_lowered(self.module):
+            with torch._dynamo.config.patch(self.runtime.dynamo_config()), flag_lowered(self.module), \
+                    hub_kernels_set_aside(self._hub_candidates):
                 out = self._compiled(*args, **kwargs)
         finally:
             _RUNNING.reset(token)
@@ -237,7 +245,7 @@ class RegionGate:
         return out
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_compiled": None}
+        return {**self.__dict__, "_compiled": None, "_hub_candidates": []}
 
 
 def mark_batch_and_sequence_dynamic(args: tuple, kwargs: dict) -> None:
