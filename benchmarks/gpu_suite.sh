@@ -27,6 +27,12 @@
 #   --sft SYSTEMS[:CONFIG]  after e2e: TRL's SFTTrainer with padding_free=True (CONFIG default R1)
 #   --lora-plans        per projection: PEFT vs each fused LoRA form, with the cost model's prediction
 #   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
+#   --stacks LIST       transformers stacks to run the GPU tests and e2e under, one after the other
+#                       (default image: the GPU image's own); another name S installs the wheels of
+#                       .whl/stack-S/ (group [stack-S] of wheels.txt) into /tmp/site-S, put first on
+#                       the path for that stack's runs. Each stack's rows land in their own results
+#                       folder and report (report-S.md); profile, ab, sft, kernels and maxlen run
+#                       under the image's stack
 #   --fresh             forget earlier results on this (warm) machine; by default rows of earlier
 #                       calls to the same machine stay in /tmp/bench_results and join the report
 #                       (one table can be filled over several calls to one warm machine)
@@ -34,7 +40,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET=540 CONFIGS=E1,E2,E3 SYSTEMS=hf,liger,compile,unsloth,sloth_fx LAYERS="" STEPS=8
-LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=180 TESTS_WORKERS=8 PROFILE="" AB="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" SFT="" EXTRA=() MAXLEN_ARGS=()
+STACKS=image LORA_PLANS=0 FRESH=0 E2E_TIMEOUT=240 TESTS=1 TESTS_TIMEOUT=180 TESTS_WORKERS=8 PROFILE="" AB="" KERNELS=1 KERNELS_TIMEOUT=150 KOPS="" MAXLEN="" SFT="" EXTRA=() MAXLEN_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift ;;
@@ -57,6 +63,7 @@ while [ $# -gt 0 ]; do
     --unsloth-offload) EXTRA+=(--unsloth-offload) ;;
     --memory-cap) EXTRA+=(--memory-cap-gib "$2"); shift ;;
     --ladder) MAXLEN_ARGS+=(--ladder) ;;
+    --stacks) STACKS=$2; shift ;;
     --fresh) FRESH=1 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -82,7 +89,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # 1. Install the project (editable, no network) and the carried wheels into /tmp/site.
 $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || say "WARNING: editable install failed"
 shopt -s nullglob
-WHEELS=(.whl/*.whl .whl/*/*.whl)
+WHEELS=()
+for w in .whl/*.whl .whl/*/*.whl; do
+  case "$w" in .whl/stack-*) ;; *) WHEELS+=("$w") ;; esac  # a stack's wheels go on its own path
+done
 shopt -u nullglob
 STAMP=$(stat -c "%n %s" "${WHEELS[@]}" 2>/dev/null | md5sum | cut -c1-16)
 if [ ${#WHEELS[@]} -gt 0 ] && [ "$(cat /tmp/site/.stamp 2>/dev/null)" = "$STAMP" ]; then
@@ -94,26 +104,64 @@ elif [ ${#WHEELS[@]} -gt 0 ]; then
       "${WHEELS[@]}" >>"$LOG" 2>&1 && echo "$STAMP" >/tmp/site/.stamp || say "WARNING: wheel install failed (see log)"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-$PY - >"$RES/versions.txt" 2>&1 <<'PY'
+versions() {  # what this stack runs, into $1/versions.txt and the log
+  mkdir -p "$1"
+  $PY - >"$1/versions.txt" 2>&1 <<'PY'
 from importlib import metadata
-for m in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth", "sloth_fx"):
+for m in ("torch", "triton", "transformers", "kernels", "huggingface_hub", "peft", "bitsandbytes", "liger-kernel",
+          "unsloth", "sloth_fx"):
     try:
         print(f"{m}: {metadata.version(m)}")
     except metadata.PackageNotFoundError:
         print(f"{m}: not installed")
 PY
-cat "$RES/versions.txt" >>"$LOG"
-say "installed; $(tr '\n' ';' <"$RES/versions.txt")"
+  cat "$1/versions.txt" >>"$LOG"
+  say "installed; $(tr '\n' ';' <"$1/versions.txt")"
+}
 
-# 2. GPU tests.
-if [ "$TESTS" = 1 ]; then
+# 2. GPU tests, into results folder $1.
+gpu_tests() {
+  local T XDIST=()
   T=$(min "$TESTS_TIMEOUT" "$(left)")
-  XDIST=()
   $PY -c "import xdist" 2>/dev/null && [ "$TESTS_WORKERS" -gt 1 ] && XDIST=(-n "$TESTS_WORKERS")
   say "pytest -m gpu ${XDIST[*]} (timeout ${T}s)"
-  timeout "$T" $PY -m pytest -m gpu tests -q -p no:cacheprovider "${XDIST[@]}" >"$RES/pytest_gpu.log" 2>&1
-  say "pytest exit $?: $(tail -n 1 "$RES/pytest_gpu.log")"
-fi
+  timeout "$T" $PY -m pytest -m gpu tests -q -p no:cacheprovider "${XDIST[@]}" >"$1/pytest_gpu.log" 2>&1
+  say "pytest exit $?: $(tail -n 1 "$1/pytest_gpu.log")"
+}
+
+# 3. End-to-end runs (the table) into results folder $1, with a share of what is left for each of
+# the $2 stacks still to run, leaving room for kernels and the report.
+e2e() {
+  local RESERVE=$(( KERNELS == 1 ? 90 : 20 )) B
+  B=$(( ($(left) - RESERVE) / $2 ))
+  say "e2e (budget ${B}s, at most ${E2E_TIMEOUT}s a run)"
+  $PY -m benchmarks e2e --configs "$CONFIGS" --systems "$SYSTEMS" --results "$1" --budget-s "$B" \
+      --timeout "$E2E_TIMEOUT" --steps "$STEPS" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+}
+
+# 2-3. Per stack: its wheels on the path, the GPU tests and the e2e table, in its own results folder.
+BASE_PYTHONPATH=${PYTHONPATH:-}
+IFS=, read -ra STACK_LIST <<<"$STACKS"
+for i in "${!STACK_LIST[@]}"; do
+  STACK=${STACK_LIST[$i]}
+  SRES=$RES
+  [ ${#STACK_LIST[@]} -gt 1 ] && SRES=$RES/$STACK
+  export PYTHONPATH=$BASE_PYTHONPATH
+  if [ "$STACK" != image ]; then
+    say "stack $STACK: installing .whl/stack-$STACK into /tmp/site-$STACK"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "/tmp/site-$STACK" \
+        .whl/stack-"$STACK"/*.whl >>"$LOG" 2>&1 || say "WARNING: stack $STACK's wheels failed to install (see log)"
+    export PYTHONPATH=/tmp/site-$STACK${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}
+  fi
+  say "stack $STACK"
+  versions "$SRES"
+  [ "$TESTS" = 1 ] && gpu_tests "$SRES"
+  [ "$CONFIGS" != none ] && e2e "$SRES" $(( ${#STACK_LIST[@]} - i ))
+  if [ ${#STACK_LIST[@]} -gt 1 ]; then
+    $PY -m benchmarks report --results "$SRES" >>"$LOG" 2>&1 && cp "$SRES/report.md" "$OUT/report-$STACK.md"
+  fi
+done
+export PYTHONPATH=$BASE_PYTHONPATH
 
 # 2b. Profile: where one configuration's step goes, per system.
 if [ -n "$PROFILE" ]; then
@@ -133,15 +181,6 @@ if [ -n "$AB" ]; then
   timeout "$T" $PY -m benchmarks ab --config "$ACFG" --set "$ASPEC" --steps 6 --results "$RES" \
       ${LAYERS:+--layers "$LAYERS"} >>"$LOG" 2>&1
   say "ab exit $?"
-fi
-
-# 3. End-to-end runs (the table), leaving room for kernels and the report.
-if [ "$CONFIGS" != none ]; then
-  RESERVE=$(( KERNELS == 1 ? 90 : 20 ))
-  B=$(( $(left) - RESERVE ))
-  say "e2e (budget ${B}s, at most ${E2E_TIMEOUT}s a run)"
-  $PY -m benchmarks e2e --configs "$CONFIGS" --systems "$SYSTEMS" --results "$RES" --budget-s "$B" \
-      --timeout "$E2E_TIMEOUT" --steps "$STEPS" ${LAYERS:+--layers "$LAYERS"} "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
 fi
 
 # 3b. TRL's SFTTrainer, padding-free (the row users read first), leaving room for kernels and the report.
