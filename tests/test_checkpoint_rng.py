@@ -45,6 +45,7 @@ def test_llama_dropout_under_checkpointing_is_exact(where, monkeypatch):
     assert_same_seeded_step(original, optimized, batch())
     # each layer's checkpoint is sloth_fx's, which replays the RNG, whatever transformers does
     assert calls == [True, True]
+    assert "; this forward checkpointed 2 layers through sloth_fx's checkpoint" in sloth_fx.explain(optimized)
     # the masks are really random: another seed gives another loss
     assert not torch.equal(seeded_step(optimized, batch(), seed=8)[0], seeded_step(optimized, batch())[0])
 

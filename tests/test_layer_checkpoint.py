@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 from transformers.cache_utils import DynamicCache
 
 from sloth_fx.memory import layer_checkpoint
-from sloth_fx.memory.checkpoint import keeping_activations
+from sloth_fx.memory.checkpoint import checkpoint_step
 
 
 class Layer(nn.Module):
@@ -84,9 +84,12 @@ def test_the_checkpoint_recomputes_keeps_or_takes_the_users_policy(monkeypatch):
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(grad, torch.autograd.grad(layer.forward(x).sum(), x)[0])
     assert calls[-1]["use_reentrant"] is False and calls[-1]["preserve_rng_state"] is True
-    with keeping_activations(True) as kept:
+    with checkpoint_step(True) as step:
         layer_checkpoint.checkpointed_call(layer, run, (x,), {})
-    assert len(calls) == 1 and kept.layers == 1
+    assert len(calls) == 1 and (step.kept, step.checkpointed) == (1, 0)
+    with checkpoint_step(False) as step:
+        layer_checkpoint.checkpointed_call(layer, run, (x,), {})
+    assert len(calls) == 2 and (step.kept, step.checkpointed) == (0, 1)
     policy = partial(create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])
     selective = checkpointing(Layer(), context_fn=policy)
     layer_checkpoint.checkpointed_call(selective, run, (x,), {})

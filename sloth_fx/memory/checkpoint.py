@@ -17,7 +17,7 @@ still comes here.
 
 Each training step's decision (:mod:`sloth_fx.memory.budget`) applies to both (:func:`step_checkpoint`):
 in a step that offloads (:mod:`sloth_fx.memory.offload`), the inputs the checkpoint saves wait in
-host memory; in a step that keeps its activations (:func:`keeping_activations`), the function runs
+host memory; in a step that keeps its activations (:func:`checkpoint_step`), the function runs
 as it is, with no checkpoint: autograd keeps what backward needs and nothing is recomputed. The
 values are the same either way (the recompute replays the forward's RNG, so it draws the masks the
 forward drew).
@@ -48,24 +48,27 @@ _CONTEXT_FN = "_checkpoint_context_fn"  # where Dynamo keeps a selective-checkpo
 
 
 @dataclass
-class KeptStep:
-    """One training forward whose checkpointed layers keep their activations: how many ran so."""
+class CheckpointStep:
+    """One training forward's checkpointed calls: whether they keep their activations (no
+    checkpoint), and how many ran without a checkpoint or through sloth_fx's."""
 
-    layers: int = 0
+    keep: bool
+    kept: int = 0
+    checkpointed: int = 0
 
 
-_KEEP: ContextVar[KeptStep | None] = ContextVar("sloth_fx_keep_activations", default=None)
+_STEP: ContextVar[CheckpointStep | None] = ContextVar("sloth_fx_checkpoint_step", default=None)
 
 
 @contextlib.contextmanager
-def keeping_activations(keep: bool) -> Iterator[KeptStep | None]:
-    """Around one training forward: with ``keep``, checkpointed layers run without checkpointing,
-    counted in the :class:`KeptStep` yielded (None without ``keep``)."""
-    token = _KEEP.set(KeptStep() if keep else None)
+def checkpoint_step(keep: bool) -> Iterator[CheckpointStep]:
+    """Around one training forward: with ``keep``, checkpointed calls run without checkpointing;
+    the :class:`CheckpointStep` yielded counts them."""
+    token = _STEP.set(CheckpointStep(keep))
     try:
-        yield _KEEP.get()
+        yield _STEP.get()
     finally:
-        _KEEP.reset(token)
+        _STEP.reset(token)
 
 
 @contextlib.contextmanager
@@ -76,7 +79,7 @@ def apart_from_the_step() -> Iterator[None]:
     checkpoints around its capture, as in transformers 5.17, is captured inside the checkpoint's
     forward: its hooks took verification's tensors, and verification's own backward then started
     the layer's recompute, which stopped it.)"""
-    with keeping_activations(False), offloading(False), chunking_as(None), \
+    with checkpoint_step(False), offloading(False), chunking_as(None), \
             torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
         yield
 
@@ -86,11 +89,15 @@ def _as_is(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _kept() -> bool:
-    """The current step keeps its activations: one more layer runs without a checkpoint."""
-    step = _KEEP.get()
-    if step is not None:
-        step.layers += 1
-    return step is not None
+    """Whether the current step keeps its activations; counts the call, kept or checkpointed."""
+    step = _STEP.get()
+    if step is None:
+        return False
+    if step.keep:
+        step.kept += 1
+    else:
+        step.checkpointed += 1
+    return step.keep
 
 
 def step_checkpoint(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any] | None = None,
