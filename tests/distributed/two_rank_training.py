@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import re
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -99,15 +100,21 @@ def adapters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def outcome(model: nn.Module, losses: list[float], optimized: bool) -> Result:
     """The losses, the adapters, and for an optimized model where its rewrites run, how many
-    captures hold an activation checkpoint and the latest step's checkpointing decisions."""
+    layers the latest step ran through sloth_fx's checkpoint (kept or checkpointed) and its
+    checkpointing decisions."""
     result: Result = {"losses": losses, "adapters": adapters(model), "sites": {}, "checkpoints": 0, "decisions": {}}
     if optimized:
         report = sloth_fx.report(model)
         result["sites"] = {name: sorted(report.sites(name)) for name in sloth_fx.available_passes()}
-        result["checkpoints"] = sum(any("activation checkpoint" in note for note in capture.notes)
-                                    for region in report.regions.values() for capture in region.captures)
+        result["checkpoints"] = sum(checkpointed_layers(text) for text in report.checkpointing.values())
         result["decisions"] = dict(report.checkpointing)
     return result
+
+
+def checkpointed_layers(decision: str) -> int:
+    """How many layers a step's decision text says ran through sloth_fx's checkpoint."""
+    found = re.search(r"this forward (?:checkpointed (\d+) layers|ran (\d+) checkpointed layers)", decision)
+    return int(found.group(1) or found.group(2)) if found else 0
 
 
 @functools.lru_cache(maxsize=None)
