@@ -5,7 +5,9 @@ The pattern is one rotation, ``x * cos + rotate_half(x) * sin`` with
 share their ``cos``/``sin`` nodes, which is how they are paired into one fused launch. Both must
 rotate the whole last axis split at its middle (``h = D/2``). Partial rotary (HF slices
 ``x[..., :rotary_dim]`` first) matches on the slice, so it is exact too. Interleaved layouts
-(GPT-J's pairs ``2i, 2i+1``) are another graph and do not match.
+(GPT-J's pairs ``2i, 2i+1``) are another graph and do not match: after the rewrite, every rotary
+embedding left in the graph that no refused match covers is named with its reason
+(``sloth_fx/passes/rotation_census.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import torch.fx as fx
 from sloth_fx.rewrite.graph_edit import fake_value, replace_with_call
 from sloth_fx.kernels.rope import rope, rope_supports
 from sloth_fx.rewrite.pass_manager import register_pass
+from sloth_fx.passes.rotation_census import leftover_rotations
+from sloth_fx.rewrite.census import with_census
 from sloth_fx.rewrite.patterns import Match, trace_pattern
 from sloth_fx.rewrite.engine import Rewrite, Site, output_path
+
 
 def rotary_embedding(x, cos, sin, half):
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -69,5 +74,8 @@ def refusal(match: Match) -> str | None:
     return None
 
 
-register_pass("rope", Rewrite([trace_pattern(rotary_embedding, ("half",))], refusal, replace,
-                              group=shared_tables, check_group=pair_refusal))
+register_pass("rope", with_census(
+    Rewrite([trace_pattern(rotary_embedding, ("half",))], refusal, replace, group=shared_tables,
+            check_group=pair_refusal),
+    leftover_rotations,
+))

@@ -1,5 +1,5 @@
-"""The censuses on small hand-written graphs: what they take for an unfused adapter, and what
-they leave alone (a census that named everything would say nothing)."""
+"""The censuses on small hand-written graphs: what they take for a rotary embedding or an unfused
+adapter, and what they leave alone (a census that named everything would say nothing)."""
 
 import operator
 
@@ -9,6 +9,60 @@ import torch.nn.functional as F
 from torch import nn
 
 from sloth_fx.passes.lora_census import DORA, SPLIT, unfused_adapters
+from sloth_fx.passes.rotation_census import leftover_rotations
+from sloth_fx.rewrite.canonicalize import canonicalize_graph
+
+B, H, S, D = 1, 2, 3, 8
+
+
+def traced(fn, **examples):
+    """``fn`` traced, canonical, with an example value on every node (what Dynamo leaves there)."""
+    gm = fx.symbolic_trace(fn)
+    fx.passes.shape_prop.ShapeProp(gm).propagate(*examples.values())
+    for node in gm.graph.nodes:
+        if "tensor_meta" in node.meta:
+            node.meta["example_value"] = torch.empty(node.meta["tensor_meta"].shape,
+                                                     requires_grad=node.meta["tensor_meta"].requires_grad)
+    canonicalize_graph(gm.graph)
+    return gm.graph
+
+
+X, COS, SIN = torch.randn(B, H, S, D), torch.randn(B, S, D), torch.randn(B, S, D)
+
+
+def test_an_interleaved_rotation_is_named():
+    def gptj(x, cos, sin):
+        rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+    ((where, reason),) = leftover_rotations(traced(gptj, x=X, cos=COS, sin=SIN), refused=[])
+    assert reason.startswith("interleaved rotary embedding of 1 tensor (")
+
+
+def test_a_half_split_rotation_in_another_form_is_named_as_such():
+    def halves(x, cos, sin):
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        c, s = cos[..., :D // 2].unsqueeze(1), sin[..., :D // 2].unsqueeze(1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    graph = traced(halves, x=X, cos=COS, sin=SIN)
+    ((where, reason),) = leftover_rotations(graph, refused=[])
+    assert reason.startswith("rotary embedding of 1 tensor in another form than HF's")
+    assert leftover_rotations(graph, refused=list(graph.nodes)) == []  # a refused match says why itself
+
+
+def test_look_alikes_are_not_rotations():
+    def mix(x, y, cos, sin):
+        return x * cos.unsqueeze(1) + y * sin.unsqueeze(1)  # two tensors, not one rearranged
+
+    def weighted(x, w1, w2):
+        return x * w1 + (-x) * w2
+
+    assert leftover_rotations(traced(mix, x=X, y=X.clone(), cos=COS, sin=SIN), refused=[]) == []
+    trained = [torch.randn(D, requires_grad=True) for _ in range(2)]
+    assert leftover_rotations(traced(weighted, x=X, w1=trained[0], w2=trained[1]), refused=[]) == []
+    tables = [w.detach() for w in trained]  # the same sum over two tables is taken for one
+    assert len(leftover_rotations(traced(weighted, x=X, w1=tables[0], w2=tables[1]), refused=[])) == 1
 
 
 def in_module(node, path, kind=nn.Linear):

@@ -1,6 +1,9 @@
 """Parts of a model that used to run unrewritten in silence: each is now rewritten, or ``explain``
 says why not, and training stays exact either way.
 
+- interleaved rope (Cohere, GLM4's partial one, DeepSeek-V3's): no pattern matches, the rope pass
+  names it; DeepSeek-V3 with ``rope_interleave=False`` (HF's rotate_half on part of the head) is
+  rewritten, and then nothing is named;
 - Falcon's LoRA linears (``x @ W.T``, a fused query_key_value): rewritten;
 - ``lora_bias=True``: rewritten (the adapter's bias joins the op's bias), refused by name where
   the adapter's bias is in another dtype than the base;
@@ -13,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny_models import COMMON, batch, config, loss_and_grads, twin
 from torch import nn
-from transformers import AutoModelForCausalLM, DeepseekV3Config, FalconConfig, GPT2Config
+from transformers import AutoModelForCausalLM, CohereConfig, DeepseekV3Config, FalconConfig, Glm4Config, GPT2Config
 
 import sloth_fx
 from sloth_fx.passes.lora_census import DORA
@@ -25,7 +28,10 @@ DEEPSEEK = dict(**COMMON, **TOKENS, num_key_value_heads=4, q_lora_rank=32, kv_lo
                 qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
                 moe_intermediate_size=32, first_k_dense_replace=1)  # layer 0 a dense MLP, layer 1 a MoE
 CONFIGS = {
-    "deepseek_v3": lambda: DeepseekV3Config(**DEEPSEEK),
+    "cohere": lambda: CohereConfig(**COMMON, **TOKENS, num_key_value_heads=4),
+    "glm4": lambda: Glm4Config(**COMMON, **TOKENS, num_key_value_heads=2, head_dim=16),  # rope on half the head
+    "deepseek_v3": lambda: DeepseekV3Config(**DEEPSEEK),  # rope_interleave=True, its default
+    "deepseek_v3_half_split": lambda: DeepseekV3Config(**DEEPSEEK, rope_interleave=False),
     "falcon": lambda: FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101),
     "falcon_new_arch": lambda: FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
                                             num_kv_heads=2, new_decoder_architecture=True),
@@ -37,7 +43,9 @@ CONFIGS = {
 # The built-in default passes, named: a pass registered by a test (tests/passes/test_lora_4bit_pass.py
 # registers a deliberately wrong one) joins the default list for the rest of the process.
 EVERY_PASS = ["lora", "rmsnorm", "rope", "gated_mlp", "cross_entropy", "chunked_mlp"]
-ATTENTION = {"deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]}
+ATTENTION = {"cohere": ["q_proj", "k_proj", "v_proj", "o_proj"], "glm4": ["q_proj", "k_proj", "v_proj", "o_proj"],
+             "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]}
+ATTENTION["deepseek_v3_half_split"] = ATTENTION["deepseek_v3"]
 
 
 def peft_model(family, targets, *, dtype=torch.float32, checkpointing=False, **lora):
@@ -73,6 +81,26 @@ def seeded_step(model):
 
 def reasons(report, pass_name):
     return {(rf.location, rf.reason) for rf in report.refusals(pass_name)}
+
+
+@pytest.mark.parametrize("family", ["cohere", "glm4", "deepseek_v3"])
+def test_interleaved_rope_is_named(family):
+    report, text = optimized_step(peft_model(family, ATTENTION[family]))
+    assert report.count("rope") == 0
+    ((where, reason),) = reasons(report, "rope")
+    assert where == "self_attn"
+    assert reason.startswith("interleaved rotary embedding of 2 tensors (features 2i and 2i+1 rotate as a pair)")
+    assert f"rope: refused self_attn: {reason}" in text
+    assert report.count("lora") == 2 * len(ATTENTION[family])  # the layer's other rewrites run beside it
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3_half_split"])
+def test_a_rewritten_rope_leaves_nothing_to_name(family):
+    """DeepSeek-V3 with rope_interleave=False rotates q's last 8 features and a one-head k by
+    rotate_half: the pattern takes both, and the census finds nothing left."""
+    report, _ = optimized_step(peft_model(family, ATTENTION.get(family, ["q_proj", "v_proj"])))
+    assert report.count("rope") == 2 * 2
+    assert not report.refusals("rope")
 
 
 @pytest.mark.parametrize("family,grouped", [("falcon", 2), ("falcon_new_arch", 0)])
