@@ -11,7 +11,9 @@ takes the shifted labels. The logits are never built in full.
 The head region only runs compiled while training with grad, so the caller is a training loop:
 the logits the graph also returned are returned as ``None`` (as Liger Kernel and Unsloth do); the
 report says so. Evaluation, ``no_grad`` and ``generate()`` run the original forward with logits.
-A match whose logits feed anything but the loss and the returned value is refused.
+A match whose logits feed anything but the loss and the returned value is refused. After the
+rewrite, every ``cross_entropy`` left in the graph that no refused match covers is named with the
+reason its logits did not match (``sloth_fx/passes/loss_census.py``: LoRA on the ``lm_head``, say).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 
 from sloth_fx.rewrite.graph_edit import erase_dead, fake_value, module_path, replace_with_call
 from sloth_fx.kernels.cross_entropy import LogitScale, linear_cross_entropy, linear_cross_entropy_supports
+from sloth_fx.passes.loss_census import leftover_losses
+from sloth_fx.rewrite.census import with_census
 from sloth_fx.rewrite.pass_manager import register_pass
 from sloth_fx.rewrite.patterns import Match, trace_pattern
 from sloth_fx.rewrite.engine import Rewrite, Site
@@ -145,10 +149,11 @@ def _return_none_for(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     erase_dead(graph, nodes)
 
 
-register_pass("cross_entropy", Rewrite(
-    [trace_pattern(softcapped_causal_lm_loss, (*LITERALS, "cap")),
-     trace_pattern(multiplied_causal_lm_loss, (*LITERALS, "multiplier")),
-     trace_pattern(divided_causal_lm_loss, (*LITERALS, "divisor")),
-     trace_pattern(causal_lm_loss, LITERALS)],
-    refusal, replace, where=head_path,
+register_pass("cross_entropy", with_census(
+    Rewrite([trace_pattern(softcapped_causal_lm_loss, (*LITERALS, "cap")),
+             trace_pattern(multiplied_causal_lm_loss, (*LITERALS, "multiplier")),
+             trace_pattern(divided_causal_lm_loss, (*LITERALS, "divisor")),
+             trace_pattern(causal_lm_loss, LITERALS)],
+            refusal, replace, where=head_path),
+    leftover_losses,
 ))

@@ -8,6 +8,7 @@ says why not, and training stays exact either way.
 - ``lora_bias=True``: rewritten (the adapter's bias joins the op's bias), refused by name where
   the adapter's bias is in another dtype than the base;
 - DoRA, and LoRA over GPT-2's Conv1D: named by the LoRA pass's census;
+- LoRA on ``lm_head``: the head's LoRA linear is fused, the loss named by the cross-entropy pass;
 - DeepSeek-V3's layers under LoRA with activation checkpointing: captured and rewritten.
 """
 
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, CohereConfig, DeepseekV3Config, F
 
 import sloth_fx
 from sloth_fx.passes.lora_census import DORA
+from sloth_fx.passes.loss_census import LORA_HEAD
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
@@ -157,6 +159,23 @@ def test_dora_is_named():
     assert DORA in {reason for _, reason in reasons(report, "lora")}
     assert f"lora: refused lora_A/lora_B: {DORA}" in text
     assert report.count("rmsnorm") == 5  # the rest of the layer is rewritten around it
+
+
+@pytest.mark.parametrize("passes,head_fused", [(EVERY_PASS, True), (["cross_entropy"], False)])
+def test_lora_on_lm_head_names_the_loss(passes, head_fused):
+    """With every pass the head's LoRA linear is fused and the loss named; with the loss pass
+    alone PEFT's sum makes the logits, and the reason is the same."""
+    original = peft_model("llama", ["q_proj", "v_proj", "lm_head"])
+    report, text = optimized_step(original, passes=passes)
+    assert report.count("cross_entropy") == 0
+    assert reasons(report, "cross_entropy") == {("lm_head", LORA_HEAD)}
+    assert ("lora: rewrote lm_head  (64->101, r=4)" in text) == head_fused
+
+
+def test_the_loss_census_is_quiet_where_the_loss_is_fused():
+    report, _ = optimized_step(peft_model("llama", ["q_proj", "v_proj"]))
+    assert report.count("cross_entropy") == 1
+    assert not report.refusals("cross_entropy") and not report.refusals("lora")
 
 
 def test_deepseek_v3_layers_under_lora_and_checkpointing_are_rewritten():
