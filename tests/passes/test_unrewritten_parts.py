@@ -122,13 +122,15 @@ def test_falcon_lora_is_fused(family, grouped):
 ])
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
 def test_lora_bias_is_fused(family, targets, lora_dropout):
-    """Llama's bases have no bias (the op's bias is s*b_B), Phi's have one (b + s*b_B)."""
+    """Llama's bases have no bias (the op's bias is s*b_B), Phi's have one (b + s*b_B). Every pass
+    runs: the chunked MLP outlines Llama's MLP with the bias's sum inside."""
     original = peft_model(family, targets, lora_bias=True, lora_dropout=lora_dropout)
     biases = [n for n, p in original.named_parameters() if p.requires_grad and n.endswith("lora_B.default.bias")]
     assert len(biases) == 2 * len(targets)  # trained, so their gradients are compared
-    report, text = optimized_step(original, passes=["lora"])
+    report, text = optimized_step(original)
     assert report.count("lora") == 2 * len(targets) and not report.refusals("lora")
     assert text.count("lora_bias added to the op's bias") == len(targets)  # one capture serves both layers
+    assert report.count("chunked_mlp") == (2 if family == "llama" else 0)  # Phi's MLP is not gated
 
 
 def test_lora_bias_in_another_dtype_than_the_base_is_refused():
