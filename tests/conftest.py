@@ -42,3 +42,15 @@ def reference_ops(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def scratch_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes a test registers stay its own: a new name joins the default passes, and a deliberately
+    wrong one left there would run in every later test's default optimize."""
+    from sloth_fx.rewrite import pass_manager
+
+    for name in pass_manager.available_passes() + pass_manager.OPT_IN:  # built-ins register in the real registry
+        pass_manager.get_pass(name)
+    monkeypatch.setattr(pass_manager, "_REGISTRY", dict(pass_manager._REGISTRY))
+    monkeypatch.setattr(pass_manager, "PASS_ORDER", list(pass_manager.PASS_ORDER))

@@ -43,7 +43,7 @@ def test_verify_keeps_exact_rewrites():
     assert "each pass checked on random inputs" in text and "dropped" not in text
 
 
-def test_verify_drops_a_wrong_rewrite():
+def test_verify_drops_a_wrong_rewrite(scratch_passes):
     sloth_fx.register_pass("wrong_for_test", wrong_norm_pass)
     original = tiny_model("llama")
     model = sloth_fx.optimize(twin(original), passes=["wrong_for_test"], verify=True)

@@ -12,7 +12,7 @@ from sloth_fx.rewrite.verify import compare
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_models_keep_correct_lora_rewrites_and_drop_wrong_ones(dtype):
+def test_half_models_keep_correct_lora_rewrites_and_drop_wrong_ones(dtype, scratch_passes):
     """PEFT keeps fp32 adapters: their gradients carry the half model's error, which the
     original makes too; a wrong norm after the LoRA rewrite is still caught."""
     sloth_fx.register_pass("wrong_norm_for_verify_test", wrong_norm_pass)

@@ -28,16 +28,14 @@ def fake_value(node: Any) -> Any:
 
 
 def module_path(node: fx.Node) -> str:
-    """The module a node was traced in, relative to the captured region (``self_attn.q_proj``)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
+    """The module a node was traced in, relative to the captured region (``self_attn.q_proj``): the
+    innermost module of the node's stack that is reached from the region's root. A module reached
+    from elsewhere (a function that transformers made a hub-kernel module, named by a global,
+    ``G['...apply_rotary_pos_emb']``) is not a place in the region: its caller is."""
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
     # Dynamo names the region's root module "L['self']" or, for a compiled bound method, "...__self__"
-    for root in ("__self__", "L['self']"):
-        if root in path:
-            path = path.rsplit(root, 1)[1]
-            break
+    rooted = [path.rsplit(root, 1)[1] for path in stack for root in ("__self__", "L['self']") if root in path][-1:]
+    path = rooted[0] if rooted else stack[-1] if stack else ""
     return path.replace("._modules['", ".").replace("']", "").lstrip(".")
 
 

@@ -65,7 +65,7 @@ def test_qlora_bf16_with_fp32_adapters():
     assert sloth_fx.report(optimized).count("lora") == 14 and rewrites_per_capture(optimized) == [7, 7]
 
 
-def test_qlora_passes_verify():
+def test_qlora_passes_verify(scratch_passes):
     """verify runs both graphs on the real 4-bit weights and quant states and random activations:
     the LoRA rewrite is kept, a wrong one after it is still caught, and the model trains as PEFT's."""
     sloth_fx.register_pass("wrong_norm_for_qlora_test", wrong_norm_pass)
