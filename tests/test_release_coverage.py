@@ -29,7 +29,8 @@ from tiny_models import batch, loss_and_grads, tiny_model, twin
 
 import sloth_fx
 
-pytestmark = [pytest.mark.release, pytest.mark.usefixtures("reference_ops")]
+pytestmark = [pytest.mark.release, pytest.mark.usefixtures("reference_ops"),
+              pytest.mark.filterwarnings("error::sloth_fx.capture.unrewritten.UnrewrittenLayerWarning")]
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,11 @@ FAMILIES = {
     "olmo2": Parts(norms=4, projections=7),  # norms after attention and MLP, q_norm and k_norm over all heads
 }
 
-# Parts that a family's layers run unrewritten: the pass, and what explain says for each layer.
+# Parts that a family's layers run unrewritten: the pass and the part, which explain must name with
+# a reason. Phi-3's MLP is not outlined for token chunks (transformers 5.0-5.25: "only down_proj of
+# the MLP in this graph"): a step that would chunk runs it whole.
 NOT_REWRITTEN = {
-    "phi3": [("chunked_mlp", "chunked_mlp: refused mlp: only down_proj of the MLP in this graph")],
+    "phi3": [("chunked_mlp", "mlp")],
 }
 
 MODES = {  # name: (lora, checkpointing, lora_dropout)
@@ -130,8 +133,8 @@ def assert_rewrites(optimized: torch.nn.Module, family: str, lora: bool, text: s
     expected["rmsnorm"] += 1  # the final norm
     expected["cross_entropy"] = 1
     assert totals == expected, text
-    for pass_name, reason in NOT_REWRITTEN.get(family, []):
-        assert len(re.findall(re.escape(reason), text)) >= 1, (pass_name, reason, text)
+    for pass_name, part in NOT_REWRITTEN.get(family, []):
+        assert re.search(rf"^ +{pass_name}: refused {re.escape(part)}: \S", text, re.M), (pass_name, part, text)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
