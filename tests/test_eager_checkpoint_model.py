@@ -34,6 +34,7 @@ def layers_checkpoint_in_call(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(LlamaDecoderLayer, "__call__", GradientCheckpointingLayer.__call__)
 
 
+@pytest.mark.full
 def test_verified_offloaded_and_chunked_step_is_exact(layers_checkpoint_in_call, monkeypatch):
     monkeypatch.setattr(token_chunks, "CHUNK_TOKENS", 16)
     original = tiny_model("llama", lora=True, checkpointing=True, layers=5)

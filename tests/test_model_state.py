@@ -75,6 +75,7 @@ def test_uninstall_restores_what_install_replaced():
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.full
 def test_sweep_of_models_in_one_process_each_rewritten_and_exact():
     """A hyperparameter sweep: every model its own eps and lora_alpha, every rewrite applied."""
     limit = torch._dynamo.config.recompile_limit

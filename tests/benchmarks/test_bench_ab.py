@@ -14,6 +14,7 @@ from benchmarks.ab import parse_setting, summarize
 SETTING = "sloth_fx.kernels.lora_function.HOST_BOUND_TOKENS"
 
 
+@pytest.mark.full
 def test_blocks_alternate_the_code_sees_each_value_and_the_setting_is_put_back(monkeypatch, tmp_path, capsys):
     """The tiny config's LoRA calls run 64 tokens: host-bound under 4096, not under 0."""
     told = []

@@ -15,6 +15,8 @@ import pytest
 
 from benchmarks import distributed
 
+pytestmark = pytest.mark.full  # multi-process: run by CI's -m full step, not by default
+
 SYSTEMS = ("hf_ddp", "sloth_fx_ddp")
 PER_GPU_BATCH = 2  # the tiny configuration's batch
 # fp32 sums in another order (two halves, then their mean): seen 1.3e-7 relative

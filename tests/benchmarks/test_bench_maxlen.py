@@ -59,6 +59,7 @@ def test_climb_stops_at_the_first_failure_and_reports_each_rung():
         ladder_lengths(1000, 8192, 1024)
 
 
+@pytest.mark.full
 def test_ladder_worker_climbs_in_one_process_on_a_tiny_model(tmp_path):
     """``maxlen --ladder`` on CPU: one worker, every rung trained (two steps each), the longest kept."""
     from benchmarks.__main__ import main

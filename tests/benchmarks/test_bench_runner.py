@@ -72,6 +72,7 @@ def test_classify_failure():
         assert classify_failure(e).startswith("KeyError: 'k' at test_bench_runner.py:")
 
 
+@pytest.mark.full
 def test_real_worker_subprocess_on_tiny_model(tmp_path):
     """The real worker (hf on a tiny Llama, CPU) writes an ok row with every figure."""
     rows = runner.run_suite(["hf"], ["tiny"], tmp_path, timeout=300, worker_opts={"device": "cpu", "steps": 6, "warmup": 1})
@@ -82,6 +83,7 @@ def test_real_worker_subprocess_on_tiny_model(tmp_path):
     assert r["loss_max_rel_diff_vs_hf"] == 0.0
 
 
+@pytest.mark.full
 def test_padded_and_packed_train_to_the_same_losses():
     """In-process e2e on a tiny Llama: the packed batches (position_ids restarting) give the
     padded batches' losses, so packing neither leaks attention across sequences nor drops tokens."""

@@ -23,6 +23,7 @@ def results(tmp_path_factory):
     return d, {s: json.loads((d / f"sft_tiny_{s}.json").read_text()) for s in SYSTEMS}
 
 
+@pytest.mark.full
 def test_hf_and_sloth_fx_train_the_same_model_on_the_same_data(results):
     _, rows = results
     hf, fx = rows["hf"], rows["sloth_fx"]
@@ -42,6 +43,7 @@ def test_hf_and_sloth_fx_train_the_same_model_on_the_same_data(results):
     assert "add_fused_lm_head" in fx["notes"]["explain"] and fx["notes"]["rewrites"]["cross_entropy"] == 0
 
 
+@pytest.mark.full
 def test_a_system_that_cannot_run_fails_its_own_row(results):
     d, rows = results
     r = rows["unsloth"]

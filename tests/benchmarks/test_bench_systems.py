@@ -11,6 +11,7 @@ from benchmarks.e2e import train_steps
 from benchmarks.systems import prepare
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("system, ce_sites", [("sloth_fx", 1), ("sloth_fx_noce", 0)])
 def test_noce_runs_every_pass_but_cross_entropy(system, ce_sites):
     cfg = get_config("tiny")
@@ -51,6 +52,7 @@ def test_reports_list_noce_between_unsloth_and_sloth_fx(tmp_path):
     assert no_noce.splitlines()[0] == "| config | hf | sloth_fx |"
 
 
+@pytest.mark.full
 def test_offload_system_offloads_every_checkpointed_step():
     cfg = get_config("tiny", checkpointing=True, layers=6)  # more layers than offloading keeps on the device
     prepared = prepare("sloth_fx_offload", cfg, "cpu", 0)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.full  # multi-process: run by CI's -m full step, not by default
+
 SCRIPT = Path(__file__).with_name("trainer_script.py")
 # fp32, the same sums in the same order but for sloth_fx's own kernels (seen: 1e-8 relative)
 RTOL = 1e-5

@@ -12,6 +12,8 @@ import pytest
 import torch
 from two_rank_training import CHUNK_TOKENS, ORDERS, Result, Wrapper, adapters, lora_llama, one_process, two_ranks
 
+pytestmark = pytest.mark.full  # multi-process: run by CI's -m full step, not by default
+
 # fp32 sums in another order (two halves, then their mean): a few roundings apart (seen: 1e-7
 # relative on the losses, 1e-8 absolute on the adapters)
 RTOL, ATOL = 1e-5, 1e-7
