@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.full
 def test_demo_output_is_clean():
     run = subprocess.run(
         [sys.executable, "-m", "sloth_fx.demo", "--steps", "2", "--layers", "1", "--hidden", "64", "--seq", "16",

@@ -35,6 +35,7 @@ def calls(monkeypatch):
     return counts
 
 
+@pytest.mark.full
 def test_explain_counts_equal_the_fused_calls(calls):
     model = sloth_fx.optimize(tiny_model("llama", lora=True, layers=3))
     padded = batch(b=3, s=8)

@@ -12,6 +12,8 @@ from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, p
 
 import sloth_fx
 
+pytestmark = pytest.mark.full  # whole trainer runs: by CI's -m full step, not by default
+
 trl = pytest.importorskip("trl")
 
 

@@ -14,6 +14,8 @@ from trainer_kit import SHARED_ARGS, FirstStepGradients, assert_same_training, t
 import sloth_fx
 from sloth_fx.memory import token_chunks
 
+pytestmark = pytest.mark.full  # whole trainer runs: by CI's -m full step, not by default
+
 trl = pytest.importorskip("trl")
 
 LAYER_REWRITES = {"rmsnorm": 5, "rope": 4, "gated_mlp": 2, "lora": 14}

@@ -9,6 +9,8 @@ from transformers import Trainer, TrainingArguments
 import sloth_fx
 from sloth_fx.memory import token_chunks
 
+pytestmark = pytest.mark.full  # whole trainer runs: by CI's -m full step, not by default
+
 
 def trained(model, tmp_path, **arguments) -> Trainer:
     args = TrainingArguments(output_dir=str(tmp_path / "run"), **{**SHARED_ARGS, **arguments})
