@@ -119,7 +119,9 @@ def _boundary(path: str, nodes: list[fx.Node]) -> tuple[fx.Node, list[fx.Node], 
     """The MLP's token input, its other inputs and its output; or why it cannot run in chunks."""
     present = {part for n in nodes for part in module_path(n).split(".") if part in PROJECTIONS}
     if len(present) < len(PROJECTIONS):
-        return f"only {', '.join(p for p in PROJECTIONS if p in present)} of the MLP in this graph (a graph break?)"
+        missing = ", ".join(p for p in PROJECTIONS if p not in present)
+        return (f"no {missing} in this MLP's graph (only {', '.join(p for p in PROJECTIONS if p in present)}): "
+                "its projections are fused otherwise (Phi-3's gate_up_proj) or split by a graph break")
     for node in nodes:
         if not _token_wise(node):
             return f"{node.name} ({_op_name(node)}) is not known to act on each token alone"

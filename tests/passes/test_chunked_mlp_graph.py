@@ -153,7 +153,7 @@ REFUSED = {  # the block, where the refusal is reported, what its reason says
     "an input the size of the tokens": (Layer(ScaledMLP(), lambda x: torch.arange(x.shape[1]).float()[:, None]), "mlp",
                                         ["has the tokens' size s", "each chunk would read it whole"]),
     # Dynamo captures the MLP's frame apart, up to the break: its module paths start at the MLP
-    "split by a graph break": (Layer(BrokenMLP()), "", ["only gate_proj, up_proj of the MLP in this graph"]),
+    "split by a graph break": (Layer(BrokenMLP()), "", ["no down_proj in this MLP's graph (only gate_proj, up_proj)"]),
 }
 
 
