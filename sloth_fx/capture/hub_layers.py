@@ -46,12 +46,11 @@ def hub_kernel_modules(root: nn.Module, apart: nn.Module | None = None) -> list[
 
 
 @contextlib.contextmanager
-def hub_kernels_set_aside(modules: list[nn.Module]) -> Iterator[int]:
-    """The hub kernels' instance forwards of ``modules`` taken away while this lasts; yields how
-    many."""
+def hub_kernels_set_aside(modules: list[nn.Module]) -> Iterator[None]:
+    """The hub kernels' instance forwards of ``modules`` taken away while this lasts."""
     taken = [(m, vars(m).pop("forward")) for m in modules if _REPO in vars(m) and "forward" in vars(m)]
     try:
-        yield len(taken)
+        yield
     finally:
         for module, forward in taken:
             vars(module)["forward"] = forward

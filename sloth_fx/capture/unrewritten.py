@@ -52,7 +52,7 @@ def unrewritten_cause(captures: list[Capture], breaks: list[str]) -> str | None:
     if not captures:
         cause = "TorchDynamo did not capture its forward"
         return f"{cause}: {_first(breaks)}" if breaks else f"{cause} (it skipped the frame, or gave up on it)"
-    if any(cap.rewrites() for cap in captures):
+    if any(log.rewrites for cap in captures for log in cap.logs):  # per call: not cap.rewrites()'s lists
         return None
     failed = [note for cap in captures for note in cap.notes if note.startswith("a pass failed")]
     if failed:
