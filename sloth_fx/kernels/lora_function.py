@@ -28,6 +28,10 @@ apply) the two inputs split the gradient, and autograd carries ``d(xd)`` into dr
 
 ``xd`` is saved instead of ``x`` for dA (``x`` only if ``W`` trains); dB is unchanged.
 
+In the recompute of a selectively checkpointed layer (:mod:`sloth_fx.memory.saved_products`), the
+forward's ``y_i`` and ``xa`` are taken back instead of computed again: the recompute saves the same
+tensors for backward and runs none of the group's products.
+
 Steps of fewer than ``HOST_BOUND_TOKENS`` tokens are host-bound: the host spends longer queueing
 a step's many small ops than the GPU spends running them, so every rank-r product of such a call
 runs as plain PyTorch (``lowrank_mm``'s ``host_bound``: fp32 copies and cuBLAS, fewer host cycles
@@ -58,6 +62,9 @@ from collections.abc import Sequence
 
 import torch
 
+from sloth_fx.memory.saved_products import product_key, recall, remember
+
+from .lora_plan import LoRAPlan
 from .lowrank_mm import lowrank_mm, runs_wide, split_k_for, wide_dtype
 from .toolkit import dense_weight, is_4bit
 
@@ -71,6 +78,28 @@ def _merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, 
     """``W + s·B·A`` summed in fp32 and rounded once to ``dtype``: a temporary, never kept."""
     merged = w.clone() if w.dtype == dtype else w.to(dtype)
     return lowrank_mm(b, a, alpha=s, out=merged, accumulate=True, host_bound=host_bound)
+
+
+def _products(x: torch.Tensor, x2: torch.Tensor, src: torch.Tensor, weights: Sequence[torch.Tensor],
+              lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor],
+              biases: Sequence[torch.Tensor | None], scales: Sequence[float], plans: Sequence[LoRAPlan],
+              host_bound: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The group's outputs ``y_i`` (shaped as ``x``) and ``xa`` (fp32), each linear in its plan's form."""
+    ranks = [a.shape[0] for a in lora_as]
+    # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
+    a_cat = lora_as[0] if len(lora_as) == 1 else torch.cat(lora_as)
+    xa = lowrank_mm(src.reshape(-1, src.shape[-1]), a_cat.t(), host_bound=host_bound)
+    outs = []
+    for w, a, b, bias, s, xa_i, plan in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1), plans):
+        dense = dense_weight(w, x.dtype, scratch=True)
+        if plan.forward == "merged":
+            dense = _merged_weight(dense, a, b, s, x.dtype, host_bound)
+        y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
+        del dense
+        if plan.forward != "merged":
+            lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True, host_bound=host_bound)
+        outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+    return outs, xa
 
 
 class LoRAGroupFunction(torch.autograd.Function):
@@ -90,19 +119,13 @@ class LoRAGroupFunction(torch.autograd.Function):
         host_bound = x2.shape[0] < HOST_BOUND_TOKENS
         src = x if xd is None else xd  # what the adapters read
         ranks = [a.shape[0] for a in lora_as]
-        # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
-        a_cat = lora_as[0] if n == 1 else torch.cat(lora_as)
-        xa = lowrank_mm(src.reshape(-1, src.shape[-1]), a_cat.t(), host_bound=host_bound)
-        outs = []
-        for w, a, b, bias, s, xa_i, plan in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1), plans):
-            dense = dense_weight(w, x.dtype, scratch=True)
-            if plan.forward == "merged":
-                dense = _merged_weight(dense, a, b, s, x.dtype, host_bound)
-            y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
-            del dense
-            if plan.forward != "merged":
-                lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True, host_bound=host_bound)
-            outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+        key = product_key(weights[0], x)
+        recalled = recall(key)  # a selective recompute takes the forward's outputs back
+        if recalled is None:
+            outs, xa = _products(x, x2, src, weights, lora_as, lora_bs, biases, scales, plans, host_bound)
+            remember(key, (*outs, xa))
+        else:
+            *outs, xa = recalled
         need = ctx.needs_input_grad
         need_w = any(need[5 + i] for i in range(n))
         need_a = any(need[5 + n + i] for i in range(n))
