@@ -84,10 +84,10 @@ def test_the_checkpoint_recomputes_keeps_or_takes_the_users_policy(monkeypatch):
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(grad, torch.autograd.grad(layer.forward(x).sum(), x)[0])
     assert calls[-1]["use_reentrant"] is False and calls[-1]["preserve_rng_state"] is True
-    with checkpoint_step(True) as step:
+    with checkpoint_step(keep_first=1) as step:
         layer_checkpoint.checkpointed_call(layer, run, (x,), {})
     assert len(calls) == 1 and (step.kept, step.checkpointed) == (1, 0)
-    with checkpoint_step(False) as step:
+    with checkpoint_step() as step:
         layer_checkpoint.checkpointed_call(layer, run, (x,), {})
     assert len(calls) == 2 and (step.kept, step.checkpointed) == (0, 1)
     policy = partial(create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])

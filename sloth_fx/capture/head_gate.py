@@ -14,7 +14,7 @@ from torch import nn
 from sloth_fx.capture.regions import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
 from sloth_fx.memory.checkpoint import checkpoint_step
 from sloth_fx.memory.layer_checkpoint import own_checkpoints
-from sloth_fx.memory.budget import NONE, decoder_layers, plan_checkpointing, size_text
+from sloth_fx.memory.budget import NONE, SELECTIVE, decoder_layers, plan_checkpointing, size_text
 from sloth_fx.memory.offload import offloading
 from sloth_fx.batching.padding_free import BOUNDARIES, call_tokens, plan
 from sloth_fx.report import Report
@@ -125,13 +125,17 @@ class OpaqueDecoder:
         decision = plan_checkpointing(self.decoder, args, kwargs, self.memory_budget)
         own_checkpoints(layer for layer in decoder_layers(self.decoder)
                         if isinstance(layer.__dict__.get("forward"), RegionGate))
-        with checkpoint_step(decision.keep) as checkpoints, offloading(decision.offload) as step, \
-                chunking(decision.chunk) as chunked:
+        with checkpoint_step(decision.keep_first, decision.save_products) as checkpoints, \
+                offloading(decision.offload) as step, chunking(decision.chunk) as chunked:
             yield
         text = decision.text
         if decision.keep:
             text += (f"; this forward ran {checkpoints.kept} checkpointed layers without a recompute" if checkpoints.kept
                      else "; this forward kept nothing: no checkpointed layer ran through sloth_fx's checkpoint")
+        elif decision.mode == SELECTIVE:
+            text += (f"; this forward ran {checkpoints.kept} checkpointed layers without a recompute, checkpointed "
+                     f"{checkpoints.selective} saving {size_text(checkpoints.saved_bytes)} of their products' outputs "
+                     f"and {checkpoints.checkpointed} whole")
         elif decision.mode != NONE:
             text += (f"; this forward checkpointed {checkpoints.checkpointed} layers through sloth_fx's checkpoint"
                      if checkpoints.checkpointed else "; no checkpointed layer ran through sloth_fx's checkpoint")

@@ -15,12 +15,14 @@ The checkpoint of a decoder layer that sloth_fx captures is sloth_fx's own, arou
 then holds no checkpoint. A checkpoint that a model's own forward makes inside a captured graph
 still comes here.
 
-Each training step's decision (:mod:`sloth_fx.memory.budget`) applies to both (:func:`step_checkpoint`):
-in a step that offloads (:mod:`sloth_fx.memory.offload`), the inputs the checkpoint saves wait in
-host memory; in a step that keeps its activations (:func:`checkpoint_step`), the function runs
-as it is, with no checkpoint: autograd keeps what backward needs and nothing is recomputed. The
-values are the same either way (the recompute replays the forward's RNG, so it draws the masks the
-forward drew).
+Each training step's plan (:mod:`sloth_fx.memory.budget`) applies to both (:func:`step_checkpoint`),
+call by call in the order the calls run (:func:`checkpoint_step`): the first calls the budget holds
+run as they are, with no checkpoint (autograd keeps what backward needs, nothing is recomputed);
+the next are checkpointed *selectively*, keeping their products' outputs for the recompute
+(:mod:`sloth_fx.memory.saved_products`); the rest are checkpointed whole. In a step that offloads
+(:mod:`sloth_fx.memory.offload`), the inputs a checkpoint saves wait in host memory. The values
+are the same in every case (the recompute replays the forward's RNG, so it draws the masks the
+forward drew, and a saved output is what the recompute would compute).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch.fx as fx
 from torch.utils.checkpoint import checkpoint
 
 from sloth_fx.memory.offload import offloaded_inputs, offloading
+from sloth_fx.memory.saved_products import SavedProducts, products_saved
 from sloth_fx.memory.token_chunks import chunking_as, current_chunking
 
 _HOP = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
@@ -49,22 +52,42 @@ _CONTEXT_FN = "_checkpoint_context_fn"  # where Dynamo keeps a selective-checkpo
 
 @dataclass
 class CheckpointStep:
-    """One training forward's checkpointed calls: whether they keep their activations (no
-    checkpoint), and how many ran without a checkpoint or through sloth_fx's."""
+    """One training forward's plan for its checkpointed calls, in call order: the first
+    ``keep_first`` run with no checkpoint (their activations kept), the next ``save_products``
+    are checkpointed with their products' outputs saved (:mod:`sloth_fx.memory.saved_products`),
+    the rest are checkpointed whole. It counts what the calls did: ``kept``, ``selective`` (with
+    ``saved_bytes`` of product outputs) and ``checkpointed`` (whole)."""
 
-    keep: bool
+    keep_first: int = 0
+    save_products: int = 0
     kept: int = 0
+    selective: int = 0
     checkpointed: int = 0
+    saved_bytes: int = 0
+
+    def next_call(self) -> str:
+        """How the next checkpointed call runs (KEPT, SELECTIVE, WHOLE); counts it."""
+        calls = self.kept + self.selective + self.checkpointed
+        if calls < self.keep_first:
+            self.kept += 1
+            return KEPT
+        if calls < self.keep_first + self.save_products:
+            self.selective += 1
+            return SELECTIVE
+        self.checkpointed += 1
+        return WHOLE
 
 
+KEPT, SELECTIVE, WHOLE = "kept", "selective", "whole"
 _STEP: ContextVar[CheckpointStep | None] = ContextVar("sloth_fx_checkpoint_step", default=None)
 
 
 @contextlib.contextmanager
-def checkpoint_step(keep: bool) -> Iterator[CheckpointStep]:
-    """Around one training forward: with ``keep``, checkpointed calls run without checkpointing;
+def checkpoint_step(keep_first: int = 0, save_products: int = 0) -> Iterator[CheckpointStep]:
+    """Around one training forward: its first ``keep_first`` checkpointed calls run without
+    checkpointing, the next ``save_products`` save their products' outputs for the recompute;
     the :class:`CheckpointStep` yielded counts them."""
-    token = _STEP.set(CheckpointStep(keep))
+    token = _STEP.set(CheckpointStep(keep_first, save_products))
     try:
         yield _STEP.get()
     finally:
@@ -79,7 +102,7 @@ def apart_from_the_step() -> Iterator[None]:
     checkpoints around its capture, as in transformers 5.17, is captured inside the checkpoint's
     forward: its hooks took verification's tensors, and verification's own backward then started
     the layer's recompute, which stopped it.)"""
-    with checkpoint_step(False), offloading(False), chunking_as(None), \
+    with checkpoint_step(), offloading(False), chunking_as(None), products_saved(None, replay=False), \
             torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
         yield
 
@@ -88,30 +111,25 @@ def _as_is(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _kept() -> bool:
-    """Whether the current step keeps its activations; counts the call, kept or checkpointed."""
-    step = _STEP.get()
-    if step is None:
-        return False
-    if step.keep:
-        step.kept += 1
-    else:
-        step.checkpointed += 1
-    return step.keep
-
-
 def step_checkpoint(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any] | None = None,
                     options: dict[str, Any] | None = None) -> Any:
     """``fn(*args, **kwargs)`` under non-reentrant activation checkpointing that replays the RNG
     (``options``: more of ``torch.utils.checkpoint.checkpoint``'s keywords, a ``context_fn``), as the
-    step decided: its saved inputs are offloaded when the step offloads, and it runs with no
-    checkpoint when the step keeps its activations."""
+    step planned this call: with no checkpoint (kept), checkpointed with its products' outputs
+    saved for the recompute (selective), or checkpointed whole; its saved inputs are offloaded
+    when the step offloads."""
     kwargs = kwargs or {}
-    if _kept():
+    step = _STEP.get()
+    how = WHOLE if step is None else step.next_call()
+    if how == KEPT:
         return fn(*args, **kwargs)
+    saved = SavedProducts() if how == SELECTIVE else None
     with offloaded_inputs(args):
-        return checkpoint(recomputed_as_forward(fn), *args, use_reentrant=False, preserve_rng_state=True,
-                          **(options or {}), **kwargs)
+        out = checkpoint(recomputed_as_forward(fn, saved), *args, use_reentrant=False, preserve_rng_state=True,
+                         **(options or {}), **kwargs)
+    if saved is not None:
+        step.saved_bytes += saved.nbytes
+    return out
 
 
 def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
@@ -124,18 +142,20 @@ def checkpoint_body(body: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
     return step_checkpoint(body, args, options=options)
 
 
-def recomputed_as_forward(fn: Callable[..., Any]) -> Callable[..., Any]:
+def recomputed_as_forward(fn: Callable[..., Any], saved: SavedProducts | None = None) -> Callable[..., Any]:
     """``fn`` run in the step state of the forward that checkpoints it (whether token-wise calls
     chunk: :func:`~sloth_fx.memory.token_chunks.chunking_as`) whenever it runs: its recompute, in backward
     after that forward's state has ended, then saves what the forward saved. Every run after the
-    first is a recompute, and runs as one (:func:`~sloth_fx.memory.token_chunks.recomputing`)."""
+    first is a recompute, and runs as one (:func:`~sloth_fx.memory.token_chunks.recomputing`).
+    With ``saved``, the first run saves its products' outputs there and the recompute takes them
+    back (:mod:`sloth_fx.memory.saved_products`)."""
     step = current_chunking()
     runs = 0
 
     def run(*args: Any, **kwargs: Any) -> Any:
         nonlocal runs
         runs += 1
-        with chunking_as(step, recompute=runs > 1):
+        with chunking_as(step, recompute=runs > 1), products_saved(saved, replay=runs > 1):
             return fn(*args, **kwargs)
 
     return run
