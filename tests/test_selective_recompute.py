@@ -67,15 +67,17 @@ def test_policy_saves_products_first_then_keeps_whole_layers():
     assert "within 80% of the budget of 58.00 GiB" in text
 
 
-def budget_for(model, selective: int, kept: int = 0) -> int:
-    """A memory budget under which ``model``'s step on ``batch()`` keeps ``kept`` layers and
-    recomputes ``selective`` with their products saved (the rest whole)."""
-    config, inputs = model.config, batch()
-    step = estimate_activations(LAYERS, inputs["input_ids"].numel(), config.hidden_size, config.intermediate_size, 4,
-                                product_bytes_per_token(model.get_decoder(), 4))
+def budget_for(model, selective: int, kept: int = 0, inputs=None) -> int:
+    """A memory budget under which ``model``'s step on ``inputs`` (default ``batch()``) keeps
+    ``kept`` layers and recomputes ``selective`` with their products saved (the rest whole)."""
+    config, inputs = model.config, inputs or batch()
+    size = model.get_input_embeddings().weight.element_size()
+    step = estimate_activations(LAYERS, inputs["input_ids"].numel(), config.hidden_size, config.intermediate_size, size,
+                                product_bytes_per_token(model.get_decoder(), size))
     spend = (LAYERS if kept else selective) * step.products
     spend += kept * (step.kept_layer - step.layer_input - step.products)
-    budget = math.ceil((step.total + spend) / SAVE_SHARE) + 1
+    # with nothing to spend, the prediction itself: it fits, and leaves no room
+    budget = math.ceil((step.total + spend) / SAVE_SHARE) + 1 if spend else step.total
     decision = decide_checkpointing(step, budget)
     assert (decision.keep_first, decision.save_products) == (kept, selective - kept if kept else selective)
     return budget
@@ -95,9 +97,9 @@ def products_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return runs
 
 
-def seeded(model, seed: int = 5):
+def seeded(model, seed: int = 5, inputs=None):
     torch.manual_seed(seed)
-    return loss_and_grads(model, batch())
+    return loss_and_grads(model, inputs or batch())
 
 
 @pytest.mark.usefixtures("reference_ops")
@@ -142,3 +144,21 @@ def test_an_output_written_in_place_after_it_was_saved_is_computed_again():
         assert second is not None and second[0] is not doubled and torch.equal(second[0], doubled)
         assert saved_products.recall(key) is None  # nothing more saved
     assert saved_products.recall(key) is None  # outside a recompute: never
+
+
+@pytest.mark.gpu
+def test_gpu_selective_layers_give_the_whole_recompute_bit_for_bit_in_bf16(products_runs):
+    """On the GPU's kernels (Triton's rank-r products: over 4096 tokens a step) and in bf16."""
+    original = tiny_model("llama", lora=True, checkpointing=True, layers=LAYERS, lora_dropout=0.1,
+                          dtype=torch.bfloat16).cuda()
+    ids = torch.randint(0, 101, (8, 600), generator=torch.Generator().manual_seed(0)).cuda()
+    inputs = {"input_ids": ids, "labels": ids}
+    whole = sloth_fx.optimize(twin(original), memory_budget=budget_for(original, 0, inputs=inputs))
+    plain = seeded(whole, inputs=inputs)
+    runs_whole = len(products_runs)
+    selective = sloth_fx.optimize(twin(original), memory_budget=budget_for(original, LAYERS, inputs=inputs))
+    products_runs.clear()
+    loss, grads = seeded(selective, inputs=inputs)
+    assert torch.isfinite(loss) and torch.equal(loss, plain[0])
+    assert grads.keys() == plain[1].keys() and all(torch.equal(grads[k], plain[1][k]) for k in grads)
+    assert runs_whole == 2 * len(products_runs) > 0  # a selective recompute runs none of the products
