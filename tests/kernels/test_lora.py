@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sloth_fx.kernels.lora as lora_mod
 import sloth_fx.kernels.lora_function as lora_function
+import sloth_fx.kernels.lora_thin as lora_thin
 from sloth_fx.kernels import toolkit
 from sloth_fx.kernels.lora import (
     lora_linear,
@@ -428,8 +429,9 @@ def test_one_host_bound_decision_per_call(tokens, monkeypatch):
             return real(*args, host_bound=host_bound, **kw)
         return call
 
-    for name in ("lowrank_mm", "runs_wide", "split_k_for"):
-        monkeypatch.setattr(lora_function, name, spy(getattr(lora_function, name)))
+    for module, name in ((lora_function, "lowrank_mm"), (lora_function, "runs_wide"), (lora_thin, "lowrank_mm"),
+                         (lora_thin, "split_k_for")):
+        monkeypatch.setattr(module, name, spy(getattr(module, name)))
     check_group((tokens,), 8, [8, 12], [2, 2], [0.5, 2.0], torch.float32, seed=5)
     assert len(told) >= 6 and set(told) == {tokens < HOST_BOUND_TOKENS}
 
