@@ -21,25 +21,24 @@ accumulation, in place on the 16-bit output). Over a bitsandbytes 4-bit base PEF
 adapter term to the base dtype before the sum; here it is summed in fp32 and rounded once (one
 rounding fewer, within the dtype's tolerance of PEFT's value).
 
-How each linear's products are formed (factored or merged), what is saved for backward, and how
-a bitsandbytes 4-bit base is dequantized (not from several streams at once):
+How each linear's products are formed (factored, merged or stacked), what is saved for backward,
+and how a bitsandbytes 4-bit base is dequantized (not from several streams at once):
 :mod:`~sloth_fx.kernels.lora_function`. Each linear's form comes from
-:func:`~sloth_fx.kernels.lora_plan.lora_plan` for the actual shapes (cached), or from the
-``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
+:func:`~sloth_fx.kernels.lora_forms.plans_taken` for the actual shapes (cached, and recorded for
+explain), or from the ``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
+from .lora_forms import plans_taken
 from .lora_function import LoRAGroupFunction
-from .lora_plan import LoRAPlan, lora_plan
-from .roofline import measure_device_rates
+from .lora_plan import LoRAPlan
 from .toolkit import (
     SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, base_weight_shape, dense_weight, dtype_names, is_4bit, refusal,
     validate,
@@ -205,16 +204,6 @@ def _signature(x, weights, lora_as, lora_bs, scales, biases) -> tuple:
             *[(type(s), s) for s in scales])
 
 
-@lru_cache(maxsize=4096)
-def _group_plans(tokens: int, in_features: int, outs: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype,
-                 adapter_dtype: torch.dtype, device: torch.device, training: bool) -> tuple[LoRAPlan, ...]:
-    """The plan (:func:`lora_plan`) of each linear of a group: decided once per (shapes, dtypes, device,
-    training), then one dictionary look-up per call."""
-    rates = measure_device_rates(device)
-    return tuple(lora_plan(tokens, in_features, o, r, dtype.itemsize, rates, adapter_elem_bytes=adapter_dtype.itemsize,
-                           training=training) for o, r in zip(outs, ranks))
-
-
 def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
                       lora_bs: Sequence[torch.Tensor], scales: Sequence[float],
                       biases: Sequence[torch.Tensor | None] | None = None, *,
@@ -224,9 +213,10 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
     ``x [..., in]``; ``weights[i]`` dense ``[out_i, in]`` in x's dtype, or a bitsandbytes 4-bit
     weight of that shape; ``lora_as[i] [r_i, in]``, ``lora_bs[i] [out_i, r_i]``, all in one dtype;
     ``biases[i]`` None or ``[out_i]`` in x's dtype; ``scales[i]`` a float. Outputs ``[..., out_i]``
-    in x's dtype: see the module doc for the rounding. ``plans`` (one per linear) fixes the forms; by default each comes from ``lora_plan`` for
-    the actual shapes and the device's measured rates. Bad inputs raise ``TypeError`` (dtypes)
-    or ``ValueError`` (shapes, devices, counts).
+    in x's dtype: see the module doc for the rounding. ``plans`` (one per linear) fixes the forms;
+    by default they come from :func:`~sloth_fx.kernels.lora_forms.plans_taken` for the actual
+    shapes and the device's measured rates. Bad inputs raise ``TypeError`` (dtypes) or
+    ``ValueError`` (shapes, devices, counts).
 
     Host cost: the checks run once per signature of the arguments (dtypes, shapes but the token
     count, devices, scales) and the plans once per (token count, shapes, dtypes, device,
@@ -238,8 +228,9 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
     if plans is None:
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *lora_as, *lora_bs))
         tokens = max(1, x.numel() // max(1, x.shape[-1]))
-        plans = _group_plans(tokens, x.shape[-1], tuple(base_weight_shape(w)[0] for w in weights),
-                             tuple(a.shape[0] for a in lora_as), x.dtype, lora_as[0].dtype, x.device, training)
+        shape = (x.shape[-1], tuple(base_weight_shape(w)[0] for w in weights), tuple(a.shape[0] for a in lora_as),
+                 x.dtype, lora_as[0].dtype, tuple(is_4bit(w) for w in weights), training)
+        plans = plans_taken(tokens, shape, x.device)
     else:
         plans = tuple(plans)
         if len(plans) != n or not all(isinstance(p, LoRAPlan) for p in plans):

@@ -4,18 +4,22 @@ For the linears ``y_i = x·W_iᵀ (+ b_i) + s_i · (x·A_iᵀ)·B_iᵀ`` of :mod
 op: what PEFT computes, the inputs it takes, the plan of each linear). Every product with the rank
 as a dimension goes through :func:`~sloth_fx.kernels.lowrank_mm.lowrank_mm`.
 
-Forward (``xa = x·[A_1; A_2; …]ᵀ`` in one product, fp32, ``x`` read once for every adapter)::
+Forward (``xa = x·[A_1; A_2; …]ᵀ`` in one product, fp32, ``x`` read once for every adapter not
+stacked)::
 
     factored   y_i = x·W_iᵀ (+ b_i);   y_i += s_i · xa_i·B_iᵀ      (in place, one rounding for the sum)
     merged     W'_i = W_i + s_i·B_i·A_i (fp32 sum, rounded once, a temporary);   y_i = x·W'_iᵀ (+ b_i)
+    stacked    [x·W_iᵀ + b_i | xa_i] = x·[W_i; A_i]ᵀ;   y_i = copy;   y_i += s_i · xa_i·Bᵀ   (lora_stack)
 
 Saved for backward: ``x`` (for dA, and dW if the base trains) and ``xa`` (fp32 ``[T, sum r_i]``,
-for dB); the parameters are saved too and cost no memory. Backward, with ``g_i = s_i · dY_i·B_i``
-(fp32 ``[T, r_i]``, computed once, used by dX and dA)::
+for dB; a stacked sibling's columns hold its GEMM's rounded ``xa_i``); the parameters are saved
+too and cost no memory. Backward, with ``g_i = s_i · dY_i·B_i`` (fp32 ``[T, r_i]``, computed once,
+used by dX and dA)::
 
     dX   = Σ_i dY_i·W_i  +  [g_1 … g_n]·[A_1; …; A_n]        one buffer: the first product writes it,
                                                              the others accumulate in place
-           (a merged sibling contributes dY_i·W'_i instead of both of its terms)
+           (a merged sibling contributes dY_i·W'_i instead of both of its terms; a stacked one
+           [dY_i·W_i | dY_i·B_i] from dY_i·[W_i | B_i], its g_i from the second part: lora_stack)
     dA_i = g_iᵀ·x            (all siblings in one product: [g_1 … g_n]ᵀ·x)
     dB_i = s_i · dY_iᵀ·xa_i   db_i = Σ_rows dY_i            dW_i = dY_iᵀ·x (only if W_i trains)
 
@@ -65,8 +69,9 @@ import torch
 from sloth_fx.memory.saved_products import product_key, recall, remember
 
 from .lora_plan import LoRAPlan
+from .lora_stack import stacked_dx, stacked_forward
 from .lora_thin import thin_grads_wide, thin_products
-from .lowrank_mm import lowrank_mm, runs_wide
+from .lowrank_mm import lowrank_mm, runs_wide, wide_dtype
 from .toolkit import dense_weight, is_4bit
 
 __all__ = ["HOST_BOUND_TOKENS", "LoRAGroupFunction"]
@@ -87,18 +92,28 @@ def _products(x: torch.Tensor, x2: torch.Tensor, src: torch.Tensor, weights: Seq
               host_bound: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The group's outputs ``y_i`` (shaped as ``x``) and ``xa`` (fp32), each linear in its plan's form."""
     ranks = [a.shape[0] for a in lora_as]
-    # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
-    a_cat = lora_as[0] if len(lora_as) == 1 else torch.cat(lora_as)
-    xa = lowrank_mm(src.reshape(-1, src.shape[-1]), a_cat.t(), host_bound=host_bound)
+    src2 = src.reshape(-1, src.shape[-1])
+    stacked = [p.forward == "stacked" for p in plans]
+    if not any(stacked):
+        # One product for every adapter; the concatenation copies sum(r_i)·in parameter elements.
+        xa = lowrank_mm(src2, _cat(lora_as).t(), host_bound=host_bound)
+    else:
+        xa = torch.empty(src2.shape[0], sum(ranks), device=src2.device, dtype=wide_dtype(src2, *lora_as))
+        for lo, hi in _runs([not s for s in stacked]):
+            lowrank_mm(src2, _cat(lora_as[lo:hi]).t(), out=_columns(xa, ranks, lo, hi), host_bound=host_bound)
     outs = []
-    for w, a, b, bias, s, xa_i, plan in zip(weights, lora_as, lora_bs, biases, scales, xa.split(ranks, dim=1), plans):
-        dense = dense_weight(w, x.dtype, scratch=True)
-        if plan.forward == "merged":
-            dense = _merged_weight(dense, a, b, s, x.dtype, host_bound)
-        y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
-        del dense
-        if plan.forward != "merged":
-            lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True, host_bound=host_bound)
+    for i, (w, a, b, bias, s, xa_i, plan) in enumerate(zip(weights, lora_as, lora_bs, biases, scales,
+                                                          xa.split(ranks, dim=1), plans)):
+        if stacked[i]:
+            y = stacked_forward(x2, w, a, b, bias, s, xa_i, host_bound)
+        else:
+            dense = dense_weight(w, x.dtype, scratch=True)
+            if plan.forward == "merged":
+                dense = _merged_weight(dense, a, b, s, x.dtype, host_bound)
+            y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
+            del dense
+            if plan.forward == "factored":
+                lowrank_mm(xa_i, b.t(), alpha=s, out=y, accumulate=True, host_bound=host_bound)
         outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
     return outs, xa
 
@@ -159,23 +174,28 @@ class LoRAGroupFunction(torch.autograd.Function):
         src = x2 if ctx.adapters_read_x else (xd.reshape(-1, xd.shape[-1]) if xd is not None else None)
         xa_split = xa.split(ranks, dim=1) if xa is not None else [None] * n
         dys = [g.reshape(-1, g.shape[-1]) for g in grads]
-        # g = [s_1·dY_1·B_1, …, s_n·dY_n·B_n], fp32 [T, sum r_i]: used by dX (or d(xd)) and dA
-        offsets = [sum(ranks[:i]) for i in range(n)]
+        # g = [s_1·dY_1·B_1, …, s_n·dY_n·B_n], fp32 [T, sum r_i]: used by dX (or d(xd)) and dA; a
+        # sibling whose dX is stacked gets its columns from its dX product instead of its own
         adapter_dx = need_dx and ctx.adapters_read_x
-        need_g = [need_a[i] or need_dxd or (adapter_dx and plans[i].backward_dx == "factored") for i in range(n)]
+        dx_stacked = [need_dx and plans[i].backward_dx == "stacked" for i in range(n)]
+        need_g = [not dx_stacked[i] and (need_a[i] or need_dxd or (adapter_dx and plans[i].backward_dx == "factored"))
+                  for i in range(n)]
         d_w, d_a, d_bias = [None] * n, [None] * n, [None] * n
         if all(runs_wide(dy, b, host_bound=host_bound) for dy, b in zip(dys, lora_bs)):
+            # one product for every sibling's g: a stacked sibling's columns are overwritten below
             g, d_b = thin_grads_wide(dys, lora_bs, xa, scales, ranks, any(need_g), need_b)
         else:
             g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=torch.float32) if any(need_g) else None
             for lo, hi in _runs(need_g):
                 thin_products([(dys[i], lora_bs[i], scales[i]) for i in range(lo, hi)], 1, host_bound,
-                              g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]])
+                              _columns(g, ranks, lo, hi))
             d_b = [None] * n
             for lo, hi in _runs(need_b):
                 parts = thin_products([(dys[i].t(), xa_split[i], scales[i]) for i in range(lo, hi)], 0, host_bound)
                 for i, part in zip(range(lo, hi), parts):
                     d_b[i] = part.to(lora_bs[i].dtype)
+        if g is None and any(dx_stacked):
+            g = torch.empty(dys[0].shape[0], sum(ranks), device=dys[0].device, dtype=wide_dtype(dys[0], lora_bs[0]))
         for i in range(n):
             if need_w[i]:
                 d_w[i] = dys[i].t() @ x2
@@ -184,16 +204,27 @@ class LoRAGroupFunction(torch.autograd.Function):
 
         dx = None
         if need_dx:
+            in_features = ctx.x_shape[-1]
+            # one buffer for dX and, to its right, the widest stacked sibling's dY·B (lora_stack's doc)
+            extra = max((r for r, stacked in zip(ranks, dx_stacked) if stacked), default=0)
+            dx_full = torch.empty(dys[0].shape[0], in_features + extra, device=dys[0].device, dtype=cd)
+            dx = dx_full[:, :in_features]
             for i in range(n):
+                if dx_stacked[i]:
+                    stacked_dx(dys[i], weights[i], lora_bs[i], scales[i], dx_full, in_features, i > 0,
+                               _columns(g, ranks, i, i + 1))
+                    continue
                 weight = dense_weight(weights[i], cd, scratch=True)
                 if plans[i].backward_dx == "merged":
                     weight = _merged_weight(weight, lora_as[i], lora_bs[i], scales[i], cd, host_bound)
-                dx = dys[i] @ weight if dx is None else dx.addmm_(dys[i], weight)
+                if i == 0:
+                    torch.mm(dys[i], weight, out=dx)
+                else:
+                    dx.addmm_(dys[i], weight)
                 del weight
             if adapter_dx:
-                for lo, hi in _runs([plans[i].backward_dx == "factored" for i in range(n)]):
-                    a_run = lora_as[lo] if hi - lo == 1 else torch.cat(lora_as[lo:hi])
-                    lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]], a_run, out=dx, accumulate=True,
+                for lo, hi in _runs([plans[i].backward_dx != "merged" for i in range(n)]):
+                    lowrank_mm(_columns(g, ranks, lo, hi), _cat(lora_as[lo:hi]), out=dx, accumulate=True,
                                host_bound=host_bound)
         dxd = None
         if need_dxd:  # one linear (n == 1): d(xd) = g·A, rounded once to the adapters' dtype (xd's)
@@ -201,11 +232,21 @@ class LoRAGroupFunction(torch.autograd.Function):
             dxd = lowrank_mm(g, lora_as[0], out=dxd, host_bound=host_bound).reshape(ctx.x_shape)
         for lo, hi in _runs(need_a):
             # every dA in one product
-            rows = lowrank_mm(g[:, offsets[lo]:offsets[hi - 1] + ranks[hi - 1]].t(), src, host_bound=host_bound)
+            rows = lowrank_mm(_columns(g, ranks, lo, hi).t(), src, host_bound=host_bound)
             for i, part in zip(range(lo, hi), rows.split(ranks[lo:hi], dim=0)):
                 d_a[i] = part.to(lora_as[i].dtype)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         return (dx, dxd, None, None, None, *d_w, *d_a, *d_b, *d_bias)
+
+
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The siblings' A (or B) rows in one tensor: the first itself when alone, else a copy."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+def _columns(t: torch.Tensor, ranks: Sequence[int], lo: int, hi: int) -> torch.Tensor:
+    """Siblings ``lo..hi-1``'s columns of ``t`` (``xa`` or ``g``, ``[T, sum r_i]``)."""
+    return t[:, sum(ranks[:lo]):sum(ranks[:hi])]
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ __all__ = [
     "check_positive_int",
     "matmul_cost",
     "measure_device_rates",
+    "roofline_cost",
     "stream_cost",
 ]
 
@@ -148,9 +149,14 @@ def matmul_cost(m: int, k: int, n: int, elem_bytes: int, rates: DeviceRates = DE
     when ``accumulate``: ``C += A·B`` reads C), ``max(flops / rate, bytes / bandwidth)`` seconds."""
     for name, value in (("m", m), ("k", k), ("n", n), ("elem_bytes", elem_bytes)):
         check_positive_int(name, value)
-    flops = 2.0 * m * k * n
     moved = float(m * k + k * n + m * n * (2 if accumulate else 1)) * elem_bytes
-    return Cost(flops, moved, max(flops / rates.matmul_rate(elem_bytes), moved / rates.bandwidth))
+    return roofline_cost(2.0 * m * k * n, moved, elem_bytes, rates)
+
+
+def roofline_cost(flops: float, nbytes: float, elem_bytes: int, rates: DeviceRates = DEFAULT_RATES) -> Cost:
+    """A product whose bytes are counted by the caller (an operand read once for several products,
+    say): ``max(flops / rate, nbytes / bandwidth)`` seconds, the rate that of ``elem_bytes``."""
+    return Cost(float(flops), float(nbytes), max(flops / rates.matmul_rate(elem_bytes), nbytes / rates.bandwidth))
 
 
 def stream_cost(nbytes: float, rates: DeviceRates = DEFAULT_RATES) -> Cost:

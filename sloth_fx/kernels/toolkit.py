@@ -233,7 +233,8 @@ def release_dequant_scratch() -> None:
     _SCRATCH.clear()
 
 
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = False) -> torch.Tensor:
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """A base weight as a dense ``[out, in]`` matrix in ``dtype``.
 
     A dense weight is returned as is (it must already be ``dtype``'s: callers check). A 4-bit
@@ -242,13 +243,21 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = Fa
     reusable buffer per (device, shape, dtype) (bitsandbytes' ``out=``), valid only until the next
     such dequantization; :func:`release_dequant_scratch` frees them. On CPU bitsandbytes has no
     ``out=`` kernel, so each dequantization allocates.
+
+    ``out`` (an ``[out, in]`` tensor in ``dtype``, a part of a larger buffer: LoRA's stacked form)
+    receives the weight instead and is returned: a dense weight is copied into it; a 4-bit one
+    is dequantized straight into it where bitsandbytes can write it (CUDA, the quantization
+    dtype, contiguous), else through the scratch (or a fresh tensor) and copied.
     """
     if not is_4bit(weight):
-        return weight
+        return weight if out is None else out.copy_(weight)
     state = weight.quant_state
     import bitsandbytes.functional as bnbf  # only a 4-bit weight, made by bitsandbytes, gets here
 
-    if scratch and weight.device.type == "cuda":
+    cuda = weight.device.type == "cuda"
+    if out is not None and cuda and out.dtype == state.dtype and out.is_contiguous():
+        return bnbf.dequantize_4bit(weight.data, state, out=out)
+    if scratch and cuda:
         key = (weight.device, tuple(state.shape), state.dtype)
         buf = _SCRATCH.get(key)
         if buf is None:
@@ -256,4 +265,6 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *, scratch: bool = Fa
         dense = bnbf.dequantize_4bit(weight.data, state, out=buf)
     else:
         dense = bnbf.dequantize_4bit(weight.data, state)
+    if out is not None:
+        return out.copy_(dense)
     return dense if dense.dtype == dtype else dense.to(dtype)

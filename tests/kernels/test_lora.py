@@ -8,8 +8,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import sloth_fx.kernels.lora as lora_mod
+import sloth_fx.kernels.lora_forms as lora_forms
 import sloth_fx.kernels.lora_function as lora_function
+import sloth_fx.kernels.lora_stack as lora_stack
 import sloth_fx.kernels.lora_thin as lora_thin
 from sloth_fx.kernels import toolkit
 from sloth_fx.kernels.lora import (
@@ -29,7 +30,15 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 # 8.3e-8 (fp32) and 1.6e-4 (fp16). bf16 runs only on the GPU: its 2e-2, five units, matches fp16's
 # four units and TOL's bf16 bound; it passed on an H200 (2026-11-30), its largest error not recorded.
 MAGNITUDE_TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-FACTORED, MERGED = LoRAPlan("factored", "factored"), LoRAPlan("merged", "merged")
+FACTORED, MERGED, STACKED = LoRAPlan("factored", "factored"), LoRAPlan("merged", "merged"), LoRAPlan("stacked", "stacked")
+PLANS = [FACTORED, MERGED, STACKED]
+
+
+def clear_plan_caches():
+    """Plans are cached per shape (and recorded per run): a test that fakes the cost model starts
+    and ends with none."""
+    lora_forms.group_plans.cache_clear()
+    lora_forms.forget_forms_taken()
 
 
 def rel(a, b):
@@ -111,7 +120,7 @@ SHAPES = [  # (leading dims, in, outs, ranks): T = 1, 7, 33; r > in allowed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("plan", [FACTORED, MERGED], ids=["factored", "merged"])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.forward)
 @pytest.mark.parametrize("lead,i,outs,ranks", SHAPES)
 def test_group_against_float64(dtype, plan, lead, i, outs, ranks):
     seed = hash((lead, i, str(dtype), plan.forward)) % 10_000
@@ -126,7 +135,7 @@ def test_bias_scales_and_mixed_plans(dtype):
                     plans=[LoRAPlan("merged", "factored"), LoRAPlan("factored", "merged")])
 
 
-@pytest.mark.parametrize("plan", [FACTORED, MERGED], ids=["factored", "merged"])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.forward)
 def test_fp32_adapters_on_a_half_base_against_float64(plan):
     check_group((7,), 40, [24, 96], [8, 16], [0.5, 2.0], torch.float16, seed=51, bias=True,
                 adapter_dtype=torch.float32, plans=[plan, plan])
@@ -159,23 +168,24 @@ def test_cost_model_consulted_per_linear(monkeypatch):
     seen = []
 
     def fake_plan(tokens, in_features, out_features, rank, elem_bytes, rates, **kw):
-        seen.append((tokens, in_features, out_features, rank, elem_bytes, kw["adapter_elem_bytes"], kw["training"]))
+        seen.append((tokens, in_features, out_features, rank, elem_bytes, kw["adapter_elem_bytes"], kw["training"],
+                     kw["siblings"], kw["base_4bit"]))
         return MERGED
 
-    monkeypatch.setattr(lora_mod, "lora_plan", fake_plan)
-    lora_mod._group_plans.cache_clear()  # plans are cached per shape: start from none
+    monkeypatch.setattr(lora_forms, "lora_plan", fake_plan)
+    clear_plan_caches()  # plans are cached per shape: start from none
     check_group((3, 5), 40, [24, 96], [8, 16], [0.5, 2.0], torch.float32, seed=81)
-    assert seen == [(15, 40, 24, 8, 4, 4, True), (15, 40, 96, 16, 4, 4, True)]
+    assert seen == [(15, 40, 24, 8, 4, 4, True, 2, False), (15, 40, 96, 16, 4, 4, True, 2, False)]
     seen.clear()
     with torch.no_grad():
         lora_linear(*[t[0] if isinstance(t, list) else t for t in make((2,), 24, [40], [4], torch.float32, 1)[:4]], 1.0)
-    assert seen[0][-1] is False
-    lora_mod._group_plans.cache_clear()  # forget the fake plans
+    assert seen[0][6] is False
+    clear_plan_caches()  # forget the fake plans
 
 
 def test_single_matches_reference_and_group():
     x, ws, as_, bs, bis = make((4, 3), 24, [40], [4], torch.float32, seed=9, bias=True)
-    for plan in (None, FACTORED, MERGED):
+    for plan in (None, *PLANS):
         out = lora_linear(x, ws[0], as_[0], bs[0], 2.0, bis[0], plan=plan)
         torch.testing.assert_close(out, lora_linear_reference(x, ws[0], as_[0], bs[0], 2.0, bis[0]))
 
@@ -278,7 +288,7 @@ def test_4bit_against_peft_linear4bit(dtype, quant_type, double_quant, bias):
     ref = layer(x)
     dy = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (x, a, b), dy)
-    for plan in (FACTORED, MERGED):
+    for plan in PLANS:
         out = lora_linear(x, w, a, b, layer.scaling["default"], layer.base_layer.bias, plan=plan)
         assert out.dtype == ref.dtype and torch.isfinite(out).all() and rel(out, ref) < TOL[dtype]
         # the dequantized [out, in] weight is not kept for backward
@@ -363,7 +373,7 @@ def test_supports_takes_fake_tensors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("host_bound_tokens", [0, 2**62], ids=["triton", "pytorch"])
-@pytest.mark.parametrize("plan", [FACTORED, MERGED], ids=["factored", "merged"])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.forward)
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
 @pytest.mark.parametrize("lead,i,outs,ranks", SHAPES + [((2, 1000), 512, [512, 128, 128], [16, 16, 16])])
 def test_bf16_on_gpu(plan, adapter_dtype, lead, i, outs, ranks, host_bound_tokens, monkeypatch):
@@ -376,7 +386,8 @@ def test_bf16_on_gpu(plan, adapter_dtype, lead, i, outs, ranks, host_bound_token
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
-def test_4bit_on_gpu_with_poisoned_scratch(dtype, quant_type, double_quant):
+@pytest.mark.parametrize("plan", [None, STACKED], ids=["cost-model", "stacked"])
+def test_4bit_on_gpu_with_poisoned_scratch(dtype, quant_type, double_quant, plan):
     layer = bnb_layer(dtype, quant_type, double_quant, True, seed=7, in_f=256, out_f=128, r=16, device="cuda")
     w = layer.base_layer.weight
     toolkit.release_dequant_scratch()
@@ -387,7 +398,7 @@ def test_4bit_on_gpu_with_poisoned_scratch(dtype, quant_type, double_quant):
     ref = layer(x)
     dy = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (x, a, b), dy)
-    out = lora_linear(x, w, a, b, layer.scaling["default"], layer.base_layer.bias)
+    out = lora_linear(x, w, a, b, layer.scaling["default"], layer.base_layer.bias, plan=plan)
     grads = torch.autograd.grad(out, (x, a, b), dy)
     assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype]
     for g, r in zip(grads, ref_grads):
@@ -403,18 +414,18 @@ def test_caches_never_change_a_result_when_shapes_change(monkeypatch):
     """T = 5, 17, 5 through one op: each call against float64, a plan decided per token count
     (and reused, not re-decided, when T comes back), the checks run once per signature."""
     calls = []
-    real_plan = lora_mod.lora_plan
+    real_plan = lora_forms.lora_plan
 
     def spy(tokens, *args, **kw):
         calls.append(tokens)
         return real_plan(tokens, *args, **kw)
 
-    monkeypatch.setattr(lora_mod, "lora_plan", spy)
-    lora_mod._group_plans.cache_clear()
+    monkeypatch.setattr(lora_forms, "lora_plan", spy)
+    clear_plan_caches()
     for t in (5, 17, 5):
         check_group((t,), 40, [24, 96, 24], [8, 8, 8], [0.5, 2.0, 1.0], torch.float32, seed=100 + t, bias=True)
     assert calls == [5, 5, 5, 17, 17, 17]  # one plan per linear per new token count
-    lora_mod._group_plans.cache_clear()
+    clear_plan_caches()
 
 
 @pytest.mark.parametrize("tokens", [HOST_BOUND_TOKENS - 1, HOST_BOUND_TOKENS])
@@ -430,7 +441,7 @@ def test_one_host_bound_decision_per_call(tokens, monkeypatch):
         return call
 
     for module, name in ((lora_function, "lowrank_mm"), (lora_function, "runs_wide"), (lora_thin, "lowrank_mm"),
-                         (lora_thin, "split_k_for")):
+                         (lora_thin, "split_k_for"), (lora_stack, "lowrank_mm")):
         monkeypatch.setattr(module, name, spy(getattr(module, name)))
     check_group((tokens,), 8, [8, 12], [2, 2], [0.5, 2.0], torch.float32, seed=5)
     assert len(told) >= 6 and set(told) == {tokens < HOST_BOUND_TOKENS}
