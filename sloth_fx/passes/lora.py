@@ -31,11 +31,16 @@ place (OLMo's ``clamp_``), the output is copied first (``sloth_fx/passes/in_plac
 After the rewrite, every adapter still computed in the graph that no refused match covers gets
 its reason too (``sloth_fx/passes/lora_census.py``): DoRA, a base that is not a linear, a layer
 split by a graph break.
+
+Explain names each fused linear's forms, forward and dX (factored, merged or stacked:
+``sloth_fx/kernels/lora_plan.py``), as the cost model picks them at the capture's token count and
+as the op took them at the token counts it ran (:class:`FormsNote`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -43,7 +48,8 @@ import torch.fx as fx
 from sloth_fx.rewrite.graph_edit import NotSchedulable, erase_dead, fake_value, replace_with_call
 from sloth_fx.rewrite.graph_walk import op_name
 from sloth_fx.kernels.lora import lora_linear, lora_linear_group, lora_linear_supports
-from sloth_fx.kernels.lora_plan import lora_plan
+from sloth_fx.kernels.lora_forms import GroupShape, forms_taken, group_plans
+from sloth_fx.kernels.lora_plan import LoRAPlan
 from sloth_fx.kernels.toolkit import SUPPORTED_DTYPES, dtype_names
 from sloth_fx.rewrite.pass_manager import register_pass
 # written_arguments was defined here, and is still imported from here (tests/passes/test_olmo.py)
@@ -98,9 +104,13 @@ def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
             copy_for_writes(graph, output)
     value = fake_value(x)
     tokens = math.prod(_hint(d) for d in value.shape[:-1])
+    adapters = [fake_value(m.inputs["lora_a"]) for m in matches]
+    shape = (_hint(value.shape[-1]), tuple(weight_shape(m)[0] for m in matches), tuple(a.shape[0] for a in adapters),
+             value.dtype, adapters[0].dtype, tuple(isinstance(m, QuantLoRAMatch) for m in matches), True)
+    plans = group_plans(tokens, shape, value.device)
     sites = []
-    for m, name, written in zip(matches, names, writers):
-        (out_features, in_features), a = weight_shape(m), fake_value(m.inputs["lora_a"])
+    for index, (m, name, written, a) in enumerate(zip(matches, names, writers, adapters)):
+        out_features, in_features = weight_shape(m)
         together = f", x read once for {len(matches)} linears" if len(matches) > 1 else ""
         ops = ", ".join(dict.fromkeys(op_name(w) for w in written))
         copied = f", output copied for the in-place {ops}" if ops else ""
@@ -110,11 +120,30 @@ def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
         if dropout:
             sites.append(Site(name, what, f"{name}: forward and dX factored (the adapters read the dropout's output, not x)"))
             continue
-        plan = lora_plan(tokens, in_features, out_features, a.shape[0], value.element_size())
-        costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in plan.predicted.items())
-        sites.append(Site(name, what, f"cost model at {tokens} tokens for {name}: forward {plan.forward}, "
-                                      f"dX {plan.backward_dx} ({costs})"))
+        sites.append(Site(name, what, FormsNote(name, index, tokens, shape, plans[index])))  # type: ignore[arg-type]
     return sites
+
+
+@dataclass(frozen=True)
+class FormsNote:
+    """Explain's line on the forms of one fused LoRA linear (factored, merged or stacked, for the
+    forward and for dX): the cost model's pick at the capture's token count, and the forms the op
+    took at the token counts it ran (:func:`~sloth_fx.kernels.lora_forms.forms_taken`). A pass
+    note is text made once, but the op decides per call, so this one is an object that explain
+    formats when it renders, with the calls made until then."""
+
+    name: str
+    index: int  # the linear's place in its group
+    tokens: int
+    shape: GroupShape
+    plan: LoRAPlan
+
+    def __str__(self) -> str:
+        costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in self.plan.predicted.items())
+        ran = [f"forward {forms[self.index][0]}, dX {forms[self.index][1]} at {lo}" + (f"-{hi}" if hi > lo else "")
+               + " tokens" for forms, (lo, hi) in forms_taken(self.shape).items()]
+        return (f"cost model at {self.tokens} tokens for {self.name}: forward {self.plan.forward}, "
+                f"dX {self.plan.backward_dx} ({costs}); ran: {'; '.join(ran) or 'not yet'}")
 
 
 def op_bias(graph: fx.Graph, match: Match) -> fx.Node | None:

@@ -1,15 +1,21 @@
 """The LoRA pass on tiny models: PEFT's loss and every adapter gradient, siblings grouped."""
 
+import re
+
 import pytest
 import torch
 from tiny_models import assert_same_training_step, batch, tiny_model, twin
 
 import sloth_fx
+import sloth_fx.kernels.lora_forms as lora_forms
+from sloth_fx.kernels.lora_plan import LoRAPlan
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_on_all_seven_projections(family, checkpointing):
+def test_lora_on_all_seven_projections(family, checkpointing, fresh_forms):
     original = tiny_model(family, lora=True, checkpointing=checkpointing)
     optimized = sloth_fx.optimize(twin(original), passes=["lora"])
     assert_same_training_step(original, optimized, batch())
@@ -17,7 +23,43 @@ def test_lora_on_all_seven_projections(family, checkpointing):
     assert report.count("lora") == 7 * 2
     text = sloth_fx.explain(optimized)
     assert "x read once for 3 linears" in text and "x read once for 2 linears" in text
-    assert "cost model at" in text
+    # each projection's forms, as the cost model picks them and as the op took them for the step's tokens
+    tokens = batch()["input_ids"].numel()
+    forms = dict(re.findall(rf"cost model at {tokens} tokens for \S+?(\w+_proj): (forward \w+, dX \w+) \(", text))
+    ran = dict(re.findall(rf"for \S+?(\w+_proj): .*; ran: (forward \w+, dX \w+) at {tokens} tokens", text))
+    assert set(forms) == set(PROJECTIONS) and ran == forms
+
+
+@pytest.fixture
+def fresh_forms():
+    """The record of the forms taken starts empty (other tests' models of these shapes ran too)."""
+    lora_forms.forget_forms_taken()
+
+
+@pytest.fixture
+def stacked_plans(monkeypatch, fresh_forms):
+    """The cost model picks stacked for every product of every linear it is asked about."""
+    def stacked(*args, **kwargs):
+        return LoRAPlan("stacked", "stacked", {"forward stacked": 1e-6, "dX stacked": 1e-6}, 0.0, "forced by the test")
+
+    monkeypatch.setattr(lora_forms, "lora_plan", stacked)
+    lora_forms.group_plans.cache_clear()
+    yield
+    lora_forms.group_plans.cache_clear()
+    lora_forms.forget_forms_taken()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stacked_forms_keep_peft_loss_and_gradients_and_are_explained(stacked_plans, checkpointing):
+    """Every linear stacked (fp32 adapters on an fp32 model: PEFT's numbers), and explain says so
+    for each projection, before and after the step."""
+    original = tiny_model("llama", lora=True, checkpointing=checkpointing)
+    optimized = sloth_fx.optimize(twin(original), passes=["lora"])
+    assert_same_training_step(original, optimized, batch())
+    text = sloth_fx.explain(optimized)
+    for name in PROJECTIONS:
+        assert re.search(rf"for \S+{name}: forward stacked, dX stacked \(.*; ran: forward stacked, dX stacked at", text)
+    assert "forward factored" not in text
 
 
 def test_every_pass_together_keeps_loss_and_gradients():
