@@ -196,7 +196,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias
 
     Raises TypeError for unsupported dtypes (hidden/weight/bias fp32, fp16 or bf16, all the same;
     labels int64) and ValueError for bad shapes, mixed devices, a non-positive soft-cap or budget,
-    and (Triton path) labels outside [0, V) that are not ``ignore_index``.
+    and (Triton interpreter, CPU tensors) labels outside [0, V) that are not ``ignore_index``. On
+    CUDA such a label fails a device-side assert instead, which the host does not wait for: it
+    surfaces later as a RuntimeError ("device-side assert triggered"), with the range, V and
+    ``ignore_index`` in the message the device prints
+    (:func:`~sloth_fx.kernels.cross_entropy_chunks._check_labels_in_range`).
     """
     _check_inputs(hidden, weight, labels, bias, ignore_index, num_items_in_batch, logit_softcap, logit_scale)
     tensors = [hidden, weight, labels] + ([bias] if bias is not None else [])

@@ -21,9 +21,13 @@ So at most one [C, V] buffer is alive; C comes from a memory budget (:func:`chun
 
 Labels outside ``[0, V)`` that are not ``ignore_index``: the reference path leaves them to
 ``F.cross_entropy`` (which raises on CPU and device-asserts on CUDA, as in HF). The Triton path checks
-them once per call with one reduction over the labels and raises ``ValueError``; that check costs one
-device-to-host synchronisation per forward (a few microseconds next to the chunk matmuls), and the
-kernel also masks its label load so that an out-of-range label can never read out of bounds.
+them once per call with one reduction over the labels (:func:`_check_labels_in_range`): under the
+Triton interpreter (CPU tensors) it raises ``ValueError`` at once; on CUDA it is a device-side assert
+that the host never waits for, since reading the answer on the host would wait for every kernel
+queued before it, each step (199 ms of host wait a step at 16k tokens, measured on an H100). The row
+kernel masks its label load, so an out-of-range label never reads out of bounds before the assert
+fires. Nothing else in the forward or backward waits for the GPU either, a ``num_items_in_batch``
+tensor on the CPU included (:func:`_num_items_on`).
 """
 
 from __future__ import annotations
@@ -83,21 +87,58 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return _empty(shape, dtype, device).zero_()
 
 
+def _num_items_on(
+    num_items_in_batch: Tensor | int | float | None, device: torch.device
+) -> Tensor | int | float | None:
+    """``num_items_in_batch`` with a tensor moved to ``device`` (same shape, dtype and value); a number or None as is.
+
+    A CPU tensor's value is read on the host, where it already is, and filled into a new tensor on
+    the device: ``.to(device)`` from ordinary host memory is a blocking copy, which waits for every
+    kernel queued before it.
+    """
+    if not torch.is_tensor(num_items_in_batch) or num_items_in_batch.device == device:
+        return num_items_in_batch
+    if num_items_in_batch.device.type == "cpu":
+        return torch.full(num_items_in_batch.shape, num_items_in_batch.item(), dtype=num_items_in_batch.dtype,
+                          device=device)
+    return num_items_in_batch.to(device)
+
+
 def _grad_scale(
     n_valid: Tensor, num_items_in_batch: Tensor | int | float | None, device: torch.device
 ) -> Tensor:
-    """The [1] fp32 factor d loss / d loss_sum: 1/n_valid (mean, n_valid over ALL rows) or 1/num_items."""
+    """The [1] fp32 factor d loss / d loss_sum: 1/n_valid (mean, n_valid over ALL rows) or 1/num_items
+    (a tensor already on ``device``)."""
     if num_items_in_batch is None:
         return (1.0 / n_valid.to(torch.float32)).reshape(1)
     if torch.is_tensor(num_items_in_batch):
-        return (1.0 / num_items_in_batch.to(device=device, dtype=torch.float32)).reshape(1)
+        return (1.0 / num_items_in_batch.to(torch.float32)).reshape(1)
     return torch.full((1,), 1.0 / float(num_items_in_batch), dtype=torch.float32, device=device)
 
 
 def _check_labels_in_range(labels: Tensor, valid: Tensor, ignore_index: int, vocab: int) -> None:
-    """``valid``: ``labels != ignore_index``."""
+    """Every label that is not ``ignore_index`` lies in ``[0, vocab)``; ``valid`` is ``labels != ignore_index``.
+
+    CPU tensors (the Triton interpreter): raises ``ValueError("linear_cross_entropy: label L is
+    outside [0, V) and is not ignore_index=I")`` here, L the first bad label.
+
+    CUDA tensors: returns at once, having queued a device-side assert (``torch._assert_async``); the
+    host never waits for the answer. A bad label fails the assert when the GPU reaches it, and the
+    error comes later, at the next CUDA call that reports errors (a synchronisation at the latest:
+    ``loss.item()``, a logging step, the optimizer's step), as torch's ``RuntimeError: CUDA error:
+    device-side assert triggered``. The message, printed by the device with the failed assertion
+    just before, is ``"linear_cross_entropy: a label is outside [0, V) and is not ignore_index=I"``:
+    the range, the vocabulary size and ignore_index, but not the bad label's value, which only the
+    GPU holds. The CUDA context is then unusable: the process must restart. ``CUDA_LAUNCH_BLOCKING=1``
+    makes the error rise here, in the loss's forward.
+    """
     bad = valid & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):  # one device-to-host sync per call (see the module docstring)
+    if labels.is_cuda:
+        torch._assert_async(
+            ~bad.any(), f"linear_cross_entropy: a label is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+        return
+    if bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(
             f"linear_cross_entropy: label {first} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
@@ -111,13 +152,16 @@ def chunked_loss_and_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
     """Loss (fp32, HF's shape) and the requested gradients for d loss = 1, ``chunk`` rows at a time.
 
     Inputs as checked by :func:`~sloth_fx.kernels.cross_entropy.linear_cross_entropy`; returns
-    ``(loss, d_hidden, d_weight, d_bias)``, each gradient None unless asked for. Raises ValueError
-    for a label outside ``[0, V)`` that is not ``ignore_index`` (one device-to-host sync).
+    ``(loss, d_hidden, d_weight, d_bias)``, each gradient None unless asked for. A label outside
+    ``[0, V)`` that is not ``ignore_index`` raises ValueError here on CPU tensors, and on CUDA fails a
+    device-side assert, reported later as a RuntimeError (:func:`_check_labels_in_range`). Never waits
+    for the GPU.
     """
     n_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     labels = labels.contiguous()  # [N] int64, tiny: the kernel indexes it with unit stride
+    num_items_in_batch = _num_items_on(num_items_in_batch, device)
     valid = labels != ignore_index
     _check_labels_in_range(labels, valid, ignore_index, vocab)
     compute_grad = need_d_hidden or need_d_weight or need_d_bias
@@ -160,10 +204,7 @@ def chunked_loss_and_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
     if num_items_in_batch is None:
         loss = loss_sum / n_valid  # 0/0 = nan when all are ignored, as HF
     else:
-        denom = num_items_in_batch
-        if torch.is_tensor(denom):
-            denom = denom.to(loss_sum.device)
-        loss = loss_sum / denom
+        loss = loss_sum / num_items_in_batch
     d_weight = d_weight_acc.to(dtype) if need_d_weight else None
     d_bias = d_bias_acc.to(dtype) if need_d_bias else None
     return loss, d_hidden, d_weight, d_bias

@@ -65,7 +65,8 @@ def _rows_kernel(
         m = m_new
     lse = m + tl.log(s)
 
-    # z[label]: masked so that an ignored (or, defensively, out-of-range) label never reads memory.
+    # z[label]: masked so that an ignored or out-of-range label never reads memory. On CUDA the range
+    # check is an asynchronous device assert: this kernel may run on an out-of-range label before it fires.
     in_range = valid & (label >= 0) & (label < n_cols)
     safe_label = tl.where(in_range, label, 0)
     z_label = tl.load(row_ptr + safe_label, mask=in_range, other=0.0).to(tl.float32)
@@ -121,8 +122,9 @@ def rows_loss_and_grad_(logits: Tensor, labels: Tensor, loss: Tensor, scale: Ten
     with ``d loss / d logits`` (module doc), in one launch.
 
     ``logits [R, V]`` in the model dtype with unit column stride, ``labels [R]`` int64 (an
-    out-of-range label that is not ``ignore_index`` never reads memory: the caller checks the
-    range), ``loss [R]`` fp32, ``scale [1]`` fp32. ``max_block_v`` caps the vocabulary block.
+    out-of-range label that is not ``ignore_index`` never reads memory, and its row's loss and
+    gradient are meaningless: the caller checks the range, on CUDA without waiting for the answer),
+    ``loss [R]`` fp32, ``scale [1]`` fp32. ``max_block_v`` caps the vocabulary block.
     """
     block_v, num_warps = _row_tiles(logits.shape[1], max_block_v)
     launch(
