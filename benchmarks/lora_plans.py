@@ -2,19 +2,25 @@
 
     python -m benchmarks lora-plans --results DIR
 
-For every distinct projection of Llama-2-7B and Mistral-7B (``in -> out``), at T = 16384 tokens,
-r = 16, PEFT's default fp32 adapters, over a bf16 base and over an nf4 (bitsandbytes, double
-quantised) base, it times forward and forward+backward (``triton.testing.do_bench`` medians) of:
+For every distinct projection of Llama-2-7B and Mistral-7B (``in -> out``), r = 16, over a bf16
+base and over an nf4 (bitsandbytes, double quantised) base, with PEFT's default fp32 adapters and
+with bf16 ones, at T = 16384 tokens (E1's step) and T = 2200 (a packed R1p step, host-bound: its
+rank-r products run as PyTorch), it times forward and forward+backward (``triton.testing.do_bench``
+medians) of:
 
 - ``peft``: PEFT's own layer (``peft.tuners.lora`` ``Linear`` / ``bnb.Linear4bit``), as HF runs it;
-- ``factored`` and ``merged``: :func:`sloth_fx.kernels.lora.lora_linear` with that plan for the
-  forward product and for dX (see :mod:`sloth_fx.kernels.lora_plan`).
+- ``factored``, ``merged`` and ``stacked``: :func:`sloth_fx.kernels.lora.lora_linear` with that
+  plan for the forward product and for dX (see :mod:`sloth_fx.kernels.lora_plan`; forced, so
+  stacked and merged run with fp32 adapters too, rounded to bf16, which the cost model would not
+  pick).
 
 Beside each, :func:`sloth_fx.kernels.lora_plan.lora_plan` at the same shapes and the device's measured
-rates: the predicted forward and dX seconds of that form, and the form it picks. The prediction
-covers what differs between the forms (the dense base is not charged for dequantisation, and
-``dY·B``, dA and dB, common to all forms, are left out of dX), so the backward is compared by
-its ordering, not its absolute time. ``lora_plans.json`` holds the rows; the report renders them.
+rates: the predicted forward and dX seconds of that form, and the form it picks for each (one
+linear alone: no siblings share its ``x``). The prediction covers what differs between the forms
+(the nf4 base is not charged for its dequantisation, and dA and dB, common to all forms, are left
+out of dX), so the backward is compared by its ordering, not its absolute time.
+``lora_plans.json`` holds the rows; the report renders them. Each timing runs for about 40 ms, so
+the 384 timings take about a minute.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import torch
 from torch import nn
 
 from benchmarks.e2e import classify_failure
-from benchmarks.kernels import _bench
 
-TOKENS, RANK, ALPHA = 16384, 16, 16
+TOKENS = (16384, 2200)  # E1's step; a packed R1p step
+RANK, ALPHA = 16, 16
 #: (model, projection names, in, out)
 PROJECTIONS = [
     ("Llama-2-7B + Mistral-7B", "q, o (both); k, v (Llama)", 4096, 4096),
@@ -38,7 +44,15 @@ PROJECTIONS = [
     ("Mistral-7B", "gate, up", 4096, 14336),
     ("Mistral-7B", "down", 14336, 4096),
 ]
-FORMS = ("peft", "factored", "merged")
+FORMS = ("peft", "factored", "merged", "stacked")
+ADAPTERS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _bench(fn: Callable[[], Any], grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Median milliseconds by ``triton.testing.do_bench``, over ~40 ms of runs (the budget of 384 timings)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def peft_layer(in_f: int, out_f: int, base: str, device: torch.device) -> nn.Module:
@@ -70,34 +84,43 @@ def _forms(layer: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]
     def fused(form: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: lora_linear(x, w, a, b, s, plan=LoRAPlan(form, form))
 
-    return {"peft": layer, "factored": fused("factored"), "merged": fused("merged")}
+    return {"peft": layer, **{form: fused(form) for form in FORMS[1:]}}
 
 
 def measure_projection(in_f: int, out_f: int, base: str, device: torch.device) -> list[dict[str, Any]]:
-    """One row per form: measured forward / forward+backward ms and the cost model's view."""
+    """One row per adapters' dtype, token count and form: measured forward / forward+backward ms
+    and the cost model's view."""
     from sloth_fx.kernels.lora_plan import lora_plan
     from sloth_fx.kernels.roofline import measure_device_rates
 
-    plan = lora_plan(TOKENS, in_f, out_f, RANK, 2, measure_device_rates(device), adapter_elem_bytes=4)
     layer = peft_layer(in_f, out_f, base, device)
-    x = torch.randn(TOKENS, in_f, device=device, dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(TOKENS, out_f, device=device, dtype=torch.bfloat16)
-    leaves = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     rows = []
-    for form, fn in _forms(layer).items():
-        row: dict[str, Any] = {"base": base, "in": in_f, "out": out_f, "form": form,
-                               "predicted_fwd_ms": plan.predicted[f"forward {form}"] * 1e3,
-                               "predicted_dx_ms": plan.predicted[f"dX {form}"] * 1e3,
-                               "picked": form == plan.forward == plan.backward_dx, "reason": plan.reason}
-        try:
-            with torch.no_grad():
-                row["fwd_ms"] = _bench(lambda: fn(x))
-            row["fwd_bwd_ms"] = _bench(lambda: torch.autograd.backward(fn(x), dy), grad_to_none=leaves)
-            row["status"] = "ok"
-        except Exception as e:  # an unsupported form on this base: the row says why
-            row.update(status="failed", reason=classify_failure(e))
-        rows.append(row)
-    del layer, x, dy
+    for adapters, dtype in ADAPTERS.items():
+        layer.lora_A.to(dtype)
+        layer.lora_B.to(dtype)
+        leaves = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        for tokens in TOKENS:
+            plan = lora_plan(tokens, in_f, out_f, RANK, 2, measure_device_rates(device),
+                             adapter_elem_bytes=dtype.itemsize, base_4bit=base == "nf4")
+            x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16, requires_grad=True)
+            dy = torch.randn(tokens, out_f, device=device, dtype=torch.bfloat16)
+            for form, fn in _forms(layer).items():
+                picked_for = [name for name, pick in (("forward", plan.forward), ("dX", plan.backward_dx)) if pick == form]
+                row: dict[str, Any] = {"base": base, "adapters": adapters, "tokens": tokens, "in": in_f, "out": out_f,
+                                       "form": form, "predicted_fwd_ms": plan.predicted[f"forward {form}"] * 1e3,
+                                       "predicted_dx_ms": plan.predicted[f"dX {form}"] * 1e3,
+                                       "picked": len(picked_for) == 2, "picked_for": " and ".join(picked_for),
+                                       "reason": plan.reason}
+                try:
+                    with torch.no_grad():
+                        row["fwd_ms"] = _bench(lambda: fn(x))
+                    row["fwd_bwd_ms"] = _bench(lambda: torch.autograd.backward(fn(x), dy), grad_to_none=[x, *leaves])
+                    row["status"] = "ok"
+                except Exception as e:  # an unsupported form on this base: the row says why
+                    row.update(status="failed", reason=classify_failure(e))
+                rows.append(row)
+            del x, dy
+    del layer
     torch.cuda.empty_cache()
     return rows
 
@@ -114,19 +137,26 @@ def run_lora_plans(progress: Callable[[str], None] | None = None) -> list[dict[s
     return rows
 
 
+def _setting(row: dict[str, Any]) -> str:
+    """The base, and the adapters' dtype and the token count where the row has them."""
+    extra = [f"{row['adapters']} adapters" if "adapters" in row else "", f"T={row['tokens']}" if "tokens" in row else ""]
+    return ", ".join([row["base"], *filter(None, extra)])
+
+
 def lora_plans_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per base and projection, each form's measured and predicted times, the pick."""
+    """Markdown: per setting and projection, each form's measured and predicted times, the pick."""
     head = ("| base | in->out (projections) | form | fwd ms | fwd+bwd ms | predicted fwd ms | predicted dX ms "
             "| cost model's pick | measured fastest (fwd+bwd) |")
     lines = [head, "|" + " --- |" * 9]
-    for key in dict.fromkeys((r["base"], r["in"], r["out"]) for r in rows):
-        group = [r for r in rows if (r["base"], r["in"], r["out"]) == key]
+    for key in dict.fromkeys((_setting(r), r["in"], r["out"]) for r in rows):
+        group = [r for r in rows if (_setting(r), r["in"], r["out"]) == key]
         ok = [r for r in group if r["status"] == "ok" and r["form"] != "peft"]
         fastest = min(ok, key=lambda r: r["fwd_bwd_ms"])["form"] if ok else "—"
         for r in group:
             measured = (f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f}" if r["status"] == "ok"
                         else f"{r['reason'][:60]} | —")
-            lines.append(f"| {r['base']} | {r['in']}->{r['out']} ({r['projections']}) | {r['form']} | {measured} "
-                         f"| {r['predicted_fwd_ms']:.3f} | {r['predicted_dx_ms']:.3f} | {'yes' if r['picked'] else ''} "
+            pick = "yes" if r["picked"] else r.get("picked_for", "")
+            lines.append(f"| {_setting(r)} | {r['in']}->{r['out']} ({r['projections']}) | {r['form']} | {measured} "
+                         f"| {r['predicted_fwd_ms']:.3f} | {r['predicted_dx_ms']:.3f} | {pick} "
                          f"| {'yes' if r['form'] == fastest else ''} |")
     return "\n".join(lines)

@@ -57,7 +57,8 @@ A bitsandbytes 4-bit base weight is dequantized for the product that needs it â€
 once again in backward â€” and never kept alive from one to the other: on CUDA into a scratch
 buffer that the next 4-bit product of that shape overwrites, which is safe because the products
 run in stream order (do not run these ops concurrently from several streams or threads; see
-:func:`~sloth_fx.kernels.toolkit.dense_weight`).
+:func:`~sloth_fx.kernels.toolkit.dense_weight`). A stacked forward dequantizes into its own
+``[W; A]`` buffer instead, freed when the product returns (:mod:`~sloth_fx.kernels.lora_stack`).
 """
 
 from __future__ import annotations

@@ -67,6 +67,19 @@ def test_stacked_leaks_no_unwritten_buffer(poisoned_buffers, plans):
     check_group((37,), 45, [29, 64, 5], [7, 3, 1], [0.5, 2.0, 1.0], torch.float32, seed=213, bias=True, plans=plans)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_bound_tokens", [0, 2**62], ids=["triton", "pytorch"])
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+@pytest.mark.parametrize("lead,i,outs,ranks", ODD)
+def test_stacked_in_bf16_on_gpu(poisoned_buffers, lead, i, outs, ranks, adapter_dtype, host_bound_tokens,
+                                monkeypatch):
+    """bf16 (fp32 adapters rounded to it: a forced plan) with the rank-r products in Triton and,
+    for host-bound steps, in PyTorch; every fresh buffer NaN."""
+    monkeypatch.setattr(lora_function, "HOST_BOUND_TOKENS", host_bound_tokens)
+    check_group(lead, i, outs, ranks, [0.5, 2.0, -1.5][: len(outs)], torch.bfloat16, seed=220, bias=True,
+                plans=[STACKED] * len(outs), adapter_dtype=adapter_dtype, device="cuda")
+
+
 def test_stacked_output_is_contiguous_and_dx_a_view():
     """y is copied out of the [T, out + r] product (callers may need it contiguous); dX is left a
     view of [T, in + r], the r columns of dY·B to its right (autograd takes any strides)."""
