@@ -8,6 +8,7 @@ step's decision and its predicted activation memory.
 """
 
 import contextlib
+import math
 import weakref
 
 import pytest
@@ -18,7 +19,8 @@ from torch import nn
 import sloth_fx
 from sloth_fx.memory import offload
 from sloth_fx.memory.checkpoint import checkpoint_body
-from sloth_fx.memory.budget import decide_checkpointing, device_budget, estimate_activations, plan_checkpointing
+from sloth_fx.memory.budget import (SAVE_SHARE, decide_checkpointing, device_budget, estimate_activations,
+                                    plan_checkpointing)
 
 GiB = 2**30
 
@@ -215,12 +217,19 @@ def test_policy_offloads_above_the_budget_and_not_below():
     assert not decide_checkpointing(long, 80 * GiB).offload
     assert decide_checkpointing(long, 20 * GiB).offload
     assert not decide_checkpointing(short, 20 * GiB).offload  # a short batch never pays for the copies
-    chunked = long.saved_inputs + long.chunked_peak  # over a third of the budget, the peak is predicted chunked
-    assert not decide_checkpointing(long, chunked).offload and decide_checkpointing(long, chunked - 1).offload
+    # a peak over a third of the budget: offloading unchunked first, while it takes at most SAVE_SHARE of it
+    unchunked = math.ceil(long.offloaded / SAVE_SHARE)
+    assert decide_checkpointing(long, unchunked).offload and not decide_checkpointing(long, unchunked).chunk
+    assert decide_checkpointing(long, unchunked - 2).offload and decide_checkpointing(long, unchunked - 2).chunk
+    alone = decide_checkpointing(long, 20 * GiB).text
+    assert alone == ("predicted activation memory 26.70 GiB (32 checkpointed layer inputs 16.00 GiB, recompute peak "
+                     "10.70 GiB): one layer's recompute peak is over a third of the budget of 20.00 GiB; layer inputs "
+                     "offloaded to host memory instead of chunking the MLPs, about 12.20 GiB kept on the device, within "
+                     "80% of the budget")
     assert not decide_checkpointing(long, None).offload  # no budget (CPU): nothing to save
-    on = decide_checkpointing(long, 20 * GiB).text
+    on = decide_checkpointing(long, 12 * GiB).text
     assert "predicted activation memory 22.59 GiB (32 checkpointed layer inputs 16.00 GiB, recompute peak 6.59 GiB)" in on
-    assert "over the budget of 20.00 GiB" in on and "still over" not in on
+    assert "over the budget of 12.00 GiB" in on and "still over" not in on
     assert "still over the budget" in decide_checkpointing(long, 5 * GiB).text
     assert "fits in the budget of 80.00 GiB" in decide_checkpointing(long, 80 * GiB).text
     few = estimate_activations(layers=3, tokens=65536, hidden=4096, intermediate=11008, element_size=2)
@@ -242,15 +251,21 @@ def test_policy_keeps_activations_within_half_the_budget():
 
 def test_policy_chunks_the_mlps_where_one_layers_recompute_peak_is_over_a_third_of_the_budget():
     """The 16 GiB-capped H200 (about 10.5 GiB of budget left by the nf4 model): 16,384 tokens (a 2.68
-    GiB peak) trained unchunked, 24,576 (4.02 GiB) did not; E1 on an H200 never chunks."""
+    GiB peak) trained unchunked, 24,576 (4.02 GiB) recomputing unchunked did not. Offloading alone
+    goes first where it fits (E1 capped at 20.36 GiB on an H200: chunked it ran out of memory,
+    offloaded unchunked it trained); E1 uncapped on an H200 never chunks."""
     budget = int(10.5 * GiB)
     assert not decide_checkpointing(llama2_7b(16384), budget).chunk
-    assert decide_checkpointing(llama2_7b(24576), budget).chunk
+    assert decide_checkpointing(llama2_7b(24576), budget).mode == "offload"  # offloading alone fits
+    assert not decide_checkpointing(llama2_7b(24576), budget).chunk
+    assert decide_checkpointing(llama2_7b(49152), budget).chunk
     e1 = llama2_7b(16384)
     assert not decide_checkpointing(e1, 110 * GiB).chunk and not decide_checkpointing(e1, 40 * GiB).chunk
     peak = e1.recompute_peak
-    assert not decide_checkpointing(e1, 3 * peak).chunk and decide_checkpointing(e1, 3 * peak - 3).chunk
-    long = decide_checkpointing(llama2_7b(65536), 20 * GiB)
+    assert not decide_checkpointing(e1, 3 * peak).chunk and decide_checkpointing(e1, 3 * peak - 3).offload
+    assert not decide_checkpointing(e1, 3 * peak - 3).chunk  # E1 capped at Unsloth's peak (H200): offloaded, unchunked
+    assert decide_checkpointing(e1, math.floor(e1.offloaded / SAVE_SHARE) - 1).chunk
+    long = decide_checkpointing(llama2_7b(65536), 12 * GiB)
     assert long.offload and long.chunk
     assert long.text.endswith("; MLPs run over chunks of 8192 tokens (one layer's recompute peak would be 10.70 GiB, "
                               "over a third of the budget)")

@@ -26,8 +26,9 @@ training step is judged on its own, from a prediction of its activation memory a
   linears: the sum of their widths per token, counted from the model (``products``).
 
 The step keeps all its activations when they take at most ``KEEP_SHARE`` of the budget.
-Otherwise it runs its MLPs in chunks when one layer's recompute peak is over ``CHUNK_SHARE`` of
-the budget (and is then predicted chunked), and recomputes. An unchunked step spends what
+Otherwise, when one layer's recompute peak is over ``CHUNK_SHARE`` of the budget, it offloads
+(unchunked) if that prediction takes at most ``SAVE_SHARE`` of the budget, and else runs its MLPs
+in chunks (and is then predicted chunked), recomputing or offloading. An unchunked step spends what
 ``SAVE_SHARE`` of the budget leaves beside the recompute's prediction on recomputing less
 (:func:`_recompute_less`): first as many layers as it holds recompute selectively (a layer's
 products are most of its forward's time and about half of what it keeps); when every layer does,
@@ -77,7 +78,10 @@ DEVICE_SHARE = 0.9
 # of 27% of the budget) trained and 24,576 (40%) ran out of memory; chunked, 81,920 trained. At
 # 16,384 tokens chunking cost 10% of the speed, so below the share it is not done. (That was with
 # the MLP run three times in a chunked step, as it still is with layers checkpointed around their
-# capture; a checkpoint body's recompute now skips it: token_chunks. Not yet measured so.)
+# capture; a checkpoint body's recompute now skips it: token_chunks. Not yet measured so.) Above
+# the share, offloading alone goes first where it fits: on an H200 capped at Unsloth's 20.36 GiB,
+# E1 (8x2048, bf16, a 2.68 GiB peak of a ~6.3 GiB budget) ran out of memory chunked and
+# recomputing, and trained offloaded unchunked at 12,511 tokens/s, peaking at 16.39 GiB.
 CHUNK_SHARE = 1 / 3
 # The share of the budget that a step with recompute may fill when it saves products or keeps
 # layers: the products are counted exactly, the kept layers and the recompute peak estimated.
@@ -147,9 +151,11 @@ def estimate_activations(layers: int, tokens: int, hidden: int, intermediate: in
 
 
 def decide_checkpointing(estimate: ActivationEstimate, budget: int | None) -> CheckpointDecision:
-    """Keep the activations when they take at most ``KEEP_SHARE`` of ``budget``. Else run the MLPs
-    in chunks of tokens when one layer's recompute peak is over ``CHUNK_SHARE`` of the budget and
-    the row is longer than a chunk (the prediction then counts the chunked peak); then recompute
+    """Keep the activations when they take at most ``KEEP_SHARE`` of ``budget``. Where one layer's
+    recompute peak is over ``CHUNK_SHARE`` of the budget and the row is longer than a chunk,
+    offload unchunked when that prediction takes at most ``SAVE_SHARE`` of the budget, else run
+    the MLPs in chunks of tokens (the prediction then counts the chunked peak). Then spend the
+    room left on recomputing less (:func:`_recompute_less`, unchunked steps only); else recompute
     when the prediction fits ``budget``, else offload, unless offloading would keep as much on the
     device (``KEPT_LAYERS`` layers or fewer). Without a budget, recompute as asked."""
     if budget is None:
@@ -162,6 +168,11 @@ def decide_checkpointing(estimate: ActivationEstimate, budget: int | None) -> Ch
     if estimate.recompute_peak <= CHUNK_SHARE * budget or estimate.chunked_peak == estimate.recompute_peak:
         # small enough, or one chunk already
         return _recompute_less(estimate, budget) or _recompute_or_offload(estimate, budget)
+    if estimate.offloaded < estimate.total and estimate.offloaded <= SAVE_SHARE * budget:
+        return CheckpointDecision(OFFLOAD, f"{_predicted(estimate)}: one layer's recompute peak is over a third of the "
+                                           f"budget of {size_text(budget)}; layer inputs offloaded to host memory "
+                                           f"instead of chunking the MLPs, about {size_text(estimate.offloaded)} kept "
+                                           f"on the device, within {SAVE_SHARE:.0%} of the budget")
     return _recompute_or_offload(dataclasses.replace(estimate, recompute_peak=estimate.chunked_peak), budget,
                                  unchunked_peak=estimate.recompute_peak)
 
