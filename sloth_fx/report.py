@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sloth_fx.kernels.lora_forms import FormsRecords
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Capture:
     verified: str = "not run"
     notes: list[str] = field(default_factory=list)
     modules: dict[str, int] = field(default_factory=dict)  # module path -> calls
+    lora_forms: FormsRecords = field(default_factory=dict)  # the forms its fused LoRA groups ran in
 
     def rewrites(self) -> list[Rewrite]:
         """The rewrites that run: one that a later pass took over (its fused op replaced in turn)

@@ -44,6 +44,7 @@ from torch import nn
 from sloth_fx.memory.checkpoint import apart_from_the_step, replay_rng_in_checkpoints
 from sloth_fx.memory.layer_checkpoint import asks_to_checkpoint, checkpointed_call, flag_lowered
 from sloth_fx.capture.hub_layers import hub_kernel_modules, hub_kernels_set_aside
+from sloth_fx.kernels.lora_forms import recording_into
 from sloth_fx.capture.isolation import isolated
 from sloth_fx.capture.unrewritten import breaks_since, graph_breaks, unrewritten_cause, warn_unrewritten
 from sloth_fx.rewrite.pass_manager import run_pass, subgraphs
@@ -119,6 +120,12 @@ class Backend:
             capture.notes.append(f"{replayed} activation checkpoint(s) replay the forward's RNG in the recompute")
         check = self.verify and concrete(example_inputs)
         captured = copy.deepcopy(gm)
+        with recording_into(capture.lora_forms):  # the LoRA pass's notes read what the op records there
+            return self._rewrite(gm, captured, example_inputs, capture, check)
+
+    def _rewrite(self, gm: fx.GraphModule, captured: fx.GraphModule, example_inputs: Sequence[Any], capture: Capture,
+                 check: bool) -> CaptureRunner:
+        """Each pass over ``gm`` in turn, verified if ``check``; ``captured`` runs if a pass fails."""
         for name in self.passes:
             before = copy.deepcopy(gm) if check else None
             try:
@@ -152,7 +159,8 @@ class CaptureRunner:
         run = _RUNNING.get()
         if run is not None:
             run.captures.append(self.index)
-        return self.gm(*args)
+        with recording_into(self.region.captures[self.index].lora_forms):
+            return self.gm(*args)
 
 
 class RegionRuntime:

@@ -24,8 +24,8 @@ rounding fewer, within the dtype's tolerance of PEFT's value).
 How each linear's products are formed (factored, merged or stacked), what is saved for backward,
 and how a bitsandbytes 4-bit base is dequantized (not from several streams at once):
 :mod:`~sloth_fx.kernels.lora_function`. Each linear's form comes from
-:func:`~sloth_fx.kernels.lora_forms.plans_taken` for the actual shapes (cached, and recorded for
-explain), or from the ``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
+:func:`~sloth_fx.kernels.lora_forms.group_plans` for the actual shapes (cached, and recorded for
+explain in the running capture's records), or from the ``plan``/``plans`` argument. Leading dims of ``x`` are flattened.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .lora_forms import plans_taken
+from .lora_forms import group_plans, record_forms
 from .lora_function import LoRAGroupFunction
 from .lora_plan import LoRAPlan
 from .toolkit import (
@@ -214,8 +214,8 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
     weight of that shape; ``lora_as[i] [r_i, in]``, ``lora_bs[i] [out_i, r_i]``, all in one dtype;
     ``biases[i]`` None or ``[out_i]`` in x's dtype; ``scales[i]`` a float. Outputs ``[..., out_i]``
     in x's dtype: see the module doc for the rounding. ``plans`` (one per linear) fixes the forms;
-    by default they come from :func:`~sloth_fx.kernels.lora_forms.plans_taken` for the actual
-    shapes and the device's measured rates. Bad inputs raise ``TypeError`` (dtypes) or
+    by default they come from :func:`~sloth_fx.kernels.lora_forms.group_plans` for the actual
+    shapes and the device's measured rates (and are recorded for explain: ``record_forms``). Bad inputs raise ``TypeError`` (dtypes) or
     ``ValueError`` (shapes, devices, counts).
 
     Host cost: the checks run once per signature of the arguments (dtypes, shapes but the token
@@ -230,7 +230,8 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
         tokens = max(1, x.numel() // max(1, x.shape[-1]))
         shape = (x.shape[-1], tuple(base_weight_shape(w)[0] for w in weights), tuple(a.shape[0] for a in lora_as),
                  x.dtype, lora_as[0].dtype, tuple(is_4bit(w) for w in weights), training)
-        plans = plans_taken(tokens, shape, x.device)
+        plans = group_plans(tokens, shape, x.device)
+        record_forms(tokens, shape, plans)
     else:
         plans = tuple(plans)
         if len(plans) != n or not all(isinstance(p, LoRAPlan) for p in plans):

@@ -8,14 +8,20 @@ only when every sibling stacks; when the linears' own plans stack some forwards 
 group is planned again without stacked forwards (a group that would gain only as a whole, each
 sibling short of it alone, is not found: rare, and the gain a read of ``x``).
 
-:func:`plans_taken` is the same plans, as the op takes them at run time: it records the forms of
-each group shape with the range of token counts they ran at (:func:`forms_taken`), which the LoRA
-pass's explain text reads. Each new token count is recorded once (the plans are cached per
-count), so a call costs one dictionary look-up.
+:class:`FormsTaken` records the forms a group of one shape ran in, with the range of token counts
+they ran at, for explain: into the records of the capture that runs (:func:`recording_into`, set
+by the capture's runner around its graph, and by its backend while the passes run, so that the
+LoRA pass's note holds the record the op fills). The records live with each model's report, so
+each model's explain says what its own groups ran. The forms are a function of the group's shape
+and token count, so groups of one shape in one capture share a record. Each new token count is
+recorded once: a call costs a context look-up and a set look-up.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import lru_cache
 
 import torch
@@ -23,15 +29,29 @@ import torch
 from .lora_plan import LoRAPlan, lora_plan
 from .roofline import measure_device_rates
 
-__all__ = ["GroupShape", "forget_forms_taken", "forms_taken", "group_plans", "plans_taken"]
+__all__ = ["FormsRecords", "FormsTaken", "GroupShape", "group_plans", "record_forms", "recording_into", "records"]
 
 #: (in, outs, ranks, compute dtype, adapters' dtype, 4-bit bases, training): a group as planned
 GroupShape = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.dtype, tuple[bool, ...], bool]
 #: forms of each linear, ((forward, dX), ...)
 Forms = tuple[tuple[str, str], ...]
 
-# group shape -> forms -> [fewest, most] tokens they ran at
-_TAKEN: dict[GroupShape, dict[Forms, list[int]]] = {}
+
+class FormsTaken:
+    """The forms one fused group ran in, each with the fewest and the most tokens it ran at."""
+
+    def __init__(self) -> None:
+        self.spans: dict[Forms, tuple[int, int]] = {}
+        self._counts: set[int] = set()
+
+    def record(self, tokens: int, plans: tuple[LoRAPlan, ...]) -> None:
+        """A call of ``tokens`` tokens ran ``plans`` (recorded once per token count)."""
+        if tokens in self._counts:
+            return
+        self._counts.add(tokens)
+        forms = tuple((p.forward, p.backward_dx) for p in plans)
+        lo, hi = self.spans.get(forms, (tokens, tokens))
+        self.spans[forms] = (min(lo, tokens), max(hi, tokens))
 
 
 @lru_cache(maxsize=4096)
@@ -52,23 +72,28 @@ def group_plans(tokens: int, shape: GroupShape, device: torch.device) -> tuple[L
     return plans(False) if 0 < stacked < len(chosen) else chosen
 
 
-@lru_cache(maxsize=4096)
-def plans_taken(tokens: int, shape: GroupShape, device: torch.device) -> tuple[LoRAPlan, ...]:
-    """:func:`group_plans`, the forms recorded for :func:`forms_taken` (once per token count)."""
-    plans = group_plans(tokens, shape, device)
-    span = _TAKEN.setdefault(shape, {}).setdefault(tuple((p.forward, p.backward_dx) for p in plans), [tokens, tokens])
-    span[0], span[1] = min(span[0], tokens), max(span[1], tokens)
-    return plans
+FormsRecords = dict[GroupShape, FormsTaken]
+_RECORDS: ContextVar[FormsRecords | None] = ContextVar("sloth_fx_lora_forms", default=None)
 
 
-def forms_taken(shape: GroupShape) -> dict[Forms, tuple[int, int]]:
-    """The forms a group of ``shape`` ran in, in this process (every model's groups of that
-    shape) since the record began, each with the fewest and the most tokens it ran at; empty
-    before its first call."""
-    return {forms: (lo, hi) for forms, (lo, hi) in _TAKEN.get(shape, {}).items()}
+@contextlib.contextmanager
+def recording_into(into: FormsRecords) -> Iterator[None]:
+    """While this lasts, the groups that run record their forms in ``into``."""
+    token = _RECORDS.set(into)
+    try:
+        yield
+    finally:
+        _RECORDS.reset(token)
 
 
-def forget_forms_taken() -> None:
-    """Begin the record again (a test, or a run that should not count the ones before it)."""
-    plans_taken.cache_clear()
-    _TAKEN.clear()
+def records(shape: GroupShape) -> FormsTaken | None:
+    """The record of groups of ``shape`` in the capture being rewritten or run; None outside one."""
+    into = _RECORDS.get()
+    return None if into is None else into.setdefault(shape, FormsTaken())
+
+
+def record_forms(tokens: int, shape: GroupShape, plans: tuple[LoRAPlan, ...]) -> None:
+    """A group of ``shape`` ran ``plans`` at ``tokens`` tokens: into the running capture's record."""
+    taken = records(shape)
+    if taken is not None:
+        taken.record(tokens, plans)

@@ -48,7 +48,7 @@ import torch.fx as fx
 from sloth_fx.rewrite.graph_edit import NotSchedulable, erase_dead, fake_value, replace_with_call
 from sloth_fx.rewrite.graph_walk import op_name
 from sloth_fx.kernels.lora import lora_linear, lora_linear_group, lora_linear_supports
-from sloth_fx.kernels.lora_forms import GroupShape, forms_taken, group_plans
+from sloth_fx.kernels.lora_forms import FormsTaken, group_plans, records
 from sloth_fx.kernels.lora_plan import LoRAPlan
 from sloth_fx.kernels.toolkit import SUPPORTED_DTYPES, dtype_names
 from sloth_fx.rewrite.pass_manager import register_pass
@@ -108,6 +108,7 @@ def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
     shape = (_hint(value.shape[-1]), tuple(weight_shape(m)[0] for m in matches), tuple(a.shape[0] for a in adapters),
              value.dtype, adapters[0].dtype, tuple(isinstance(m, QuantLoRAMatch) for m in matches), True)
     plans = group_plans(tokens, shape, value.device)
+    taken = records(shape)  # what the op records of the forms it runs, in this capture (None outside one)
     sites = []
     for index, (m, name, written, a) in enumerate(zip(matches, names, writers, adapters)):
         out_features, in_features = weight_shape(m)
@@ -120,7 +121,7 @@ def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
         if dropout:
             sites.append(Site(name, what, f"{name}: forward and dX factored (the adapters read the dropout's output, not x)"))
             continue
-        sites.append(Site(name, what, FormsNote(name, index, tokens, shape, plans[index])))  # type: ignore[arg-type]
+        sites.append(Site(name, what, FormsNote(name, index, tokens, plans[index], taken)))  # type: ignore[arg-type]
     return sites
 
 
@@ -128,20 +129,20 @@ def replace(gm: fx.GraphModule, matches: list[Match]) -> list[Site]:
 class FormsNote:
     """Explain's line on the forms of one fused LoRA linear (factored, merged or stacked, for the
     forward and for dX): the cost model's pick at the capture's token count, and the forms the op
-    took at the token counts it ran (:func:`~sloth_fx.kernels.lora_forms.forms_taken`). A pass
+    took at the token counts it ran (:class:`~sloth_fx.kernels.lora_forms.FormsTaken`). A pass
     note is text made once, but the op decides per call, so this one is an object that explain
     formats when it renders, with the calls made until then."""
 
     name: str
     index: int  # the linear's place in its group
     tokens: int
-    shape: GroupShape
     plan: LoRAPlan
+    taken: FormsTaken | None  # the forms groups of this shape ran in, in this capture
 
     def __str__(self) -> str:
         costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in self.plan.predicted.items())
         ran = [f"forward {forms[self.index][0]}, dX {forms[self.index][1]} at {lo}" + (f"-{hi}" if hi > lo else "")
-               + " tokens" for forms, (lo, hi) in forms_taken(self.shape).items()]
+               + " tokens" for forms, (lo, hi) in (self.taken.spans.items() if self.taken else ())]
         return (f"cost model at {self.tokens} tokens for {self.name}: forward {self.plan.forward}, "
                 f"dX {self.plan.backward_dx} ({costs}); ran: {'; '.join(ran) or 'not yet'}")
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from tiny_models import assert_same_training_step, batch, tiny_model, twin
+from tiny_models import assert_same_training_step, batch, loss_and_grads, tiny_model, twin
 
 import sloth_fx
 import sloth_fx.kernels.lora_forms as lora_forms
@@ -15,7 +15,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_on_all_seven_projections(family, checkpointing, fresh_forms):
+def test_lora_on_all_seven_projections(family, checkpointing):
     original = tiny_model(family, lora=True, checkpointing=checkpointing)
     optimized = sloth_fx.optimize(twin(original), passes=["lora"])
     assert_same_training_step(original, optimized, batch())
@@ -30,14 +30,19 @@ def test_lora_on_all_seven_projections(family, checkpointing, fresh_forms):
     assert set(forms) == set(PROJECTIONS) and ran == forms
 
 
-@pytest.fixture
-def fresh_forms():
-    """The record of the forms taken starts empty (other tests' models of these shapes ran too)."""
-    lora_forms.forget_forms_taken()
+def test_each_model_explains_the_forms_its_own_groups_ran():
+    """Two models of one shape in one process: each explain names the token counts it ran, not the other's."""
+    original = tiny_model("llama", lora=True)
+    first, second = (sloth_fx.optimize(twin(original), passes=["lora"]) for _ in range(2))
+    loss_and_grads(first, batch(s=9))
+    loss_and_grads(second, batch(s=13))
+    first_text, second_text = sloth_fx.explain(first), sloth_fx.explain(second)
+    assert "dX factored at 18 tokens" in first_text and "26 tokens" not in first_text
+    assert "dX factored at 26 tokens" in second_text and "at 18 tokens" not in second_text
 
 
 @pytest.fixture
-def stacked_plans(monkeypatch, fresh_forms):
+def stacked_plans(monkeypatch):
     """The cost model picks stacked for every product of every linear it is asked about."""
     def stacked(*args, **kwargs):
         return LoRAPlan("stacked", "stacked", {"forward stacked": 1e-6, "dX stacked": 1e-6}, 0.0, "forced by the test")
@@ -46,7 +51,6 @@ def stacked_plans(monkeypatch, fresh_forms):
     lora_forms.group_plans.cache_clear()
     yield
     lora_forms.group_plans.cache_clear()
-    lora_forms.forget_forms_taken()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
