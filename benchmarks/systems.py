@@ -102,7 +102,7 @@ def _sloth_fx(
 
     def report() -> dict[str, Any]:
         rewrites = sloth_fx.report(model)
-        return {"rewrites": {p: rewrites.count(p) for p in passes}, "explain": str(sloth_fx.explain(model))[:4000]}
+        return {"rewrites": {p: rewrites.count(p) for p in passes}, "explain": str(sloth_fx.explain(model))[:16000]}
 
     prepared = _finish(model, {"passes": passes})
     prepared.after_training = report

@@ -140,7 +140,9 @@ class FormsNote:
     taken: FormsTaken | None  # the forms groups of this shape ran in, in this capture
 
     def __str__(self) -> str:
-        costs = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in self.plan.predicted.items())
+        # the picked forms beside PEFT's order; every form's time is lora-plans' (benchmarks/lora_plans.py)
+        picked = (f"forward {self.plan.forward}", "forward peft", f"dX {self.plan.backward_dx}", "dX peft")
+        costs = ", ".join(f"{k} {self.plan.predicted[k] * 1e6:.1f} us" for k in picked if k in self.plan.predicted)
         ran = [f"forward {forms[self.index][0]}, dX {forms[self.index][1]} at {lo}" + (f"-{hi}" if hi > lo else "")
                + " tokens" for forms, (lo, hi) in (self.taken.spans.items() if self.taken else ())]
         return (f"cost model at {self.tokens} tokens for {self.name}: forward {self.plan.forward}, "
