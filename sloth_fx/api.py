@@ -30,9 +30,11 @@ def optimize(model: nn.Module, passes: Sequence[str] | None = None, verify: bool
     ``explain`` says when it applied and why not. Under activation checkpointing, each training
     step is judged against ``memory_budget`` (bytes; None: what the GPU can still hand out, and
     none on CPU): a step whose activations take at most half of it keeps them and recomputes
-    nothing; one whose predicted memory is over it keeps its checkpointed layers' inputs in host
-    memory until their recompute (:mod:`sloth_fx.memory.budget`, :mod:`sloth_fx.memory.offload`); either
-    way with the loss and gradients of plain checkpointing, bit for bit. ``explain`` gives the
+    nothing; a longer one recomputes as little as the budget allows (layers that keep their
+    products' outputs for the recompute, then layers kept whole: :mod:`sloth_fx.memory.saved_products`);
+    one whose predicted memory is over it keeps its checkpointed layers' inputs in host memory until
+    their recompute (:mod:`sloth_fx.memory.budget`, :mod:`sloth_fx.memory.offload`); in every case
+    with the loss and gradients of plain checkpointing, bit for bit. ``explain`` gives the
     latest decision and the prediction. Calling it again replaces the earlier set-up. Returns
     ``model`` itself; its sloth_fx state lives on it (copied by ``deepcopy``, saved by pickling). A
     model already wrapped in ``DistributedDataParallel`` is optimized inside the wrapper (state on
