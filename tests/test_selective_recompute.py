@@ -132,18 +132,17 @@ def test_an_output_written_in_place_after_it_was_saved_is_computed_again():
     saved = saved_products.SavedProducts()
     y, xa = torch.randn(3, 4), torch.randn(3, 2)
     doubled = y * 2
-    key = saved_products.product_key(y, y)
     with saved_products.products_saved(saved, replay=False):
-        saved_products.remember(key, (y, xa))
-        saved_products.remember(key, (doubled, xa))
+        saved_products.remember(y, y, (y, xa))
+        saved_products.remember(y, y, (doubled, xa))
     assert saved.count == 2 and saved.nbytes == 2 * (12 + 6) * 4
     y.add_(1)
     with saved_products.products_saved(saved, replay=True):
-        assert saved_products.recall(key) is None  # y moved on: the product runs again
-        second = saved_products.recall(key)
+        assert saved_products.recall(y, y) is None  # y moved on: the product runs again
+        second = saved_products.recall(y, y)
         assert second is not None and second[0] is not doubled and torch.equal(second[0], doubled)
-        assert saved_products.recall(key) is None  # nothing more saved
-    assert saved_products.recall(key) is None  # outside a recompute: never
+        assert saved_products.recall(y, y) is None  # nothing more saved
+    assert saved_products.recall(y, y) is None  # outside a recompute: never
 
 
 @pytest.mark.gpu

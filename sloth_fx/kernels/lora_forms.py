@@ -89,7 +89,12 @@ def recording_into(into: FormsRecords) -> Iterator[None]:
 def records(shape: GroupShape) -> FormsTaken | None:
     """The record of groups of ``shape`` in the capture being rewritten or run; None outside one."""
     into = _RECORDS.get()
-    return None if into is None else into.setdefault(shape, FormsTaken())
+    if into is None:
+        return None
+    taken = into.get(shape)
+    if taken is None:  # not setdefault: it would make a record at every call of the op
+        taken = into[shape] = FormsTaken()
+    return taken
 
 
 def record_forms(tokens: int, shape: GroupShape, plans: tuple[LoRAPlan, ...]) -> None:

@@ -67,7 +67,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sloth_fx.memory.saved_products import product_key, recall, remember
+from sloth_fx.memory.saved_products import recall, remember
 
 from .lora_plan import LoRAPlan
 from .lora_stack import stacked_dx, stacked_forward
@@ -136,11 +136,10 @@ class LoRAGroupFunction(torch.autograd.Function):
         host_bound = x2.shape[0] < HOST_BOUND_TOKENS
         src = x if xd is None else xd  # what the adapters read
         ranks = [a.shape[0] for a in lora_as]
-        key = product_key(weights[0], x)
-        recalled = recall(key)  # a selective recompute takes the forward's outputs back
+        recalled = recall(weights[0], x)  # a selective recompute takes the forward's outputs back
         if recalled is None:
             outs, xa = _products(x, x2, src, weights, lora_as, lora_bs, biases, scales, plans, host_bound)
-            remember(key, (*outs, xa))
+            remember(weights[0], x, (*outs, xa))
         else:
             *outs, xa = recalled
         need = ctx.needs_input_grad

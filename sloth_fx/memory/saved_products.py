@@ -65,13 +65,14 @@ def product_key(weight: torch.Tensor, x: torch.Tensor) -> ProductKey:
     return id(weight), tuple(x.shape), x.dtype
 
 
-def recall(key: ProductKey) -> tuple[torch.Tensor, ...] | None:
-    """The outputs the forward saved for this product, in the recompute of a selectively
-    checkpointed call; None anywhere else, or when one of them was written in place since."""
+def recall(weight: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The outputs the forward saved for the product of ``weight`` (a group's first) on ``x``, in
+    the recompute of a selectively checkpointed call; None anywhere else, or when one of them was
+    written in place since."""
     active = _ACTIVE.get()
     if active is None or not active[1]:
         return None
-    queue = active[0].outputs.get(key)
+    queue = active[0].outputs.get(product_key(weight, x))
     if not queue:
         return None
     entry = queue.popleft()
@@ -80,13 +81,13 @@ def recall(key: ProductKey) -> tuple[torch.Tensor, ...] | None:
     return tuple(t for t, _ in entry)
 
 
-def remember(key: ProductKey, outputs: Sequence[torch.Tensor]) -> None:
-    """In the forward of a selectively checkpointed call, save ``outputs`` (aliases, not copies)
-    for its recompute; elsewhere nothing."""
+def remember(weight: torch.Tensor, x: torch.Tensor, outputs: Sequence[torch.Tensor]) -> None:
+    """In the forward of a selectively checkpointed call, save ``outputs`` of the product of
+    ``weight`` on ``x`` (aliases, not copies) for its recompute; elsewhere nothing."""
     active = _ACTIVE.get()
     if active is None or active[1]:
         return
     saved = active[0]
-    saved.outputs[key].append(tuple((t.detach(), t._version) for t in outputs))
+    saved.outputs[product_key(weight, x)].append(tuple((t.detach(), t._version) for t in outputs))
     saved.nbytes += sum(t.numel() * t.element_size() for t in outputs)
     saved.count += 1
