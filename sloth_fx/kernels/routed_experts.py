@@ -1,0 +1,325 @@
+"""Routed experts (Mixture-of-Experts) with LoRA beside each stacked projection, as transformers'
+``MixtralExperts`` computes them (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+For ``hidden [T, H]``, ``top_k_index``/``top_k_weights [T, k]``, stacked ``W1 [E, 2I, H]``
+(gate_up), ``W2 [E, H, I]`` (down), LoRA ``A [E, r, in]``, ``B [E, out, r]`` and scaling ``s``::
+
+    M_e = W_e + s·B_e·A_e                                      (per projection; no LoRA: M_e = W_e)
+    out[t] = Σ_j w[t,j] · M2_e·(act(g) * u),  g | u = M1_e·hidden[t],  e = top_k_index[t,j]
+
+Forward. The ``S = T·k`` slots are stable-sorted by expert (``perm``); ``offsets`` (int32 ``[E]``)
+ends each expert's segment. With ``x_s = hidden[perm // k]`` and ``w_s`` the slot's weight:
+
+    GU = x·W1_eᵀ + s1·U1·B1_eᵀ,  U1 = x·A1_eᵀ           [S, 2I], LoRA added in place (one rounding)
+    h  = act(GU[:, :I]) * GU[:, I:]                      [S, I], one fused kernel (fp32 math)
+    O  = h·W2_eᵀ + s2·U2·B2_eᵀ,  U2 = h·A2_eᵀ             [S, H]
+    out[t] = Σ_j w_s·O_s over the token's k slots        unpermuted, summed in fp32, one rounding
+
+The base products are torch's grouped GEMM (one launch for all experts) where it takes them,
+else a loop over experts (:func:`grouped_base_mm`); the LoRA products are
+:mod:`~sloth_fx.kernels.grouped_lora`'s, one launch each.
+
+Backward, for ``dF [T, H]`` gathered to slots (``dF_s = dF[t(s)]``):
+
+    Q  = dF_s·M2_e = dF_s·W2_e + s2·V2·A2_e,  V2 = dF_s·B2_e                    [S, I]
+    dw_s = Σ_i h_s,i·Q_s,i                       the router's gradient (O is not needed)
+    dh = w_s·Q;  dg = dh * u * act'(g),  du = dh * act(g)      one fused kernel with dw (h recomputed)
+    dX = dGU·W1_e + s1·V1·A1_e,  V1 = dGU·B1_e;   dhidden[t] = Σ over the token's slots of dX
+    dA1_e = s1·V1ᵀ·x,  dB1_e = s1·dGUᵀ·U1,  dA2_e = s2·(w·V2)ᵀ·h,  dB2_e = s2·(dF_s)ᵀ·(w·U2)
+    dW1_e = dGUᵀ·x,  dW2_e = (w·dF_s)ᵀ·h         only where the stacked weights train (no LoRA)
+
+(summed over expert ``e``'s slots; ``act'`` as in :mod:`~sloth_fx.kernels.gated_mlp`).
+
+Saved for backward: ``hidden`` (``x`` is gathered again), ``top_k_weights``, ``perm`` (int64
+``[S]``), ``offsets``, ``GU`` ``[S, 2I]`` in hidden's dtype, ``U1`` and ``U2`` (fp32 ``[S, r]``,
+with LoRA), and the weights and LoRA factors themselves (parameters, no copies).
+
+No host synchronisation on the CUDA path with 16-bit operands, except where torch's grouped GEMM
+refuses them and the per-expert loop takes over. ``top_k_index`` must hold experts in ``[0, E)``
+(values are never read on the host, so this is not checked). Weights may be any strided views
+(PEFT's ``lora_B`` view, a transposed stacked weight); LoRA gradients are written in their strides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .gated_mlp import ACTIVATIONS, _activation, gated_mlp_reference
+from .grouped_lora import grouped_base_mm, grouped_lowrank_grad, grouped_lowrank_mm, grouped_weight_grad
+from .launch import launch
+from .toolkit import (
+    SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, dtype_names, next_power_of_2, refusal, use_triton,
+    validate,
+)
+
+__all__ = ["ExpertProjection", "RoutedExpertsFunction", "routed_experts", "routed_experts_reference",
+           "routed_experts_supports"]
+
+_OP = "routed_experts"
+_DTYPES = (*SUPPORTED_DTYPES, torch.float64)  # float64 runs the references (the tests' exact path)
+_MAX_BLOCK = 1024  # columns of the gated kernels' tiles, as gated_mlp's
+_ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
+
+
+@dataclass(frozen=True)
+class ExpertProjection:
+    """One stacked projection of every expert: ``weight [E, out, in]``, and LoRA's
+    ``lora_a [E, r, in]`` and ``lora_b [E, out, r]`` (both or neither), any strides."""
+
+    weight: torch.Tensor
+    lora_a: torch.Tensor | None
+    lora_b: torch.Tensor | None
+    scaling: float = 1.0
+
+
+@triton.jit
+def _gate_fwd_kernel(gu_ptr, h_ptr, I, stride_gu, stride_h, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """h[row, tile] = act(gu[row, tile]) * gu[row, I + tile], fp32 math, one rounding."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _activation(g, ACT, False)
+    tl.store(h_ptr + row * stride_h + cols, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(gu_ptr, q_ptr, w_ptr, dgu_ptr, dw_ptr, h_ptr, I, stride_gu, stride_q, stride_dgu, stride_h,
+                     ACT: tl.constexpr, WRITE_H: tl.constexpr, BLOCK: tl.constexpr):
+    """One slot: dw = Σ h·q, dh = w·q, then d gate and d up; h as the forward rounded it."""
+    row = tl.program_id(0).to(tl.int64)
+    w = tl.load(w_ptr + row).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, I, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < I
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + row * stride_q + cols, mask=mask, other=0.0).to(tl.float32)
+        a, da = _activation(g, ACT, True)
+        h = (a * u).to(gu_ptr.dtype.element_ty)
+        if WRITE_H:
+            tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+        dw += h.to(tl.float32) * q
+        dh = w * q
+        tl.store(dgu_ptr + row * stride_dgu + cols, (dh * u * da).to(dgu_ptr.dtype.element_ty), mask=mask)
+        tl.store(dgu_ptr + row * stride_dgu + I + cols, (dh * a).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + row, tl.sum(dw, 0))
+
+
+def _gate_forward(gu: torch.Tensor, act: int) -> torch.Tensor:
+    """``act(gate) * up`` of ``gu [S, 2I]``'s halves, ``[S, I]`` in gu's dtype."""
+    s, i = gu.shape[0], gu.shape[1] // 2
+    if not (use_triton(gu) and gu.dtype in SUPPORTED_DTYPES):
+        wide = torch.promote_types(gu.dtype, torch.float32)
+        return gated_mlp_reference(*(half.to(wide) for half in gu.chunk(2, dim=1)), _ACT_NAMES[act]).to(gu.dtype)
+    h = torch.empty(s, i, device=gu.device, dtype=gu.dtype)
+    if s and i:
+        block = min(_MAX_BLOCK, next_power_of_2(i))
+        launch(_gate_fwd_kernel, (s, cdiv(i, block)), gu, h, i, gu.stride(0), h.stride(0), ACT=act, BLOCK=block)
+    return h
+
+
+def _gate_backward(gu: torch.Tensor, q: torch.Tensor, w: torch.Tensor, act: int,
+                   write_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dGU ``[S, 2I]``, the router's fp32 ``dw [S]``, ``h`` when ``write_h``) from ``gu``,
+    ``Q [S, I]`` and the slots' weights ``w [S]``."""
+    s, i = q.shape
+    if not (use_triton(gu) and gu.dtype in SUPPORTED_DTYPES):
+        wide = torch.promote_types(gu.dtype, torch.float32)
+        with torch.enable_grad():
+            g, u = (half.detach().to(wide).requires_grad_() for half in gu.chunk(2, dim=1))
+            h = gated_mlp_reference(g, u, _ACT_NAMES[act])
+            dgu = torch.cat(torch.autograd.grad(h, (g, u), q.to(wide) * w.to(wide)[:, None]), dim=1)
+        h = h.detach().to(gu.dtype)
+        return dgu.to(gu.dtype), (h.to(wide) * q.to(wide)).sum(1), h if write_h else None
+    dgu = torch.empty_like(gu)
+    dw = torch.empty(s, device=gu.device, dtype=torch.float32)
+    h = torch.empty(s, i, device=gu.device, dtype=gu.dtype) if write_h else dw  # dw: an unused pointer
+    if s:
+        block = min(_MAX_BLOCK, next_power_of_2(max(i, 1)))
+        launch(_gate_bwd_kernel, (s,), gu, q, w, dgu, dw, h, i, gu.stride(0), q.stride(0), dgu.stride(0),
+               h.stride(0), ACT=act, WRITE_H=write_h, BLOCK=block)
+    return dgu, dw, h if write_h else None
+
+
+def _lora_forward(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float,
+                  offsets: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """``y += s·(x·A_eᵀ)·B_eᵀ`` in place; returns ``U = x·A_eᵀ`` (fp32), None without LoRA."""
+    if a is None:
+        return None
+    u = grouped_lowrank_mm(x, a, offsets)
+    grouped_lowrank_mm(u, b, offsets, y, alpha=scaling, accumulate=True)
+    return u
+
+
+def _unpermute_sum(slots: torch.Tensor, inverse: torch.Tensor, k: int, weights: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_j weights[t, j]·slots[inverse[t·k + j]]`` per token in fp32 (a fixed order), as ``dtype``."""
+    wide = torch.promote_types(dtype, torch.float32)
+    per_token = slots.index_select(0, inverse).view(-1, k, slots.shape[1]).to(wide)
+    if weights is not None:
+        per_token = per_token * weights.to(wide)[..., None]
+    return per_token.sum(1).to(dtype)
+
+
+class RoutedExpertsFunction(torch.autograd.Function):
+    """The routed experts with LoRA (module doc): a hand-derived backward; gradients for
+    ``hidden``, ``top_k_weights``, the LoRA factors and the stacked weights where they train."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                w1: torch.Tensor, a1: torch.Tensor | None, b1: torch.Tensor | None,
+                w2: torch.Tensor, a2: torch.Tensor | None, b2: torch.Tensor | None,
+                s1: float, s2: float, act: int) -> torch.Tensor:
+        k = top_k_index.shape[1]
+        experts, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+        bounds = torch.arange(w1.shape[0], device=experts.device, dtype=experts.dtype)
+        offsets = torch.searchsorted(experts, bounds, right=True, out_int32=True)
+        x = hidden.index_select(0, perm // k)
+        gu = grouped_base_mm(x, w1.transpose(-2, -1), offsets)
+        u1 = _lora_forward(x, a1, b1, s1, offsets, gu)
+        h = _gate_forward(gu, act)
+        o = grouped_base_mm(h, w2.transpose(-2, -1), offsets)
+        u2 = _lora_forward(h, a2, b2, s2, offsets, o)
+        ctx.save_for_backward(hidden, top_k_weights, perm, offsets, gu, u1, u2, w1, a1, b1, w2, a2, b2)
+        ctx.scalings, ctx.act = (s1, s2), act
+        return _unpermute_sum(o, _inverse(perm), k, top_k_weights, hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, top_k_weights, perm, offsets, gu, u1, u2, w1, a1, b1, w2, a2, b2 = ctx.saved_tensors
+        (s1, s2), needs = ctx.scalings, ctx.needs_input_grad
+        k = top_k_weights.shape[1]
+        token, inverse = perm // k, _inverse(perm)
+        w = top_k_weights.reshape(-1).index_select(0, perm).to(torch.promote_types(top_k_weights.dtype, torch.float32))
+        df = d_out.to(hidden.dtype).index_select(0, token)
+        q = grouped_base_mm(df, w2, offsets)
+        da2 = db2 = da1 = db1 = None
+        if a2 is not None:
+            v2 = grouped_lowrank_mm(df, b2.transpose(-2, -1), offsets)
+            grouped_lowrank_mm(v2, a2.transpose(-2, -1), offsets, q, alpha=s2, accumulate=True)
+            if needs[8]:
+                db2 = grouped_lowrank_grad(df, u2 * w[:, None], offsets, torch.empty_like(b2), alpha=s2)
+        dgu, dw, h = _gate_backward(gu, q, w, ctx.act, (a2 is not None and needs[7]) or needs[6])
+        if a2 is not None and needs[7]:
+            da2 = grouped_lowrank_grad(v2 * w[:, None], h, offsets, torch.empty_like(a2), alpha=s2)
+        dw2 = grouped_weight_grad(df * w[:, None].to(df.dtype), h, offsets, w2.dtype) if needs[6] else None
+        dw1 = grouped_weight_grad(dgu, hidden.index_select(0, token), offsets, w1.dtype) if needs[3] else None
+        d_top_k_weights = dw.index_select(0, inverse).view_as(top_k_weights).to(top_k_weights.dtype)
+        dx = grouped_base_mm(dgu, w1, offsets) if needs[0] else None
+        if a1 is not None and (needs[0] or needs[4] or needs[5]):
+            v1 = grouped_lowrank_mm(dgu, b1.transpose(-2, -1), offsets)
+            if dx is not None:
+                grouped_lowrank_mm(v1, a1.transpose(-2, -1), offsets, dx, alpha=s1, accumulate=True)
+            if needs[4]:
+                da1 = grouped_lowrank_grad(v1, hidden.index_select(0, token), offsets, torch.empty_like(a1), alpha=s1)
+            if needs[5]:
+                db1 = grouped_lowrank_grad(dgu, u1, offsets, torch.empty_like(b1), alpha=s1)
+        d_hidden = None if dx is None else _unpermute_sum(dx, inverse, k, None, hidden.dtype)
+        return (d_hidden, None, d_top_k_weights if needs[2] else None, dw1, da1, db1, dw2, da2, db2,
+                None, None, None)
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation (a scatter: no sort, no host sync)."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
+def _project(x: torch.Tensor, proj: ExpertProjection, e: int) -> torch.Tensor:
+    y = x @ proj.weight[e].double().T
+    if proj.lora_a is None:
+        return y
+    return y + proj.scaling * (x @ proj.lora_a[e].double().T) @ proj.lora_b[e].double().T
+
+
+def routed_experts_reference(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                             gate_up: ExpertProjection, down: ExpertProjection, activation: str) -> torch.Tensor:
+    """transformers' ``MixtralExperts.forward`` loop with LoRA beside each projection, in float64
+    throughout (differentiable: the tests' reference), returned in hidden's dtype."""
+    final = torch.zeros_like(hidden, dtype=torch.float64)
+    x64, w64 = hidden.double(), top_k_weights.double()
+    for e in range(gate_up.weight.shape[0]):
+        top_k_pos, token_idx = torch.where(top_k_index.T == e)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = _project(x64[token_idx], gate_up, e).chunk(2, dim=-1)
+        o = _project(gated_mlp_reference(gate, up, activation), down, e) * w64[token_idx, top_k_pos, None]
+        final = final.index_add(0, token_idx, o)
+    return final.to(hidden.dtype)
+
+
+def _check(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+           gate_up: ExpertProjection, down: ExpertProjection, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise UnsupportedValue(_OP, f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
+    for name, t in (("hidden", hidden), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise UnsupportedType(_OP, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    projections = (("gate_up", gate_up), ("down", down))
+    for name, proj in projections:
+        if not isinstance(proj, ExpertProjection):
+            raise UnsupportedType(_OP, f"{name} must be an ExpertProjection, got {type(proj).__name__}")
+    if hidden.dim() != 2 or top_k_index.dim() != 2 or top_k_weights.shape != top_k_index.shape \
+            or top_k_index.shape[0] != hidden.shape[0]:
+        raise UnsupportedValue(_OP, f"hidden {tuple(hidden.shape)}, top_k_index {tuple(top_k_index.shape)} and "
+                                    f"top_k_weights {tuple(top_k_weights.shape)} must be [T, H], [T, k] and [T, k]")
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        raise UnsupportedType(_OP, f"top_k_index is {top_k_index.dtype}, not int32 or int64")
+    w1, w2, h = gate_up.weight, down.weight, hidden.shape[1]
+    if w1.dim() != 3 or w2.dim() != 3 or w1.shape[1] % 2 or tuple(w1.shape[::2]) != (w2.shape[0], h) \
+            or tuple(w2.shape[1:]) != (h, w1.shape[1] // 2):
+        raise UnsupportedValue(_OP, f"gate_up.weight {tuple(w1.shape)} and down.weight {tuple(w2.shape)} must be "
+                                    f"[E, 2I, {h}] and [E, {h}, I]")
+    for name, proj in projections:
+        if (proj.lora_a is None) != (proj.lora_b is None):
+            raise UnsupportedValue(_OP, f"{name} has one of lora_a and lora_b without the other")
+        if proj.lora_a is not None:
+            e, out, inp = proj.weight.shape
+            a, b = proj.lora_a, proj.lora_b
+            if a.dim() != 3 or tuple(a.shape[::2]) != (e, inp) or tuple(b.shape) != (e, out, a.shape[1]):
+                raise UnsupportedValue(_OP, f"{name}.lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} must be "
+                                            f"[{e}, r, {inp}] and [{e}, {out}, r]")
+    tensors = [t for proj in (gate_up, down) for t in (proj.weight, proj.lora_a, proj.lora_b) if t is not None]
+    if any(t.device != hidden.device for t in (top_k_index, top_k_weights, *tensors)):
+        raise UnsupportedValue(_OP, f"tensors on several devices (hidden on {hidden.device})")
+    if hidden.dtype not in _DTYPES or any(t.dtype not in _DTYPES for t in (top_k_weights, *tensors)):
+        raise UnsupportedType(_OP, f"floating dtypes must be among {dtype_names(_DTYPES)}")
+    if w1.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise UnsupportedType(_OP, f"expert weights {w1.dtype}, {w2.dtype} and hidden {hidden.dtype} must match")
+
+
+def _signature(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+               gate_up: ExpertProjection, down: ExpertProjection, activation: str) -> tuple:
+    """Everything :func:`_check` reads, without the token count."""
+    rows = (hidden.shape[0] == top_k_index.shape[0] == top_k_weights.shape[0],)
+    head = tuple((type(t), t.shape[1:], t.dim(), t.dtype, t.device) for t in (hidden, top_k_index, top_k_weights))
+    parts = tuple(None if t is None else (type(t), t.shape, t.dtype, t.device, t.requires_grad)
+                  for proj in (gate_up, down) for t in (proj.weight, proj.lora_a, proj.lora_b))
+    return activation, type(gate_up), type(down), rows, head, parts
+
+
+_VALID: set[tuple] = set()
+
+
+def routed_experts_supports(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                            gate_up: ExpertProjection, down: ExpertProjection, activation: str) -> str | None:
+    """None when :func:`routed_experts` takes these arguments, else the reason (types, shapes,
+    dtypes, devices and ``requires_grad`` only: fake tensors do)."""
+    return refusal(_check, hidden, top_k_index, top_k_weights, gate_up, down, activation)
+
+
+def routed_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                   gate_up: ExpertProjection, down: ExpertProjection, activation: str) -> torch.Tensor:
+    """``[T, H]`` in hidden's dtype: the routed experts of the module doc, differentiable in
+    ``hidden``, ``top_k_weights`` and the LoRA factors. Raises :class:`UnsupportedType` /
+    :class:`UnsupportedValue` for what :func:`routed_experts_supports` refuses."""
+    validate(_VALID, _signature, _check, hidden, top_k_index, top_k_weights, gate_up, down, activation)
+    return RoutedExpertsFunction.apply(hidden, top_k_index, top_k_weights, gate_up.weight, gate_up.lora_a,
+                                       gate_up.lora_b, down.weight, down.lora_a, down.lora_b, float(gate_up.scaling),
+                                       float(down.scaling), ACTIVATIONS[activation])
