@@ -12,10 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from sloth_fx.kernels.lora_forms import FormsRecords
+
+
+class Explained(Protocol):
+    """A record that gives its own line of the report (a region's routed experts)."""
+
+    def line(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     padding_free: dict[str, str] = field(default_factory=dict)  # "applied" / "not applied" -> the latest
     checkpointing: dict[str, str] = field(default_factory=dict)  # keep / recompute / offload / none -> the latest
+    experts: list[Explained] = field(default_factory=list)  # each region's routed experts
 
     def padding_free_decision(self, applied: bool, what: str) -> None:
         """The latest padded-batch decision: a note of what was packed, or the reason not."""
@@ -146,6 +153,7 @@ class Report:
         lines += [f"  note: {n}" for n in (*notes, *self.notes)]
         lines += [f"  padding-free, {k} (latest): {v}" for k, v in self.padding_free.items()]
         lines += [f"  activation checkpointing, {k} (latest): {v}" for k, v in self.checkpointing.items()]
+        lines += [f"  {experts.line()}" for experts in self.experts]
         if not any(r.captures or r.eager for r in self.regions.values()):
             lines.append("  nothing captured yet: regions are captured at the first training forward")
         for region in self.regions.values():

@@ -12,7 +12,7 @@ from torch import nn
 from sloth_fx.capture.regions import RegionGate, RegionRuntime, find_regions
 from sloth_fx.capture.head_gate import HeadGate, OpaqueDecoder
 from sloth_fx.capture.hub_layers import is_hub_kernel
-from sloth_fx.capture.routed_experts import EagerExperts, experts_note, routed_experts
+from sloth_fx.capture.routed_experts import ExpertsRecord, FusedExperts, routed_experts
 from sloth_fx.batching.packed_attention import install_packed_attention, uninstall_packed_attention
 from sloth_fx.report import RegionReport, Report
 
@@ -61,17 +61,18 @@ def install(model: nn.Module, passes: Sequence[str], verify: bool, padding_free:
         region_report = RegionReport(region.name, [path for path, _ in modules])
         report.regions[region.name] = region_report
         runtime = RegionRuntime(region.name, region_report, report, passes, verify, region.layers)
-        experts: dict[str, None] = {}
+        experts = ExpertsRecord(region.name, [])
         for path, module in modules:
             hub_forward = module.__dict__.get("forward")  # a hub kernel's (foreign ones are left out above)
             gate = (HeadGate(module, path, runtime, installation.packed_attention is not None, hub_forward, decoder)
                     if module is head else RegionGate(module, path, runtime, hub_forward))
             _replace_forward(installation, module, gate)
             for inner, stacked in routed_experts(module) if region.layers else ():
-                experts[inner] = None
-                _replace_forward(installation, stacked, EagerExperts(stacked))
-        if experts:
-            report.notes.append(experts_note(region.name, list(experts)))
+                if inner not in experts.paths:
+                    experts.paths.append(inner)
+                _replace_forward(installation, stacked, FusedExperts(stacked, experts))
+        if experts.paths:
+            report.experts.append(experts)
     if decoder is not None and any(module is head for module, _, _ in installation.replaced):
         _replace_forward(installation, decoder, OpaqueDecoder(decoder, report, memory_budget))
     return installation

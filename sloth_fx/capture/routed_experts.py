@@ -1,28 +1,51 @@
-"""Routed experts run outside the capture, as transformers runs them (sloth_fx has no fused MoE op yet).
+"""Routed experts: run by the fused op outside the capture, or as transformers runs them.
 
 An MoE decoder layer's routed experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS in
-transformers 5) hold every expert's weights stacked in parameters of three dims
-(``[experts, out, in]``) and loop over the experts that received tokens: which experts, and how
-many tokens each, are data. Dynamo cannot take that loop as one graph: it breaks the graph at its
-data-dependent steps and specialises on what it saw, so every training step, routed otherwise,
-captures the layer again, until the recompile limit makes Dynamo give up on the frame (six steps
-of a tiny Mixtral with LoRA on its experts: 35 captures, then the limit).
+transformers 5) hold every expert's weights stacked in parameters of three dims and loop over the
+experts that received tokens: which experts, and how many tokens each, are data. Dynamo cannot
+take that loop as one graph: it breaks the graph at its data-dependent steps and specialises on
+what it saw, so every training step, routed otherwise, would capture the layer again until the
+recompile limit (six steps of a tiny Mixtral with LoRA on its experts: 35 captures, then the limit).
 
-So the experts module runs eagerly: the outermost one, PEFT's ``ParamWrapper`` where LoRA is on
-the experts through ``target_parameters``. Its ``forward`` becomes an :class:`EagerExperts`,
-which Dynamo does not enter: the layer's graph breaks once there, and what comes before (the
-norms, attention, the router) and after (the residual) is captured once, with dynamic shapes, and
-rewritten. The experts compute exactly what transformers and PEFT compute. explain names them
-(:func:`experts_note`).
+So the experts module runs outside the capture: the outermost one, PEFT's ``ParamWrapper`` where
+LoRA is on the experts through ``target_parameters``. Its ``forward`` becomes a
+:class:`FusedExperts`, which Dynamo does not enter: the layer's graph breaks once there, and what
+comes before (norms, attention, the router) and after is captured once and rewritten.
+
+At each call it reads what the module computes (:func:`~sloth_fx.capture.experts_form.experts_form`:
+the pattern's check) and runs the fused op, grouped products over all experts with LoRA folded in
+(:func:`~sloth_fx.kernels.routed_experts.routed_experts`). Its first fused call is verified
+against the module's own forward on the call's first tokens, so a module that carries the flags but
+computes otherwise is found out by its numbers. A module refused, by its form or that check, runs
+exactly as transformers and PEFT run it, with an :class:`UnfusedExpertsWarning` naming the cause;
+explain gives each module's calls, fused and not, and the reason.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from sloth_fx.capture.experts_form import ExpertsForm, experts_form
+from sloth_fx.capture.unrewritten import UnrewrittenLayerWarning
+from sloth_fx.kernels.routed_experts import routed_experts as fused_routed_experts
+from sloth_fx.kernels.routed_experts import routed_experts_supports
+
+PROBE_TOKENS = 64  # tokens of the first call the fused op is checked on against the module's own forward
+# Largest difference from the module's forward, relative to its output's largest magnitude, that
+# the check accepts: rounding of the two orders of summation (PEFT merges W + s·B·A in the weight's
+# dtype, the fused op adds the low-rank product in fp32). A different layout is off by O(1).
+PROBE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+class UnfusedExpertsWarning(UnrewrittenLayerWarning):
+    """Routed experts trained as transformers runs them, without the fused op: exact, not faster."""
 
 
 def stacks_experts(module: nn.Module) -> bool:
@@ -45,20 +68,89 @@ def routed_experts(layer: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-class EagerExperts:
-    """The ``forward`` of a routed-experts module: its class's forward, run eagerly (Dynamo breaks
-    the graph at the call instead of entering it)."""
+@dataclass
+class ExpertsRecord:
+    """What one region's routed experts ran, for explain."""
 
-    def __init__(self, module: nn.Module) -> None:
+    region: str
+    paths: list[str]
+    fused: int = 0
+    unfused: int = 0
+    form: str = ""
+    reason: str = ""  # why the latest unfused call was not fused
+    warned: set[str] = field(default_factory=set)  # reasons already warned of, once a region
+
+    def line(self) -> str:
+        where = f"{self.region}: routed experts {', '.join(self.paths)}"
+        if not self.fused and not self.unfused:
+            return f"{where}: not run yet"
+        fused = f"fused op in {self.fused} calls ({self.form}; grouped products over the experts)" if self.fused else ""
+        unfused = (f"as transformers runs them in {self.unfused} calls: {self.reason}" if self.unfused else "")
+        return f"{where}: " + "; ".join(part for part in (fused, unfused) if part)
+
+
+class FusedExperts:
+    """The ``forward`` of a routed-experts module: the fused op where the module's form allows,
+    else its class's forward; run eagerly (Dynamo breaks the graph at the call)."""
+
+    def __init__(self, module: nn.Module, record: ExpertsRecord) -> None:
         self.module = module
+        self.record = record
+        self.verified = False
+        base = module
+        while isinstance(getattr(base, "base_layer", None), nn.Module):  # PEFT's wrappers take (x, *args)
+            base = base.base_layer
+        self.signature = inspect.signature(type(base).forward)
 
     @torch._dynamo.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        form, call = self._form(args, kwargs)
+        if isinstance(form, str):
+            return self._unfused(form, args, kwargs)
+        if not self.verified:
+            refused = self._verify(form, *call)
+            if refused:
+                return self._unfused(refused, args, kwargs)
+            self.verified = True
+        self.record.fused += 1
+        self.record.form = form.describe()
+        return fused_routed_experts(*call, form.gate_up, form.down, form.activation)
+
+    def _form(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[ExpertsForm | str, tuple[Any, ...]]:
+        try:
+            bound = self.signature.bind(self.module, *args, **kwargs)
+        except TypeError as error:
+            return f"called with arguments the fused op does not take ({error})", ()
+        call = tuple(list(bound.arguments.values())[1:4])
+        if len(call) != 3 or len(bound.arguments) != 4:
+            return "called with other than (hidden_states, top_k_index, top_k_weights)", ()
+        form = experts_form(self.module)
+        if isinstance(form, str):
+            return form, call
+        refused = routed_experts_supports(*call, form.gate_up, form.down, form.activation)
+        return (refused or form), call
+
+    def _verify(self, form: ExpertsForm, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str:
+        """Empty when the fused op matches the module's forward on the first tokens, else why not."""
+        n = min(PROBE_TOKENS, hidden.shape[0])
+        probe = (hidden[:n].detach(), index[:n], weights[:n].detach())
+        with torch.no_grad():
+            expected = type(self.module).forward(self.module, *probe)
+            got = fused_routed_experts(*probe, form.gate_up, form.down, form.activation)
+        scale = expected.abs().max().item()
+        off = (got.float() - expected.float()).abs().max().item()
+        tolerance = PROBE_TOLERANCE.get(hidden.dtype, 1e-2)
+        if not off <= tolerance * max(scale, 1e-30):  # NaN fails too
+            return (f"the fused op's output on the first {n} tokens is off by {off:.3g} from the module's forward "
+                    f"(largest output {scale:.3g}, tolerance {tolerance:g} of it): the module computes something "
+                    "else than its flags say")
+        return ""
+
+    def _unfused(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.record.unfused += 1
+        self.record.reason = reason
+        if reason not in self.record.warned:
+            self.record.warned.add(reason)
+            warnings.warn(f"sloth_fx: routed experts of {self.record.region} run unfused, exactly as without "
+                          f"sloth_fx but no faster: {reason}", UnfusedExpertsWarning, stacklevel=2)
         return type(self.module).forward(self.module, *args, **kwargs)
-
-
-def experts_note(region: str, paths: list[str]) -> str:
-    """What explain says of a region's routed experts."""
-    return (f"{region}: routed experts {', '.join(paths)} run outside the capture, as transformers runs them "
-            "(a loop over the experts that received tokens, whose shapes are data: captured, it would be "
-            "captured again at every step); sloth_fx has no fused MoE op yet")

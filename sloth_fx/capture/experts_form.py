@@ -1,0 +1,134 @@
+"""What a routed-experts module computes, read from the module: the check of the experts rewrite.
+
+transformers 5 builds the routed experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and the models
+made from the same parts as one module holding every expert's weights stacked in two parameters,
+``gate_up_proj`` ``[experts, 2I, H]`` and ``down_proj`` ``[experts, H, I]``, and computes, for
+``hidden [T, H]`` routed by ``top_k_index [T, k]`` with weights ``top_k_weights [T, k]``::
+
+    out[t] = sum_j top_k_weights[t, j] * down_e(act(gate_e(h_t)) * up_e(h_t)),  e = top_k_index[t, j]
+
+with ``gate | up`` the first and second halves of ``h_t · gate_up_proj[e]ᵀ``. The layout is stated
+by flags that transformers' ``use_experts_implementation`` sets on the module: ``has_gate``,
+``has_bias``, ``is_concatenated`` (gate then up, not interleaved), ``is_transposed`` and
+``has_post_expert_norm``; and by its ``_apply_gate``. A module whose flags or gate differ (GPT-OSS:
+biases, interleaved halves, a clamped gate) is refused by name.
+
+PEFT puts LoRA on the stacked weights through ``target_parameters``: a ``ParamWrapper`` around the
+module for each targeted parameter (nested when both are), with ``lora_A.weight [r·E, in]`` and
+``lora_B.weight [out, r·E]``; expert ``e``'s update is ``scaling · B_e · A_e`` with
+``A_e = lora_A.reshape(E, r, in)[e]`` and ``B_e = lora_B.reshape(out, r, E)[:, :, e]``. What is read
+here are views of those parameters, so the fused op's gradients reach them.
+
+:func:`experts_form` reads all of that at each call (an adapter can be switched off or changed
+between calls) and returns the op's arguments, or the reason it cannot run them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sloth_fx.kernels.routed_experts import ExpertProjection
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+_PROJECTIONS = ("gate_up_proj", "down_proj")
+# Flags of transformers' use_experts_implementation and the values the fused op computes.
+_LAYOUT = {"has_gate": True, "has_bias": False, "is_concatenated": True, "has_post_expert_norm": False}
+
+
+@dataclass(frozen=True)
+class ExpertsForm:
+    """The fused op's arguments for one call of a routed-experts module."""
+
+    gate_up: ExpertProjection
+    down: ExpertProjection
+    activation: str
+
+    def describe(self) -> str:
+        experts = self.gate_up.weight.shape[0]
+        lora = [f"{name} r={p.lora_a.shape[1]}" for name, p in (("gate_up", self.gate_up), ("down", self.down))
+                if p.lora_a is not None]
+        return (f"{experts} experts, {self.activation}, "
+                + (f"LoRA folded in ({', '.join(lora)})" if lora else "no LoRA on the experts"))
+
+
+def experts_form(module: nn.Module) -> ExpertsForm | str:
+    """The fused op's arguments for ``module`` (an experts module, or PEFT's wrappers around one),
+    or why it computes something else or cannot be fused now."""
+    wrappers: dict[str, nn.Module] = {}
+    base = module
+    while hasattr(base, "parameter_name") and isinstance(getattr(base, "base_layer", None), nn.Module):
+        wrappers[base.parameter_name] = base
+        base = base.base_layer
+    name = type(base).__name__
+    refused = _layout_refusal(base)
+    if refused:
+        return f"{name}: {refused}"
+    act_fn = getattr(base, "act_fn", None)
+    activation = _activation(act_fn) if callable(act_fn) else None
+    if activation is None:
+        return f"{name}: its activation {type(act_fn).__name__} is none of {', '.join(_ACTIVATIONS)}"
+    projections = {}
+    for param_name in _PROJECTIONS:
+        weight = getattr(base, param_name)
+        lora = _lora(wrappers[param_name], weight) if param_name in wrappers else (None, None, 1.0)
+        if isinstance(lora, str):
+            return f"{name}.{param_name}: {lora}"
+        if getattr(base, "is_transposed", False):
+            weight = weight.transpose(-2, -1)  # stored [E, in, out]: the op reads [E, out, in]
+        projections[param_name] = ExpertProjection(weight, *lora)
+    return ExpertsForm(projections["gate_up_proj"], projections["down_proj"], activation)
+
+
+def _layout_refusal(base: nn.Module) -> str | None:
+    """Why ``base`` is not the layout the fused op computes, or None."""
+    missing = [p for p in _PROJECTIONS if not isinstance(getattr(base, p, None), nn.Parameter)
+               or getattr(base, p).dim() != 3]
+    if missing:
+        return f"no stacked {' and '.join(missing)} parameter of three dims"
+    for flag, value in _LAYOUT.items():
+        if getattr(base, flag, value) != value:
+            return f"{flag}={getattr(base, flag)} (the fused op computes {flag}={value})"
+    gate = getattr(type(base), "_apply_gate", None)
+    if gate is not None and gate.__qualname__ != "_default_apply_gate":
+        return f"its own gate {gate.__qualname__} (the fused op computes act(gate) * up)"
+    return None
+
+
+def _activation(act_fn: object) -> str | None:
+    """Which of the op's activations ``act_fn`` computes, found by computing it."""
+    probe = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+    with torch.no_grad():
+        try:
+            got = act_fn(probe)
+        except Exception:  # an activation that does not take a float64 CPU tensor is not one of ours
+            return None
+        return next((name for name, fn in _ACTIVATIONS.items()
+                     if torch.allclose(got, fn(probe), rtol=1e-9, atol=1e-12)), None)
+
+
+def _lora(wrapper: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float] | str:
+    """The active adapter of PEFT's ``wrapper`` around ``weight``, as per-expert views
+    ``(A [E, r, in], B [E, out, r], scaling)``; no LoRA where adapters are off; else why not."""
+    if getattr(wrapper, "disable_adapters", False):
+        return None, None, 1.0
+    if getattr(wrapper, "merged_adapters", None):
+        return "its adapters are merged into the weight"
+    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if not active:
+        return None, None, 1.0
+    if len(active) > 1:
+        return f"{len(active)} adapters active at once ({', '.join(active)})"
+    adapter = active[0]
+    experts = weight.shape[0]
+    a, b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
+    if wrapper.lora_B[adapter].bias is not None:
+        return "its LoRA has a bias"
+    if wrapper.num_experts != experts or a.shape[0] % experts:
+        return f"an adapter for {wrapper.num_experts} experts on a weight of {experts}"
+    a = a.reshape(experts, -1, a.shape[-1])
+    b = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+    return a, b, float(wrapper.scaling[adapter])
