@@ -163,6 +163,8 @@ def run_e2e(
     require_timed_steps(steps, warmup, opts.pop("allow_few_steps", False))
     dev = torch.device(device)
     row: dict[str, Any] = {"system": system, "config": cfg.id, "config_desc": cfg.describe(), "status": "running"}
+    if cfg.note:
+        row["config_note"] = cfg.note  # the report prints it under the tables (a depth cut and why)
     batches = batches_for(cfg, steps, seed)
     prepared, setup = timed_prepare(system, cfg, dev, seed, opts)
     row.update(setup)

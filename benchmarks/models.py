@@ -11,14 +11,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.configs import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, Config, ModelShape
+from benchmarks.configs import LORA_ALPHA, LORA_DROPOUT, LORA_R, Config, ModelShape, lora_targets
 
 LEARNING_RATE = 1e-4  # AdamW's rate; any fixed value works as long as every system uses it
 
 
 def hf_config(shape: ModelShape) -> Any:
-    """The transformers config of a shape (LlamaConfig or MistralConfig), sdpa attention, no cache."""
-    from transformers import LlamaConfig, MistralConfig
+    """The transformers config of a shape (LlamaConfig, MistralConfig, Qwen3MoeConfig or
+    MixtralConfig), sdpa attention, no cache. MoE: every layer sparse (Qwen3-MoE's
+    ``decoder_sparse_step=1``, no ``mlp_only_layers``), no router logits in the output (so no
+    auxiliary loss), no router jitter; the experts run as transformers picks by default
+    (``config._experts_implementation``, ``grouped_mm`` in transformers 5)."""
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen3MoeConfig
 
     common = dict(
         hidden_size=shape.hidden,
@@ -36,10 +40,24 @@ def hf_config(shape: ModelShape) -> Any:
         bos_token_id=1,
         eos_token_id=2,
     )
+    if shape.attn_head_dim:
+        common["head_dim"] = shape.attn_head_dim
     if shape.family == "llama":
         cfg = LlamaConfig(**common)
     elif shape.family == "mistral":
         cfg = MistralConfig(sliding_window=None, **common)
+    elif shape.family == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            num_experts=shape.experts, num_experts_per_tok=shape.experts_per_token,  # type: ignore[attr-defined]
+            moe_intermediate_size=shape.moe_intermediate, norm_topk_prob=shape.norm_topk_prob,  # type: ignore[attr-defined]
+            decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False, output_router_logits=False, **common,
+        )
+    elif shape.family == "mixtral":
+        common["intermediate_size"] = shape.moe_intermediate  # type: ignore[attr-defined]
+        cfg = MixtralConfig(
+            num_local_experts=shape.experts, num_experts_per_tok=shape.experts_per_token,  # type: ignore[attr-defined]
+            sliding_window=None, router_jitter_noise=0.0, output_router_logits=False, **common,
+        )
     else:
         raise ValueError(f"unknown model family {shape.family!r}")
     cfg._attn_implementation = "sdpa"
@@ -47,9 +65,10 @@ def hf_config(shape: ModelShape) -> Any:
 
 
 def model_class(shape: ModelShape) -> type:
-    from transformers import LlamaForCausalLM, MistralForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM
 
-    return {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}[shape.family]
+    return {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
+            "mixtral": MixtralForCausalLM}[shape.family]
 
 
 def build_base_model(shape: ModelShape, device: torch.device | str, seed: int, dtype: torch.dtype) -> nn.Module:
@@ -77,7 +96,13 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) 
     (nf4, double quantisation, ``compute_dtype``) quantised from the layer's current weights, in
     place, on the device the weights are on. The embeddings and lm_head stay as they are (as with
     ``BitsAndBytesConfig(load_in_4bit=True)``, which skips the head). Marks the model
-    ``is_loaded_in_4bit`` so that PEFT puts its bnb LoRA layers on them."""
+    ``is_loaded_in_4bit`` so that PEFT puts its bnb LoRA layers on them.
+
+    Only ``nn.Linear`` is swapped, as transformers' ``replace_with_bnb_linear`` does (it converts
+    ``type(module) is nn.Linear`` and Conv1D only): an MoE layer's routed experts, 3-D
+    ``nn.Parameter`` stacks in transformers 5 (``mlp.experts.gate_up_proj``/``down_proj``), and its
+    router (``mlp.gate``, a module holding a plain weight) stay in the model's dtype under
+    ``load_in_4bit`` too, and stay so here."""
     import bitsandbytes as bnb
 
     for layer in decoder_layers(model):
@@ -116,16 +141,21 @@ def enable_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def add_lora(model: nn.Module, seed: int) -> nn.Module:
-    """Wrap in PEFT LoRA: r=16, alpha=16, dropout 0 on q,k,v,o,gate,up,down; adapters drawn from ``seed``."""
+def add_lora(model: nn.Module, seed: int, shape: ModelShape) -> nn.Module:
+    """Wrap in PEFT LoRA: r=16, alpha=16, dropout 0 on q,k,v,o,gate,up,down (a dense model) or on
+    q,k,v,o and, through ``target_parameters``, the routed experts' ``mlp.experts.gate_up_proj`` and
+    ``mlp.experts.down_proj`` (an MoE model: PEFT's ParamWrapper, r per expert; the router stays
+    frozen); adapters drawn from ``seed``."""
     from peft import LoraConfig, get_peft_model
 
+    modules, parameters = lora_targets(shape)
     torch.manual_seed(seed + 1)
     lcfg = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,
         lora_dropout=LORA_DROPOUT,
-        target_modules=list(LORA_TARGETS),
+        target_modules=list(modules),
+        target_parameters=list(parameters) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -58,6 +58,23 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def config_notes(rows: list[dict[str, Any]]) -> str:
+    """One line per configuration of the rows that has a note (a depth cut and why, what is
+    4-bit): the row's ``config_note``, else the note of the configuration its id names
+    (``M1[layers=2]`` is M1's, said to be with ``layers=2``); ``""`` when none has one."""
+    lines = []
+    for c in ordered((r["config"] for r in rows), list(CONFIGS)):
+        note = next((r.get("config_note") for r in rows if r["config"] == c and r.get("config_note")), None)
+        base = CONFIGS.get(c.split("[", 1)[0].removeprefix("SFT-pf/"))
+        note = note or (base.note if base else "")
+        if note and "[" in c:  # a smoke run's overrides (its depth among them) beside the note
+            base_id, _, changes = c.partition("[")
+            note = f"{base_id}'s note, this run with {changes.rstrip(']')}: {note}"
+        if note:
+            lines.append(f"- **{c}**: {note}")
+    return "\n".join(lines)
+
+
 def _fmt(v: Any, spec: str, scale: float = 1.0) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
@@ -187,6 +204,9 @@ def write_report(results_dir: str | Path) -> Path:
             "## End to end: every figure", "", detail_table(rows), "",
             "Plots: tokens_per_s.png, peak_memory.png, loss_<config>.png.", "",
         ]
+        notes = config_notes(rows)
+        if notes:
+            parts += ["## Configuration notes", "", notes, ""]
     if (d / "kernels.json").exists():
         parts += ["## Kernels (forward; forward + backward)", "", kernel_table(json.loads((d / "kernels.json").read_text())), ""]
     if (d / "lora_plans.json").exists():

@@ -2,8 +2,10 @@
 sloth_fx_offload, unsloth.
 
 Every system starts from the same random-init weights (configs + seed), gets the same LoRA
-(r=16, alpha=16, dropout 0, seven projections) and the same AdamW over the adapters. Imports of the
-peers are lazy: a peer that is not installed fails its own row (in its own subprocess), not the run.
+(r=16, alpha=16, dropout 0, seven projections; on an MoE model attention's four and the routed
+experts' stacked weights, ``configs.lora_targets``) and the same AdamW over the adapters. Imports of
+the peers are lazy: a peer that is not installed, or that has nothing for a model family
+(:class:`Unsupported`), fails its own row (in its own subprocess) with the reason, not the run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.configs import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SYSTEMS, Config, ModelShape
+from benchmarks.configs import LORA_ALPHA, LORA_DROPOUT, LORA_R, SYSTEMS, Config, ModelShape, lora_targets
 from benchmarks.models import add_lora, base_model_for, build_base_model, decoder_layers, make_optimizer
 
 
@@ -60,28 +62,54 @@ def prepare(system: str, cfg: Config, device: torch.device | str, seed: int, **o
 
 
 def _finish(model: nn.Module, notes: dict[str, Any] | None = None) -> Prepared:
-    return Prepared(model, make_optimizer(model), dict(notes or {}))
+    return Prepared(model, make_optimizer(model), {**moe_notes(model), **(notes or {})})
+
+
+def moe_notes(model: nn.Module) -> dict[str, Any]:
+    """For an MoE model, how its experts run (transformers' ``experts_implementation``: ``eager``
+    loops over the experts, ``grouped_mm`` runs them as grouped GEMMs) and which parameters LoRA
+    wraps (PEFT's ParamWrapper on the 3-D expert stacks); nothing for a dense model."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(m, "config", None)
+    if not (getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)):
+        return {}
+    peft_cfg = getattr(model, "peft_config", {}).get("default")
+    return {
+        "experts_implementation": getattr(cfg, "_experts_implementation", None),
+        "lora_target_parameters": sorted(getattr(peft_cfg, "target_parameters", None) or []),
+    }
 
 
 def _hf(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
     """transformers + peft as a user runs it: sdpa attention, nothing patched."""
-    return _finish(add_lora(base_model_for(cfg, device, seed), seed))
+    return _finish(add_lora(base_model_for(cfg, device, seed), seed, cfg.shape))
+
+
+# Liger's patch per family (its 0.8.5 has all four; a family it lacks fails the row as unsupported).
+LIGER_APPLY = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
+               "qwen3_moe": "apply_liger_kernel_to_qwen3_moe", "mixtral": "apply_liger_kernel_to_mixtral"}
 
 
 def _liger(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
     """Liger Kernel's rope, rms_norm, swiglu and fused linear cross-entropy, applied to the
     model instance (its norms and MLPs are swapped, its forward replaced) before LoRA goes on."""
-    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
+    import liger_kernel.transformers as liger
 
+    name = LIGER_APPLY.get(cfg.shape.family)
+    apply = getattr(liger, name, None) if name else None
+    if apply is None:
+        raise Unsupported(f"liger-kernel {_version('liger-kernel')} has no "
+                          f"{name or 'apply_liger_kernel_to_<family>'} for the {cfg.shape.family} family")
     base = base_model_for(cfg, device, seed)
-    apply = {"llama": apply_liger_kernel_to_llama, "mistral": apply_liger_kernel_to_mistral}[cfg.shape.family]
+    # On an MoE model (transformers 5) swiglu=True swaps the experts' forward for LigerExperts, its
+    # fused MoE op over the same 3-D weights, which PEFT's ParamWrapper still parametrises.
     apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=base)
-    return _finish(add_lora(base, seed), {"liger_kernel": _version("liger-kernel")})
+    return _finish(add_lora(base, seed, cfg.shape), {"liger_kernel": _version("liger-kernel")})
 
 
 def _compile(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
     """torch.compile on each decoder layer (regional compilation: ``layer.compile()``)."""
-    model = add_lora(base_model_for(cfg, device, seed), seed)
+    model = add_lora(base_model_for(cfg, device, seed), seed, cfg.shape)
     for layer in decoder_layers(model):
         layer.compile()
     return _finish(model, {"compiled_layers": len(decoder_layers(model))})
@@ -96,7 +124,7 @@ def _sloth_fx(
     the rewrites per pass and ``sloth_fx.explain``."""
     import sloth_fx
 
-    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed), passes=passes,
+    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed, cfg.shape), passes=passes,
                               memory_budget=memory_budget)
     passes = passes if passes is not None else sloth_fx.available_passes()
 
@@ -193,15 +221,20 @@ def _unsloth(
         local_files_only=True,
     )
     ckpt: bool | str = ("unsloth" if unsloth_offload else True) if cfg.checkpointing else False
+    modules, parameters = lora_targets(cfg.shape)
+    # MoE: the experts' stacked weights go in as target_parameters, as to PEFT (Unsloth's
+    # get_peft_model takes them); were they left out, Unsloth would pick its own expert targets.
+    extra = {"target_parameters": list(parameters)} if parameters else {}
     model = FastLanguageModel.get_peft_model(
         model,
         r=LORA_R,
         lora_alpha=LORA_ALPHA,
         lora_dropout=LORA_DROPOUT,
-        target_modules=list(LORA_TARGETS),
+        target_modules=list(modules),
         bias="none",
         use_gradient_checkpointing=ckpt,
         random_state=seed + 1,
+        **extra,
     )
     FastLanguageModel.for_training(model)
     return _finish(model, {"unsloth": _version("unsloth"), "checkpointing": ckpt, "save_s": save_s})
