@@ -84,9 +84,13 @@ class ExpertsRecord:
         where = f"{self.region}: routed experts {', '.join(self.paths)}"
         if not self.fused and not self.unfused:
             return f"{where}: not run yet"
-        fused = f"fused op in {self.fused} calls ({self.form}; grouped products over the experts)" if self.fused else ""
-        unfused = (f"as transformers runs them in {self.unfused} calls: {self.reason}" if self.unfused else "")
+        fused = f"fused op in {_calls(self.fused)} ({self.form}; grouped products over the experts)" if self.fused else ""
+        unfused = f"as transformers runs them in {_calls(self.unfused)}: {self.reason}" if self.unfused else ""
         return f"{where}: " + "; ".join(part for part in (fused, unfused) if part)
+
+
+def _calls(n: int) -> str:
+    return f"{n} call" if n == 1 else f"{n} calls"
 
 
 class FusedExperts:
