@@ -19,7 +19,8 @@ module for each targeted parameter (nested when both are), with ``lora_A.weight 
 ``A_e = lora_A.reshape(E, r, in)[e]`` and ``B_e = lora_B.reshape(out, r, E)[:, :, e]``. What is read
 here are views of those parameters, so the fused op's gradients reach them.
 
-:func:`experts_form` reads all of that at each call (an adapter can be switched off or changed
+:func:`experts_layout` reads the layout and the activation once (they are the module's class and
+config); :func:`experts_form` reads the adapters at each call (one can be switched off or changed
 between calls) and returns the op's arguments, or the reason it cannot run them.
 """
 
@@ -55,14 +56,31 @@ class ExpertsForm:
                 + (f"LoRA folded in ({', '.join(lora)})" if lora else "no LoRA on the experts"))
 
 
-def experts_form(module: nn.Module) -> ExpertsForm | str:
-    """The fused op's arguments for ``module`` (an experts module, or PEFT's wrappers around one),
-    or why it computes something else or cannot be fused now."""
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """A routed-experts module whose layout the fused op computes: the module holding the stacked
+    weights, PEFT's wrappers around it by the parameter each adapts, and its activation."""
+
+    base: nn.Module
+    wrappers: dict[str, nn.Module]
+    activation: str
+
+
+def peft_wrappers(module: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
+    """PEFT's ``ParamWrapper`` chain around ``module`` by the parameter each adapts, and the module
+    it wraps (``module`` itself when there is no wrapper)."""
     wrappers: dict[str, nn.Module] = {}
     base = module
     while hasattr(base, "parameter_name") and isinstance(getattr(base, "base_layer", None), nn.Module):
         wrappers[base.parameter_name] = base
         base = base.base_layer
+    return wrappers, base
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout | str:
+    """The layout of ``module`` (an experts module, or PEFT's wrappers around one), or why the
+    fused op computes something else."""
+    wrappers, base = peft_wrappers(module)
     name = type(base).__name__
     refused = _layout_refusal(base)
     if refused:
@@ -71,16 +89,23 @@ def experts_form(module: nn.Module) -> ExpertsForm | str:
     activation = _activation(act_fn) if callable(act_fn) else None
     if activation is None:
         return f"{name}: its activation {type(act_fn).__name__} is none of {', '.join(_ACTIVATIONS)}"
+    return ExpertsLayout(base, wrappers, activation)
+
+
+def experts_form(layout: ExpertsLayout) -> ExpertsForm | str:
+    """The fused op's arguments for a call of the module of ``layout``, with its adapters as they
+    are now, or why they cannot be fused."""
     projections = {}
     for param_name in _PROJECTIONS:
-        weight = getattr(base, param_name)
-        lora = _lora(wrappers[param_name], weight) if param_name in wrappers else (None, None, 1.0)
+        weight = getattr(layout.base, param_name)
+        wrapper = layout.wrappers.get(param_name)
+        lora = _lora(wrapper, weight) if wrapper is not None else (None, None, 1.0)
         if isinstance(lora, str):
-            return f"{name}.{param_name}: {lora}"
-        if getattr(base, "is_transposed", False):
+            return f"{type(layout.base).__name__}.{param_name}: {lora}"
+        if getattr(layout.base, "is_transposed", False):
             weight = weight.transpose(-2, -1)  # stored [E, in, out]: the op reads [E, out, in]
         projections[param_name] = ExpertProjection(weight, *lora)
-    return ExpertsForm(projections["gate_up_proj"], projections["down_proj"], activation)
+    return ExpertsForm(projections["gate_up_proj"], projections["down_proj"], layout.activation)
 
 
 def _layout_refusal(base: nn.Module) -> str | None:

@@ -12,9 +12,10 @@ LoRA is on the experts through ``target_parameters``. Its ``forward`` becomes a
 :class:`FusedExperts`, which Dynamo does not enter: the layer's graph breaks once there, and what
 comes before (norms, attention, the router) and after is captured once and rewritten.
 
-At each call it reads what the module computes (:func:`~sloth_fx.capture.experts_form.experts_form`:
-the pattern's check) and runs the fused op, grouped products over all experts with LoRA folded in
-(:func:`~sloth_fx.kernels.routed_experts.routed_experts`). Its first fused call is verified
+It reads what the module computes (:mod:`~sloth_fx.capture.experts_form`, the pattern's check: its
+layout and activation at the first call, its adapters at each) and runs the fused op, grouped
+products over all experts with LoRA folded in (:func:`~sloth_fx.kernels.routed_experts.routed_experts`,
+which checks its arguments once per signature and raises what it refuses). Its first fused call is verified
 against the module's own forward on the call's first tokens, so a module that carries the flags but
 computes otherwise is found out by its numbers. A module refused, by its form or that check, runs
 exactly as transformers and PEFT run it, with an :class:`UnfusedExpertsWarning` naming the cause;
@@ -32,10 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sloth_fx.capture.experts_form import ExpertsForm, experts_form
+from sloth_fx.capture.experts_form import ExpertsForm, ExpertsLayout, experts_form, experts_layout, peft_wrappers
 from sloth_fx.capture.unrewritten import UnrewrittenLayerWarning
 from sloth_fx.kernels.routed_experts import routed_experts as fused_routed_experts
-from sloth_fx.kernels.routed_experts import routed_experts_supports
+from sloth_fx.kernels.toolkit import Unsupported
 
 PROBE_TOKENS = 64  # tokens of the first call the fused op is checked on against the module's own forward
 # Largest difference from the module's forward, relative to its output's largest magnitude, that
@@ -100,25 +101,28 @@ class FusedExperts:
     def __init__(self, module: nn.Module, record: ExpertsRecord) -> None:
         self.module = module
         self.record = record
+        self.layout: ExpertsLayout | str | None = None  # read at the first call
         self.verified = False
-        base = module
-        while isinstance(getattr(base, "base_layer", None), nn.Module):  # PEFT's wrappers take (x, *args)
-            base = base.base_layer
-        self.signature = inspect.signature(type(base).forward)
+        # PEFT's wrappers take (x, *args): the call's arguments are named by the experts' own forward
+        self.signature = inspect.signature(type(peft_wrappers(module)[1]).forward)
 
     @torch._dynamo.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         form, call = self._form(args, kwargs)
         if isinstance(form, str):
             return self._unfused(form, args, kwargs)
-        if not self.verified:
-            refused = self._verify(form, *call)
-            if refused:
-                return self._unfused(refused, args, kwargs)
-            self.verified = True
+        try:  # the op checks its arguments first, once per signature, and raises what it refuses
+            if not self.verified:
+                refused = self._verify(form, *call)
+                if refused:
+                    return self._unfused(refused, args, kwargs)
+                self.verified = True
+            out = fused_routed_experts(*call, form.gate_up, form.down, form.activation)
+        except Unsupported as refused:
+            return self._unfused(refused.reason, args, kwargs)
         self.record.fused += 1
         self.record.form = form.describe()
-        return fused_routed_experts(*call, form.gate_up, form.down, form.activation)
+        return out
 
     def _form(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[ExpertsForm | str, tuple[Any, ...]]:
         try:
@@ -128,11 +132,11 @@ class FusedExperts:
         call = tuple(list(bound.arguments.values())[1:4])
         if len(call) != 3 or len(bound.arguments) != 4:
             return "called with other than (hidden_states, top_k_index, top_k_weights)", ()
-        form = experts_form(self.module)
-        if isinstance(form, str):
-            return form, call
-        refused = routed_experts_supports(*call, form.gate_up, form.down, form.activation)
-        return (refused or form), call
+        if self.layout is None:
+            self.layout = experts_layout(self.module)
+        if isinstance(self.layout, str):
+            return self.layout, call
+        return experts_form(self.layout), call
 
     def _verify(self, form: ExpertsForm, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str:
         """Empty when the fused op matches the module's forward on the first tokens, else why not."""
