@@ -130,7 +130,8 @@ TINY_MOE = MoEShape("tiny-qwen3-moe", "qwen3_moe", 64, 2, 96, 4, 2, 256, max_pos
 TINY_MIXTRAL = MoEShape("tiny-mixtral", "mixtral", 64, 2, 96, 4, 2, 256, max_positions=512,
                         experts=4, experts_per_token=2, moe_intermediate=96)
 
-M1_DEPTH, M2_DEPTH = 24, 16
+M1_SHAPE = dataclasses.replace(QWEN3_30B_A3B, layers=24, full_layers=QWEN3_30B_A3B.layers)
+M2_SHAPE = dataclasses.replace(MIXTRAL_8X7B, layers=16, full_layers=MIXTRAL_8X7B.layers)
 M1_NOTE = (
     "Qwen3-30B-A3B at 24 of its 48 layers (every layer alike: 128 experts, 8 a token), bf16 LoRA on "
     "q,k,v,o and on every expert's gate_up/down (PEFT target_parameters; router frozen). Depth cut so "
@@ -229,14 +230,10 @@ CONFIGS: dict[str, Config] = {
         # reduced depth that fits an 80 GB H100 (the notes say why and what the estimate is).
         # M1p/M2p: packed real-length rows of 48 sequences (at most 4096 tokens each): ~13k real
         # tokens a step on average, none of the first eight steps over ~16.3k (seed 0).
-        Config("M1", dataclasses.replace(QWEN3_30B_A3B, layers=M1_DEPTH, full_layers=48), "bf16", 4, 4096, True,
-               note=M1_NOTE),
-        Config("M1p", dataclasses.replace(QWEN3_30B_A3B, layers=M1_DEPTH, full_layers=48), "bf16", 48, 4096, True,
-               data="packed", note=M1_NOTE),
-        Config("M2", dataclasses.replace(MIXTRAL_8X7B, layers=M2_DEPTH, full_layers=32), "nf4", 4, 4096, True,
-               note=M2_NOTE),
-        Config("M2p", dataclasses.replace(MIXTRAL_8X7B, layers=M2_DEPTH, full_layers=32), "nf4", 48, 4096, True,
-               data="packed", note=M2_NOTE),
+        Config("M1", M1_SHAPE, "bf16", 4, 4096, True, note=M1_NOTE),
+        Config("M1p", M1_SHAPE, "bf16", 48, 4096, True, data="packed", note=M1_NOTE),
+        Config("M2", M2_SHAPE, "nf4", 4, 4096, True, note=M2_NOTE),
+        Config("M2p", M2_SHAPE, "nf4", 48, 4096, True, data="packed", note=M2_NOTE),
         Config("tinymoe", TINY_MOE, "bf16", 2, 32, False),
         Config("tinymixtral", TINY_MIXTRAL, "bf16", 2, 32, False),
     ]
