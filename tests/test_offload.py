@@ -20,7 +20,7 @@ import sloth_fx
 from sloth_fx.memory import offload
 from sloth_fx.memory.checkpoint import checkpoint_body
 from sloth_fx.memory.budget import (CHUNK_SHARE, SAVE_SHARE, decide_checkpointing, device_budget, estimate_activations,
-                                    plan_checkpointing)
+                                    mlp_widths, plan_checkpointing, product_bytes_per_token)
 
 GiB = 2**30
 
@@ -301,6 +301,39 @@ def test_plan_reads_checkpointing_tokens_and_sizes_from_the_model():
     four = estimate_activations(layers=4, tokens=18, hidden=64, intermediate=96, element_size=4)
     assert not plan_checkpointing(model, (), inputs, four.total).offload and plan_checkpointing(model, (), inputs, four.total - 1).offload
     assert not plan_checkpointing(model, (), inputs, None).offload
+
+
+def test_moe_widths_count_top_k_experts_and_the_shared_expert_and_never_chunk_the_routed_part():
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    assert mlp_widths(LlamaConfig(hidden_size=64, intermediate_size=96), 64) == (96, 0)
+    assert mlp_widths(MixtralConfig(hidden_size=64, intermediate_size=96, num_experts_per_tok=2), 64) == (0, 192)
+    assert mlp_widths(Qwen3MoeConfig(hidden_size=64, intermediate_size=300, moe_intermediate_size=40,
+                                     num_experts_per_tok=8), 64) == (0, 320)
+    assert mlp_widths(Qwen2MoeConfig(hidden_size=64, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+                                     num_experts_per_tok=4), 64) == (56, 160)
+    # Mixtral-8x7B at 16k tokens: each token saves two experts' [2I] (not one dense MLP's), and the
+    # experts run outside the capture, where nothing chunks them: the chunked peak is the peak
+    mixtral = estimate_activations(layers=32, tokens=16384, hidden=4096, intermediate=0, element_size=2,
+                                   routed=2 * 14336)
+    dense = estimate_activations(layers=32, tokens=16384, hidden=4096, intermediate=14336, element_size=2)
+    assert mixtral.kept > dense.kept and mixtral.recompute_peak > dense.recompute_peak
+    assert mixtral.chunked_peak == mixtral.recompute_peak > dense.chunked_peak
+    assert not decide_checkpointing(mixtral, int(mixtral.recompute_peak / CHUNK_SHARE) - 1).chunk
+
+
+def test_lora_on_routed_experts_saves_no_products_under_selective_recompute():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    only_attention = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules=attention))
+    with_experts = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(
+        r=4, target_modules=attention, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    counted = [product_bytes_per_token(m.base_model.model.model, 2) for m in (only_attention, with_experts)]
+    assert counted[0] == counted[1] == (32 + 16 + 16 + 32) * 2 + 4 * 4 * 4
 
 
 def test_memory_budget_must_be_bytes():

@@ -21,6 +21,10 @@ training step is judged on its own, from a prediction of its activation memory a
   margin; on CPU with none, no budget: there is no device memory to save, and layers recompute
   as asked.
 
+- **MoE**: a token's intermediate width is that of the ``k`` experts it is routed to (and of a
+  shared expert), :func:`mlp_widths`; the routed experts run outside the capture, so chunking
+  never bounds their part of the peak.
+
 - **selective**: a layer recomputed with its products' outputs saved
   (:mod:`sloth_fx.memory.saved_products`) holds, beside its input, the outputs of its LoRA
   linears: the sum of their widths per token, counted from the model (``products``).
@@ -137,14 +141,18 @@ class CheckpointDecision:
 
 
 def estimate_activations(layers: int, tokens: int, hidden: int, intermediate: int, element_size: int,
-                         product_bytes: int = 0) -> ActivationEstimate:
+                         product_bytes: int = 0, routed: int = 0) -> ActivationEstimate:
     """The activation memory of a step of ``tokens`` tokens through ``layers`` checkpointed layers
-    whose products' outputs take ``product_bytes`` per token and layer (:func:`product_bytes_per_token`)."""
-    def peak(intermediate_tokens: int) -> int:
-        return int((RECOMPUTE_HIDDEN_WIDE * hidden * tokens + RECOMPUTE_INTERMEDIATE_WIDE * intermediate
-                    * intermediate_tokens) * element_size)
+    whose products' outputs take ``product_bytes`` per token and layer (:func:`product_bytes_per_token`).
 
-    kept_per_token = KEEP_HIDDEN_WIDE * hidden + KEEP_INTERMEDIATE_WIDE * intermediate
+    ``intermediate`` is the width of the dense MLPs a token passes through, which chunking bounds;
+    ``routed`` that of its routed experts (top-k times an expert's width), which run outside the
+    capture and are never chunked (:func:`mlp_widths`)."""
+    def peak(intermediate_tokens: int) -> int:
+        return int((RECOMPUTE_HIDDEN_WIDE * hidden * tokens + RECOMPUTE_INTERMEDIATE_WIDE
+                    * (intermediate * intermediate_tokens + routed * tokens)) * element_size)
+
+    kept_per_token = KEEP_HIDDEN_WIDE * hidden + KEEP_INTERMEDIATE_WIDE * (intermediate + routed)
     return ActivationEstimate(layers, tokens * hidden * element_size, peak(tokens),
                               layers * tokens * kept_per_token * element_size,
                               peak(min(tokens, token_chunks.CHUNK_TOKENS)), tokens * product_bytes)
@@ -262,11 +270,29 @@ def plan_checkpointing(model: nn.Module, args: tuple, kwargs: dict[str, Any],
     tokens = call_tokens(args, kwargs)
     if not isinstance(hidden, int) or not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
         return CheckpointDecision(RECOMPUTE, "no prediction: the config gives no hidden_size or the call no token ids")
-    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    dense, routed = mlp_widths(config, hidden)
     weight = model.get_input_embeddings().weight
-    estimate = estimate_activations(layers, tokens.shape[0] * tokens.shape[1], hidden, intermediate,
-                                    weight.element_size(), product_bytes_per_token(decoder, weight.element_size()))
+    estimate = estimate_activations(layers, tokens.shape[0] * tokens.shape[1], hidden, dense,
+                                    weight.element_size(), product_bytes_per_token(decoder, weight.element_size()),
+                                    routed)
     return decide_checkpointing(estimate, device_budget(weight.device, memory_budget))
+
+
+def mlp_widths(config: Any, hidden: int) -> tuple[int, int]:
+    """``(dense, routed)``: the intermediate width per token of a layer's dense MLPs and of its
+    routed experts, from a transformers config.
+
+    A dense model's MLP is ``intermediate_size`` wide (``4·hidden`` where the config gives none).
+    An MoE model (``num_experts_per_tok``) sends each token through ``k`` experts of
+    ``moe_intermediate_size`` (Qwen-MoE) or ``intermediate_size`` (Mixtral, OLMoE, GPT-OSS) each,
+    the fused op saving ``[T·k, 2I]``, and through a shared expert of
+    ``shared_expert_intermediate_size`` where there is one (Qwen2-MoE), a dense MLP."""
+    dense = getattr(config, "intermediate_size", None) or 4 * hidden
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not isinstance(top_k, int) or top_k <= 0:
+        return dense, 0
+    expert = getattr(config, "moe_intermediate_size", None) or dense
+    return getattr(config, "shared_expert_intermediate_size", None) or 0, top_k * expert
 
 
 def decoder_layers(decoder: nn.Module) -> list[nn.Module]:
@@ -277,14 +303,17 @@ def decoder_layers(decoder: nn.Module) -> list[nn.Module]:
 def product_bytes_per_token(decoder: nn.Module, element_size: int) -> int:
     """What one layer's products save per token when it recomputes selectively: the outputs of its
     LoRA linears (``element_size`` bytes each) and their fp32 ``x·Aᵀ``, counted on the first layer.
-    0 for a model without LoRA linears: nothing is saved."""
+    0 for a model without LoRA linears: nothing is saved. LoRA on routed experts (PEFT's
+    ``ParamWrapper``, with a ``parameter_name``) saves nothing there: the experts run outside the
+    capture, whose products are the ones saved."""
     layers = decoder_layers(decoder)
     if not layers:
         return 0
     total = 0
     for module in layers[0].modules():
         ranks = getattr(module, "r", None)
-        if hasattr(module, "lora_A") and isinstance(ranks, dict) and isinstance(getattr(module, "out_features", None), int):
+        if hasattr(module, "lora_A") and isinstance(ranks, dict) and isinstance(getattr(module, "out_features", None), int) \
+                and not hasattr(module, "parameter_name"):
             active = [name for name in getattr(module, "active_adapters", ()) if name in ranks]
             if active:
                 total += module.out_features * element_size + 4 * sum(ranks[name] for name in active)
