@@ -34,6 +34,14 @@ Saved for backward: ``hidden`` (``x`` is gathered again), ``top_k_weights``, ``p
 ``[S]``), ``offsets``, ``GU`` ``[S, 2I]`` in hidden's dtype, ``U1`` and ``U2`` (fp32 ``[S, r]``,
 with LoRA), and the weights and LoRA factors themselves (parameters, no copies).
 
+QLoRA: a stacked weight may be a bitsandbytes 4-bit one (nf4 or fp4, whose quant state holds the
+``[E, out, in]`` shape it was quantized from: :mod:`~sloth_fx.kernels.routed_experts_args`). Then
+``W_e`` above is expert ``e`` of ``dequantize_4bit(W)``, in its quant state's dtype, which must be
+hidden's. The whole stack is dequantized for each product that reads it (the forward's base
+product, backward's ``Q`` for ``W2`` and ``dX`` for ``W1``): a dense transient of one stack, freed
+when its product returns. Backward keeps the 4-bit parameter (no copy), never its dense stack; a
+4-bit stack gets no gradient (the check refuses one that requires grad).
+
 No host synchronisation on the CUDA path with 16-bit operands, except where torch's grouped GEMM
 refuses them and the per-expert loop takes over. ``top_k_index`` must hold experts in ``[0, E)``
 (values are never read on the host, so this is not checked). Weights may be any strided views
@@ -42,8 +50,6 @@ refuses them and the per-expert loop takes over. ``top_k_index`` must hold exper
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -51,29 +57,14 @@ import triton.language as tl
 from .gated_mlp import ACTIVATIONS, _activation, gated_mlp_reference
 from .grouped_lora import grouped_base_mm, grouped_lowrank_grad, grouped_lowrank_mm, grouped_weight_grad
 from .launch import launch
-from .toolkit import (
-    SUPPORTED_DTYPES, UnsupportedType, UnsupportedValue, cdiv, dtype_names, next_power_of_2, refusal, use_triton,
-    validate,
-)
+from .routed_experts_args import ExpertProjection, check, signature
+from .toolkit import SUPPORTED_DTYPES, cdiv, dense_weight, is_4bit, next_power_of_2, refusal, use_triton, validate
 
 __all__ = ["ExpertProjection", "RoutedExpertsFunction", "routed_experts", "routed_experts_reference",
            "routed_experts_supports"]
 
-_OP = "routed_experts"
-_DTYPES = (*SUPPORTED_DTYPES, torch.float64)  # float64 runs the references (the tests' exact path)
 _MAX_BLOCK = 1024  # columns of the gated kernels' tiles, as gated_mlp's
 _ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
-
-
-@dataclass(frozen=True)
-class ExpertProjection:
-    """One stacked projection of every expert: ``weight [E, out, in]``, and LoRA's
-    ``lora_a [E, r, in]`` and ``lora_b [E, out, r]`` (both or neither), any strides."""
-
-    weight: torch.Tensor
-    lora_a: torch.Tensor | None
-    lora_b: torch.Tensor | None
-    scaling: float = 1.0
 
 
 @triton.jit
@@ -182,11 +173,16 @@ class RoutedExpertsFunction(torch.autograd.Function):
         bounds = torch.arange(w1.shape[0], device=experts.device, dtype=experts.dtype)
         offsets = torch.searchsorted(experts, bounds, right=True, out_int32=True)
         x = hidden.index_select(0, perm // k)
-        gu = grouped_base_mm(x, w1.transpose(-2, -1), offsets)
+        # a 4-bit stack's dense transient lives for its product only
+        gu = grouped_base_mm(x, dense_weight(w1, hidden.dtype).transpose(-2, -1), offsets)
         u1 = _lora_forward(x, a1, b1, s1, offsets, gu)
         h = _gate_forward(gu, act)
-        o = grouped_base_mm(h, w2.transpose(-2, -1), offsets)
+        o = grouped_base_mm(h, dense_weight(w2, hidden.dtype).transpose(-2, -1), offsets)
         u2 = _lora_forward(h, a2, b2, s2, offsets, o)
+        # 4-bit stacks are kept on ctx, not saved: saved-tensor hooks (checkpoint, offload) would hand
+        # back a detached plain tensor without its quant state; frozen leaves make no reference cycle
+        ctx.packed = tuple(w if is_4bit(w) else None for w in (w1, w2))
+        w1, w2 = (None if is_4bit(w) else w for w in (w1, w2))
         ctx.save_for_backward(hidden, top_k_weights, perm, offsets, gu, u1, u2, w1, a1, b1, w2, a2, b2)
         ctx.scalings, ctx.act = (s1, s2), act
         return _unpermute_sum(o, _inverse(perm), k, top_k_weights, hidden.dtype)
@@ -194,12 +190,13 @@ class RoutedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, top_k_weights, perm, offsets, gu, u1, u2, w1, a1, b1, w2, a2, b2 = ctx.saved_tensors
+        w1, w2 = (w if packed is None else packed for w, packed in zip((w1, w2), ctx.packed))
         (s1, s2), needs = ctx.scalings, ctx.needs_input_grad
         k = top_k_weights.shape[1]
         token, inverse = perm // k, _inverse(perm)
         w = top_k_weights.reshape(-1).index_select(0, perm).to(torch.promote_types(top_k_weights.dtype, torch.float32))
         df = d_out.to(hidden.dtype).index_select(0, token)
-        q = grouped_base_mm(df, w2, offsets)
+        q = grouped_base_mm(df, dense_weight(w2, hidden.dtype), offsets)
         da2 = db2 = da1 = db1 = None
         if a2 is not None:
             v2 = grouped_lowrank_mm(df, b2.transpose(-2, -1), offsets)
@@ -212,7 +209,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         dw2 = grouped_weight_grad(df * w[:, None].to(df.dtype), h, offsets, w2.dtype) if needs[6] else None
         dw1 = grouped_weight_grad(dgu, hidden.index_select(0, token), offsets, w1.dtype) if needs[3] else None
         d_top_k_weights = dw.index_select(0, inverse).view_as(top_k_weights).to(top_k_weights.dtype)
-        dx = grouped_base_mm(dgu, w1, offsets) if needs[0] else None
+        dx = grouped_base_mm(dgu, dense_weight(w1, hidden.dtype), offsets) if needs[0] else None
         if a1 is not None and (needs[0] or needs[4] or needs[5]):
             v1 = grouped_lowrank_mm(dgu, b1.transpose(-2, -1), offsets)
             if dx is not None:
@@ -254,56 +251,6 @@ def routed_experts_reference(hidden: torch.Tensor, top_k_index: torch.Tensor, to
     return final.to(hidden.dtype)
 
 
-def _check(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-           gate_up: ExpertProjection, down: ExpertProjection, activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise UnsupportedValue(_OP, f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
-    for name, t in (("hidden", hidden), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
-        if not isinstance(t, torch.Tensor):
-            raise UnsupportedType(_OP, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    projections = (("gate_up", gate_up), ("down", down))
-    for name, proj in projections:
-        if not isinstance(proj, ExpertProjection):
-            raise UnsupportedType(_OP, f"{name} must be an ExpertProjection, got {type(proj).__name__}")
-    if hidden.dim() != 2 or top_k_index.dim() != 2 or top_k_weights.shape != top_k_index.shape \
-            or top_k_index.shape[0] != hidden.shape[0]:
-        raise UnsupportedValue(_OP, f"hidden {tuple(hidden.shape)}, top_k_index {tuple(top_k_index.shape)} and "
-                                    f"top_k_weights {tuple(top_k_weights.shape)} must be [T, H], [T, k] and [T, k]")
-    if top_k_index.dtype not in (torch.int32, torch.int64):
-        raise UnsupportedType(_OP, f"top_k_index is {top_k_index.dtype}, not int32 or int64")
-    w1, w2, h = gate_up.weight, down.weight, hidden.shape[1]
-    if w1.dim() != 3 or w2.dim() != 3 or w1.shape[1] % 2 or tuple(w1.shape[::2]) != (w2.shape[0], h) \
-            or tuple(w2.shape[1:]) != (h, w1.shape[1] // 2):
-        raise UnsupportedValue(_OP, f"gate_up.weight {tuple(w1.shape)} and down.weight {tuple(w2.shape)} must be "
-                                    f"[E, 2I, {h}] and [E, {h}, I]")
-    for name, proj in projections:
-        if (proj.lora_a is None) != (proj.lora_b is None):
-            raise UnsupportedValue(_OP, f"{name} has one of lora_a and lora_b without the other")
-        if proj.lora_a is not None:
-            e, out, inp = proj.weight.shape
-            a, b = proj.lora_a, proj.lora_b
-            if a.dim() != 3 or tuple(a.shape[::2]) != (e, inp) or tuple(b.shape) != (e, out, a.shape[1]):
-                raise UnsupportedValue(_OP, f"{name}.lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} must be "
-                                            f"[{e}, r, {inp}] and [{e}, {out}, r]")
-    tensors = [t for proj in (gate_up, down) for t in (proj.weight, proj.lora_a, proj.lora_b) if t is not None]
-    if any(t.device != hidden.device for t in (top_k_index, top_k_weights, *tensors)):
-        raise UnsupportedValue(_OP, f"tensors on several devices (hidden on {hidden.device})")
-    if hidden.dtype not in _DTYPES or any(t.dtype not in _DTYPES for t in (top_k_weights, *tensors)):
-        raise UnsupportedType(_OP, f"floating dtypes must be among {dtype_names(_DTYPES)}")
-    if w1.dtype != hidden.dtype or w2.dtype != hidden.dtype:
-        raise UnsupportedType(_OP, f"expert weights {w1.dtype}, {w2.dtype} and hidden {hidden.dtype} must match")
-
-
-def _signature(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-               gate_up: ExpertProjection, down: ExpertProjection, activation: str) -> tuple:
-    """Everything :func:`_check` reads, without the token count."""
-    rows = (hidden.shape[0] == top_k_index.shape[0] == top_k_weights.shape[0],)
-    head = tuple((type(t), t.shape[1:], t.dim(), t.dtype, t.device) for t in (hidden, top_k_index, top_k_weights))
-    parts = tuple(None if t is None else (type(t), t.shape, t.dtype, t.device, t.requires_grad)
-                  for proj in (gate_up, down) for t in (proj.weight, proj.lora_a, proj.lora_b))
-    return activation, type(gate_up), type(down), rows, head, parts
-
-
 _VALID: set[tuple] = set()
 
 
@@ -311,7 +258,7 @@ def routed_experts_supports(hidden: torch.Tensor, top_k_index: torch.Tensor, top
                             gate_up: ExpertProjection, down: ExpertProjection, activation: str) -> str | None:
     """None when :func:`routed_experts` takes these arguments, else the reason (types, shapes,
     dtypes, devices and ``requires_grad`` only: fake tensors do)."""
-    return refusal(_check, hidden, top_k_index, top_k_weights, gate_up, down, activation)
+    return refusal(check, hidden, top_k_index, top_k_weights, gate_up, down, activation)
 
 
 def routed_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -319,7 +266,7 @@ def routed_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
     """``[T, H]`` in hidden's dtype: the routed experts of the module doc, differentiable in
     ``hidden``, ``top_k_weights`` and the LoRA factors. Raises :class:`UnsupportedType` /
     :class:`UnsupportedValue` for what :func:`routed_experts_supports` refuses."""
-    validate(_VALID, _signature, _check, hidden, top_k_index, top_k_weights, gate_up, down, activation)
+    validate(_VALID, signature, check, hidden, top_k_index, top_k_weights, gate_up, down, activation)
     return RoutedExpertsFunction.apply(hidden, top_k_index, top_k_weights, gate_up.weight, gate_up.lora_a,
                                        gate_up.lora_b, down.weight, down.lora_a, down.lora_b, float(gate_up.scaling),
                                        float(down.scaling), ACTIVATIONS[activation])

@@ -20,7 +20,7 @@ from sloth_fx.kernels.grouped_lora import (
 from sloth_fx.kernels.routed_experts import (
     ExpertProjection, RoutedExpertsFunction, routed_experts, routed_experts_reference, routed_experts_supports,
 )
-from sloth_fx.kernels.toolkit import UnsupportedValue
+from sloth_fx.kernels.toolkit import UnsupportedValue, base_weight_shape
 
 OP_MODULE = importlib.import_module("sloth_fx.kernels.routed_experts")
 LORA_MODULE = importlib.import_module("sloth_fx.kernels.grouped_lora")
@@ -60,7 +60,7 @@ def projection(weight: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | N
                scaling: float) -> ExpertProjection:
     if lora is None:
         return ExpertProjection(weight, None, None)
-    e, out, inp = weight.shape
+    e, out, inp = base_weight_shape(weight)  # a 4-bit stack's quantized shape (test_routed_experts_4bit.py)
     a, b = lora
     # PEFT's views: A [E, r, in] contiguous, B [E, out, r] a permuted (non-contiguous) view
     return ExpertProjection(weight, a.reshape(e, r, inp), b.reshape(out, r, e).permute(2, 0, 1), scaling)
