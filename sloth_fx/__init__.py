@@ -5,6 +5,7 @@
 """
 
 from sloth_fx.api import explain, optimize, report
+from sloth_fx.capture.experts_4bit import quantize_experts
 from sloth_fx.rewrite.pass_manager import available_passes, register_pass
 
-__all__ = ["optimize", "explain", "report", "register_pass", "available_passes"]
+__all__ = ["optimize", "explain", "report", "register_pass", "available_passes", "quantize_experts"]

@@ -19,6 +19,11 @@ module for each targeted parameter (nested when both are), with ``lora_A.weight 
 ``A_e = lora_A.reshape(E, r, in)[e]`` and ``B_e = lora_B.reshape(out, r, E)[:, :, e]``. What is read
 here are views of those parameters, so the fused op's gradients reach them.
 
+A stack may be a bitsandbytes 4-bit weight (:func:`sloth_fx.quantize_experts`: packed 2-D storage
+whose quant state holds the ``[experts, out, in]`` shape): its layout is read by that shape, and
+the op dequantizes it. PEFT reads a stack's shape when it wraps it, so a stack quantized before
+``get_peft_model`` has adapters built for its packed storage: refused, with the order to call in.
+
 :func:`experts_layout` reads the layout and the activation once (they are the module's class and
 config); :func:`experts_form` reads the adapters at each call (one can be switched off or changed
 between calls) and returns the op's arguments, or the reason it cannot run them.
@@ -33,9 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sloth_fx.kernels.routed_experts import ExpertProjection
+from sloth_fx.kernels.toolkit import base_weight_shape, is_4bit
 
 _ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
-_PROJECTIONS = ("gate_up_proj", "down_proj")
+PROJECTIONS = ("gate_up_proj", "down_proj")
 # Flags of transformers' use_experts_implementation and the values the fused op computes.
 _LAYOUT = {"has_gate": True, "has_bias": False, "is_concatenated": True, "has_post_expert_norm": False}
 
@@ -49,11 +55,18 @@ class ExpertsForm:
     activation: str
 
     def describe(self) -> str:
-        experts = self.gate_up.weight.shape[0]
-        lora = [f"{name} r={p.lora_a.shape[1]}" for name, p in (("gate_up", self.gate_up), ("down", self.down))
-                if p.lora_a is not None]
-        return (f"{experts} experts, {self.activation}, "
-                + (f"LoRA folded in ({', '.join(lora)})" if lora else "no LoRA on the experts"))
+        """``"8 experts, silu, nf4, LoRA folded in (gate_up r=8, down r=8)"``: the 4-bit type only
+        where the stacks are 4-bit (each stack's where they differ)."""
+        projections = (("gate_up", self.gate_up), ("down", self.down))
+        experts = base_weight_shape(self.gate_up.weight)[0]
+        kinds = [p.weight.quant_state.quant_type if is_4bit(p.weight) else None for _, p in projections]
+        if kinds[0] == kinds[1]:
+            quantized = [kinds[0]] if kinds[0] else []
+        else:
+            quantized = [f"{name} {kind}" for (name, _), kind in zip(projections, kinds) if kind]
+        lora = [f"{name} r={p.lora_a.shape[1]}" for name, p in projections if p.lora_a is not None]
+        return ", ".join([f"{experts} experts", self.activation, *quantized,
+                          f"LoRA folded in ({', '.join(lora)})" if lora else "no LoRA on the experts"])
 
 
 @dataclass(frozen=True)
@@ -96,13 +109,16 @@ def experts_form(layout: ExpertsLayout) -> ExpertsForm | str:
     """The fused op's arguments for a call of the module of ``layout``, with its adapters as they
     are now, or why they cannot be fused."""
     projections = {}
-    for param_name in _PROJECTIONS:
+    transposed = getattr(layout.base, "is_transposed", False)
+    for param_name in PROJECTIONS:
         weight = getattr(layout.base, param_name)
+        if transposed and is_4bit(weight):
+            return f"{type(layout.base).__name__}.{param_name}: a 4-bit stack stored transposed ([E, in, out])"
         wrapper = layout.wrappers.get(param_name)
-        lora = _lora(wrapper, weight) if wrapper is not None else (None, None, 1.0)
+        lora = _lora(wrapper, weight, transposed) if wrapper is not None else (None, None, 1.0)
         if isinstance(lora, str):
             return f"{type(layout.base).__name__}.{param_name}: {lora}"
-        if getattr(layout.base, "is_transposed", False):
+        if transposed:
             weight = weight.transpose(-2, -1)  # stored [E, in, out]: the op reads [E, out, in]
         projections[param_name] = ExpertProjection(weight, *lora)
     return ExpertsForm(projections["gate_up_proj"], projections["down_proj"], layout.activation)
@@ -110,8 +126,8 @@ def experts_form(layout: ExpertsLayout) -> ExpertsForm | str:
 
 def _layout_refusal(base: nn.Module) -> str | None:
     """Why ``base`` is not the layout the fused op computes, or None."""
-    missing = [p for p in _PROJECTIONS if not isinstance(getattr(base, p, None), nn.Parameter)
-               or getattr(base, p).dim() != 3]
+    missing = [p for p in PROJECTIONS if not isinstance(getattr(base, p, None), nn.Parameter)
+               or len(base_weight_shape(getattr(base, p))) != 3]  # a 4-bit stack by its quantized shape
     if missing:
         return f"no stacked {' and '.join(missing)} parameter of three dims"
     for flag, value in _LAYOUT.items():
@@ -135,7 +151,23 @@ def _activation(act_fn: object) -> str | None:
                      if torch.allclose(got, fn(probe), rtol=1e-9, atol=1e-12)), None)
 
 
-def _lora(wrapper: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float] | str:
+def adapter_mismatch(wrapper: nn.Module, weight: torch.Tensor, transposed: bool) -> str | None:
+    """Why PEFT's ``wrapper`` holds adapters for another shape than the stack ``weight`` (three
+    dims, or 4-bit quantized from three), or None. PEFT reads ``(experts, in, out)`` from the shape
+    the parameter had when it wrapped it: ``[E, out, in]``, or ``[E, in, out]`` stored transposed."""
+    e, d1, d2 = base_weight_shape(weight)
+    expected = (e, d1, d2) if transposed else (e, d2, d1)
+    built = (wrapper.num_experts, wrapper.in_features, wrapper.out_features)
+    if built == expected:
+        return None
+    hint = (": PEFT wrapped the packed 4-bit storage; call sloth_fx.quantize_experts after get_peft_model"
+            if is_4bit(weight) else "")
+    return (f"an adapter for {built[0]} experts of {built[1]} -> {built[2]} features on a stack of "
+            f"{e} experts of {expected[1]} -> {expected[2]}{hint}")
+
+
+def _lora(wrapper: nn.Module, weight: torch.Tensor,
+          transposed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, float] | str:
     """The active adapter of PEFT's ``wrapper`` around ``weight``, as per-expert views
     ``(A [E, r, in], B [E, out, r], scaling)``; no LoRA where adapters are off; else why not."""
     if getattr(wrapper, "disable_adapters", False):
@@ -148,12 +180,13 @@ def _lora(wrapper: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor | None
     if len(active) > 1:
         return f"{len(active)} adapters active at once ({', '.join(active)})"
     adapter = active[0]
-    experts = weight.shape[0]
+    mismatch = adapter_mismatch(wrapper, weight, transposed)
+    if mismatch:
+        return mismatch
+    experts = wrapper.num_experts
     a, b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
     if wrapper.lora_B[adapter].bias is not None:
         return "its LoRA has a bias"
-    if wrapper.num_experts != experts or a.shape[0] % experts:
-        return f"an adapter for {wrapper.num_experts} experts on a weight of {experts}"
-    a = a.reshape(experts, -1, a.shape[-1])
+    a = a.reshape(experts, -1, a.shape[-1])  # PEFT's lora_A holds r·E rows for its E experts
     b = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
     return a, b, float(wrapper.scaling[adapter])

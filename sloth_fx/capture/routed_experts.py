@@ -20,6 +20,11 @@ against the module's own forward on the call's first tokens, so a module that ca
 computes otherwise is found out by its numbers. A module refused, by its form or that check, runs
 exactly as transformers and PEFT run it, with an :class:`UnfusedExpertsWarning` naming the cause;
 explain gives each module's calls, fused and not, and the reason.
+
+4-bit stacks (:func:`sloth_fx.quantize_experts`) are found by their quantized shape and fused like
+dense ones (the op dequantizes them). The module's own forward cannot read them, so the unfused
+calls and the first-call check run it with the dense stacks swapped in
+(:func:`~sloth_fx.capture.dense_experts.dense_stacks`): the numbers QLoRA defines.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from sloth_fx.capture.dense_experts import dense_stacks
 from sloth_fx.capture.experts_form import ExpertsForm, ExpertsLayout, experts_form, experts_layout, peft_wrappers
 from sloth_fx.capture.unrewritten import UnrewrittenLayerWarning
 from sloth_fx.kernels.routed_experts import routed_experts as fused_routed_experts
-from sloth_fx.kernels.toolkit import Unsupported
+from sloth_fx.kernels.toolkit import Unsupported, base_weight_shape
 
 PROBE_TOKENS = 64  # tokens of the first call the fused op is checked on against the module's own forward
 # Largest difference from the module's forward, relative to its output's largest magnitude, that
@@ -50,9 +56,9 @@ class UnfusedExpertsWarning(UnrewrittenLayerWarning):
 
 
 def stacks_experts(module: nn.Module) -> bool:
-    """``module`` holds stacked expert weights (a parameter of three or more dims), itself or
-    through the base layers PEFT wraps around it."""
-    if any(p.dim() >= 3 for p in module.parameters(recurse=False)):
+    """``module`` holds stacked expert weights (a parameter of three or more dims, a 4-bit one by
+    its quantized shape), itself or through the base layers PEFT wraps around it."""
+    if any(len(base_weight_shape(p)) >= 3 for p in module.parameters(recurse=False)):
         return True
     base = getattr(module, "base_layer", None)
     return isinstance(base, nn.Module) and stacks_experts(base)
@@ -143,7 +149,8 @@ class FusedExperts:
         n = min(PROBE_TOKENS, hidden.shape[0])
         probe = (hidden[:n].detach(), index[:n], weights[:n].detach())
         with torch.no_grad():
-            expected = type(self.module).forward(self.module, *probe)
+            with dense_stacks(self.module):
+                expected = type(self.module).forward(self.module, *probe)
             got = fused_routed_experts(*probe, form.gate_up, form.down, form.activation)
         scale = expected.abs().max().item()
         off = (got.float() - expected.float()).abs().max().item()
@@ -161,4 +168,5 @@ class FusedExperts:
             self.record.warned.add(reason)
             warnings.warn(f"sloth_fx: routed experts of {self.record.region} run unfused, exactly as without "
                           f"sloth_fx but no faster: {reason}", UnfusedExpertsWarning, stacklevel=2)
-        return type(self.module).forward(self.module, *args, **kwargs)
+        with dense_stacks(self.module):
+            return type(self.module).forward(self.module, *args, **kwargs)
