@@ -43,7 +43,8 @@ when its product returns. Backward keeps the 4-bit parameter (no copy), never it
 4-bit stack gets no gradient (the check refuses one that requires grad).
 
 No host synchronisation on the CUDA path with 16-bit operands, except where torch's grouped GEMM
-refuses them and the per-expert loop takes over. ``top_k_index`` must hold experts in ``[0, E)``
+refuses them and the per-expert loop takes over (checked with dense stacks; bitsandbytes'
+dequantization of a 4-bit one is not checked for it). ``top_k_index`` must hold experts in ``[0, E)``
 (values are never read on the host, so this is not checked). Weights may be any strided views
 (PEFT's ``lora_B`` view, a transposed stacked weight); LoRA gradients are written in their strides.
 """
