@@ -141,14 +141,16 @@ def enable_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def add_lora(model: nn.Module, seed: int, shape: ModelShape) -> nn.Module:
+def add_lora(model: nn.Module, seed: int, cfg: Config) -> nn.Module:
     """Wrap in PEFT LoRA: r=16, alpha=16, dropout 0 on q,k,v,o,gate,up,down (a dense model) or on
     q,k,v,o and, through ``target_parameters``, the routed experts' ``mlp.experts.gate_up_proj`` and
     ``mlp.experts.down_proj`` (an MoE model: PEFT's ParamWrapper, r per expert; the router stays
-    frozen); adapters drawn from ``seed``."""
+    frozen); adapters drawn from ``seed``. With ``cfg.experts == "nf4"`` the experts' stacks are
+    then quantized by ``sloth_fx.quantize_experts`` (nf4, double quantization, blocks of 64, as
+    ``quantize_nf4`` quantizes the linears): transformers' bitsandbytes path leaves them bf16."""
     from peft import LoraConfig, get_peft_model
 
-    modules, parameters = lora_targets(shape)
+    modules, parameters = lora_targets(cfg.shape)
     torch.manual_seed(seed + 1)
     lcfg = LoraConfig(
         r=LORA_R,
@@ -159,7 +161,12 @@ def add_lora(model: nn.Module, seed: int, shape: ModelShape) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lcfg)
+    model = get_peft_model(model, lcfg)
+    if cfg.experts == "nf4":
+        import sloth_fx
+
+        sloth_fx.quantize_experts(model)
+    return model
 
 
 def base_model_for(cfg: Config, device: torch.device | str, seed: int, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

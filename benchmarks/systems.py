@@ -82,7 +82,7 @@ def moe_notes(model: nn.Module) -> dict[str, Any]:
 
 def _hf(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
     """transformers + peft as a user runs it: sdpa attention, nothing patched."""
-    return _finish(add_lora(base_model_for(cfg, device, seed), seed, cfg.shape))
+    return _finish(add_lora(base_model_for(cfg, device, seed), seed, cfg))
 
 
 # Liger's patch per family (its 0.8.5 has all four; a family it lacks fails the row as unsupported).
@@ -104,12 +104,12 @@ def _liger(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prep
     # On an MoE model (transformers 5) swiglu=True swaps the experts' forward for LigerExperts, its
     # fused MoE op over the same 3-D weights, which PEFT's ParamWrapper still parametrises.
     apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=base)
-    return _finish(add_lora(base, seed, cfg.shape), {"liger_kernel": _version("liger-kernel")})
+    return _finish(add_lora(base, seed, cfg), {"liger_kernel": _version("liger-kernel")})
 
 
 def _compile(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
     """torch.compile on each decoder layer (regional compilation: ``layer.compile()``)."""
-    model = add_lora(base_model_for(cfg, device, seed), seed, cfg.shape)
+    model = add_lora(base_model_for(cfg, device, seed), seed, cfg)
     for layer in decoder_layers(model):
         layer.compile()
     return _finish(model, {"compiled_layers": len(decoder_layers(model))})
@@ -124,7 +124,7 @@ def _sloth_fx(
     the rewrites per pass and ``sloth_fx.explain``."""
     import sloth_fx
 
-    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed, cfg.shape), passes=passes,
+    model = sloth_fx.optimize(add_lora(base_model_for(cfg, device, seed), seed, cfg), passes=passes,
                               memory_budget=memory_budget)
     passes = passes if passes is not None else sloth_fx.available_passes()
 
@@ -203,6 +203,8 @@ def _unsloth(
     ``load_in_4bit``; LoRA through its ``get_peft_model``. Checkpointing: plain (``True``), or
     Unsloth's offloaded variant (``"unsloth"``) when ``unsloth_offload``. The worker imports
     unsloth before transformers (Unsloth patches at import)."""
+    if cfg.experts != "bf16":
+        raise Unsupported(f"Unsloth loads its model itself; {cfg.experts} expert stacks are sloth_fx.quantize_experts'")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

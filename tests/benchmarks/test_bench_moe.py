@@ -112,6 +112,30 @@ def test_nf4_mixtral_quantises_attention_only():
     assert hasattr(layer.mlp.experts, "lora_A")
 
 
+def test_m2q_quantizes_the_experts_after_lora_for_hf_and_sloth_fx_and_unsloth_refuses_it():
+    """M2q is M2 with the experts' stacks nf4 (sloth_fx.quantize_experts after get_peft_model);
+    both hf and sloth_fx train that model, one step each on the tiny Mixtral, and lose the same."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    for name, data in (("M2q", "random"), ("M2qp", "packed")):
+        c = CONFIGS[name]
+        assert (c.precision, c.experts, c.data, c.shape) == ("nf4", "nf4", data, CONFIGS["M2"].shape)
+        assert "attn nf4, experts nf4" in c.describe() and "quantize_experts" in c.note
+    with pytest.raises(ValueError, match="experts"):
+        CONFIGS["E3"].replace(experts="nf4")
+    cfg = get_config("tinymixtral").replace(precision="nf4", experts="nf4", batch=1, seq=16)
+    losses = []
+    for system in ("hf", "sloth_fx"):
+        p = prepare(system, cfg, "cpu", seed=0)
+        experts = decoder_layers(p.model)[0].mlp.experts.get_base_layer()
+        assert isinstance(experts.gate_up_proj, bnb.nn.Params4bit) and experts.gate_up_proj.quant_state.quant_type == "nf4"
+        ids = torch.randint(3, cfg.shape.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+        losses.append(p.model(input_ids=ids, labels=ids).loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    with pytest.raises(Unsupported, match="quantize_experts"):
+        prepare("unsloth", cfg, "cpu", seed=0)
+
+
 @pytest.mark.parametrize("shape", [HAND_MIXTRAL, HAND_QWEN], ids=["mixtral", "qwen3_moe"])
 def test_moe_stored_param_count_matches_the_real_model(shape):
     model = build_base_model(shape, "cpu", seed=0, dtype=torch.float32)
