@@ -135,3 +135,17 @@ def test_stacks_quantized_before_peft_are_named_as_the_wrong_order():
     with pytest.raises(ValueError, match=order), warnings.catch_warnings():
         warnings.simplefilter("ignore", UnfusedExpertsWarning)  # refused first: the fallback then raises
         optimized(**batch())
+
+
+def test_4bit_stacks_stored_transposed_are_refused_by_their_layout():
+    """The op reads a transposed dense stack through a view; a 4-bit one has none, so the layout
+    (read once per module) refuses it by name, and a dense transposed one is not refused."""
+    from sloth_fx.capture.experts_form import experts_layout
+
+    model = moe_model("mixtral", lora=True, checkpointing=False)
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    base = experts.get_base_layer()
+    base.is_transposed = True
+    assert not isinstance(experts_layout(experts), str)
+    base.down_proj = quantize_stack(base.down_proj, "nf4", True, 64)
+    assert experts_layout(experts) == "MixtralExperts: 4-bit down_proj stored transposed ([E, in, out])"

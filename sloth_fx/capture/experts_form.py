@@ -112,8 +112,6 @@ def experts_form(layout: ExpertsLayout) -> ExpertsForm | str:
     transposed = getattr(layout.base, "is_transposed", False)
     for param_name in PROJECTIONS:
         weight = getattr(layout.base, param_name)
-        if transposed and is_4bit(weight):
-            return f"{type(layout.base).__name__}.{param_name}: a 4-bit stack stored transposed ([E, in, out])"
         wrapper = layout.wrappers.get(param_name)
         lora = _lora(wrapper, weight, transposed) if wrapper is not None else (None, None, 1.0)
         if isinstance(lora, str):
@@ -130,6 +128,9 @@ def _layout_refusal(base: nn.Module) -> str | None:
                or len(base_weight_shape(getattr(base, p))) != 3]  # a 4-bit stack by its quantized shape
     if missing:
         return f"no stacked {' and '.join(missing)} parameter of three dims"
+    packed = [p for p in PROJECTIONS if is_4bit(getattr(base, p))]
+    if packed and getattr(base, "is_transposed", False):
+        return f"4-bit {' and '.join(packed)} stored transposed ([E, in, out])"
     for flag, value in _LAYOUT.items():
         if getattr(base, flag, value) != value:
             return f"{flag}={getattr(base, flag)} (the fused op computes {flag}={value})"
