@@ -156,7 +156,7 @@ M2_NOTE = (
 
 M2Q_NOTE = (
     "M2 with the experts' stacks nf4 as well (sloth_fx.quantize_experts after get_peft_model: double "
-    "quantization, blocks of 64, each block within one expert): 0.74 GiB a layer instead of 2.62. hf "
+    "quantization, blocks of 64, each block within one expert): 0.68 GiB a layer instead of 2.62. hf "
     "trains them through the experts' own forward with the stacks dequantized for each call (the "
     "forward quantize_experts installs), PEFT's LoRA merged into the dense stack as without 4-bit; "
     "sloth_fx's fused op dequantizes a stack for each grouped product that reads it."
