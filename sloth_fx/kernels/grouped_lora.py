@@ -159,6 +159,13 @@ def _wide(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _check_groups(offsets: torch.Tensor, experts: int) -> None:
+    """One segment end per expert: a longer ``offsets`` would make empty groups past the last
+    expert, each a launch or a host read in the loops."""
+    if offsets.dim() != 1 or offsets.shape[0] != experts:
+        raise ValueError(f"offsets {tuple(offsets.shape)} must hold one segment end for each of the {experts} experts")
+
+
 def _bounds(offsets: torch.Tensor) -> list[int]:
     return [0, *offsets.tolist()]  # a host read: the references only
 
@@ -193,6 +200,7 @@ def grouped_lowrank_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, 
     ``x [S, K]``, ``w [E, N, K]`` and ``out [S, N]`` in any strides; ``out`` None: a new fp32
     tensor (fp64 with an fp64 operand). ``offsets``: int32 ``[E]``, see the module doc. Returns ``out``.
     """
+    _check_groups(offsets, w.shape[0])
     if out is None:
         out = torch.empty(x.shape[0], w.shape[1], device=x.device, dtype=_wide(x, w))
     if not _triton_path(x, w, out):
@@ -215,6 +223,7 @@ def grouped_lowrank_grad(p: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor
     ``p [S, P]``, ``q [S, Q]`` and ``out [E, P, Q]`` in any strides; ``out`` is written whole and
     returned. ``offsets``: int32 ``[E]``, see the module doc.
     """
+    _check_groups(offsets, out.shape[0])
     if not _triton_path(p, q, out):
         return grouped_lowrank_grad_reference(p, q, offsets, out, alpha=alpha)
     e, pn, qn = out.shape
@@ -255,6 +264,7 @@ def grouped_base_mm(x: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> 
     torch's grouped GEMM, one launch, where it runs: 16-bit on CUDA, on CPU too where torch has it;
     else (fp32 or float64 on CUDA, a dtype or layout it refuses) a loop over experts, which reads
     ``offsets`` on the host."""
+    _check_groups(offsets, b.shape[0])
     out = _torch_grouped(x, b, offsets)
     if out is not None:
         return out

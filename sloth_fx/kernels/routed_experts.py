@@ -59,7 +59,8 @@ from .gated_mlp import ACTIVATIONS, _activation, gated_mlp_reference
 from .grouped_lora import grouped_base_mm, grouped_lowrank_grad, grouped_lowrank_mm, grouped_weight_grad
 from .launch import launch
 from .routed_experts_args import ExpertProjection, check, signature
-from .toolkit import SUPPORTED_DTYPES, cdiv, dense_weight, is_4bit, next_power_of_2, refusal, use_triton, validate
+from .toolkit import (SUPPORTED_DTYPES, base_weight_shape, cdiv, dense_weight, is_4bit, next_power_of_2, refusal,
+                      use_triton, validate)
 
 __all__ = ["ExpertProjection", "RoutedExpertsFunction", "routed_experts", "routed_experts_reference",
            "routed_experts_supports"]
@@ -171,7 +172,8 @@ class RoutedExpertsFunction(torch.autograd.Function):
                 s1: float, s2: float, act: int) -> torch.Tensor:
         k = top_k_index.shape[1]
         experts, perm = torch.sort(top_k_index.reshape(-1), stable=True)
-        bounds = torch.arange(w1.shape[0], device=experts.device, dtype=experts.dtype)
+        # E from the quantized shape: a 4-bit stack's own shape[0] is its packed storage's
+        bounds = torch.arange(base_weight_shape(w1)[0], device=experts.device, dtype=experts.dtype)
         offsets = torch.searchsorted(experts, bounds, right=True, out_int32=True)
         x = hidden.index_select(0, perm // k)
         # a 4-bit stack's dense transient lives for its product only

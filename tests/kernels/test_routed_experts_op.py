@@ -187,6 +187,19 @@ def test_grouped_base_mm(h, poisoned):
     torch.testing.assert_close(got, ref)
 
 
+def test_grouped_products_refuse_offsets_that_are_not_one_per_expert():
+    """A longer ``offsets`` (the op once counted a 4-bit stack's experts by its packed storage's rows)
+    would make every product loop over empty groups: each grouped product names the mismatch."""
+    offsets, s, e = segments([2, 3, 1])
+    x, w = torch.randn(s, 8), torch.randn(e, 4, 8)
+    too_long = torch.cat([offsets, offsets[-1:].expand(5)])
+    for call in (lambda: grouped_base_mm(x, w.transpose(-2, -1), too_long),
+                 lambda: grouped_lowrank_mm(x, w, too_long),
+                 lambda: grouped_lowrank_grad(x, torch.randn(s, 4), too_long, torch.empty(e, 8, 4))):
+        with pytest.raises(ValueError, match="one segment end for each of the 3 experts"):
+            call()
+
+
 @pytest.mark.parametrize("h,i", [(24, 40), (45, 29)])  # rows torch's grouped GEMM takes, and unaligned ones
 def test_trainable_expert_weights_get_their_gradients(h, i, poisoned):
     """A full finetune (no LoRA, the stacked weights train): dW1 and dW2 per expert, an idle
