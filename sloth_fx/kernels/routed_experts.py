@@ -13,7 +13,7 @@ ends each expert's segment. With ``x_s = hidden[perm // k]`` and ``w_s`` the slo
     GU = x·W1_eᵀ + s1·U1·B1_eᵀ,  U1 = x·A1_eᵀ           [S, 2I], LoRA added in place (one rounding)
     h  = act(GU[:, :I]) * GU[:, I:]                      [S, I], one fused kernel (fp32 math)
     O  = h·W2_eᵀ + s2·U2·B2_eᵀ,  U2 = h·A2_eᵀ             [S, H]
-    out[t] = Σ_j w_s·O_s over the token's k slots        unpermuted, summed in fp32, one rounding
+    out[t] = Σ_j w_s·O_s over the token's k slots        one read of each slot, fp32, one rounding (slot_sum)
 
 The base products are torch's grouped GEMM (one launch for all experts) where it takes them,
 else a loop over experts (:func:`grouped_base_mm`); the LoRA products are
@@ -59,6 +59,7 @@ from .gated_mlp import ACTIVATIONS, _activation, gated_mlp_reference
 from .grouped_lora import grouped_base_mm, grouped_lowrank_grad, grouped_lowrank_mm, grouped_weight_grad
 from .launch import launch
 from .routed_experts_args import ExpertProjection, check, signature
+from .slot_sum import slot_sum
 from .toolkit import (SUPPORTED_DTYPES, base_weight_shape, cdiv, dense_weight, is_4bit, next_power_of_2, refusal,
                       use_triton, validate)
 
@@ -151,16 +152,6 @@ def _lora_forward(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | Non
     return u
 
 
-def _unpermute_sum(slots: torch.Tensor, inverse: torch.Tensor, k: int, weights: torch.Tensor | None,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """``Σ_j weights[t, j]·slots[inverse[t·k + j]]`` per token in fp32 (a fixed order), as ``dtype``."""
-    wide = torch.promote_types(dtype, torch.float32)
-    per_token = slots.index_select(0, inverse).view(-1, k, slots.shape[1]).to(wide)
-    if weights is not None:
-        per_token = per_token * weights.to(wide)[..., None]
-    return per_token.sum(1).to(dtype)
-
-
 class RoutedExpertsFunction(torch.autograd.Function):
     """The routed experts with LoRA (module doc): a hand-derived backward; gradients for
     ``hidden``, ``top_k_weights``, the LoRA factors and the stacked weights where they train."""
@@ -188,7 +179,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         w1, w2 = (None if is_4bit(w) else w for w in (w1, w2))
         ctx.save_for_backward(hidden, top_k_weights, perm, offsets, gu, u1, u2, w1, a1, b1, w2, a2, b2)
         ctx.scalings, ctx.act = (s1, s2), act
-        return _unpermute_sum(o, _inverse(perm), k, top_k_weights, hidden.dtype)
+        return slot_sum(o, _inverse(perm), k, top_k_weights, hidden.dtype)
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -221,7 +212,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
                 da1 = grouped_lowrank_grad(v1, hidden.index_select(0, token), offsets, torch.empty_like(a1), alpha=s1)
             if needs[5]:
                 db1 = grouped_lowrank_grad(dgu, u1, offsets, torch.empty_like(b1), alpha=s1)
-        d_hidden = None if dx is None else _unpermute_sum(dx, inverse, k, None, hidden.dtype)
+        d_hidden = None if dx is None else slot_sum(dx, inverse, k, None, hidden.dtype)
         return (d_hidden, None, d_top_k_weights if needs[2] else None, dw1, da1, db1, dw2, da2, db2,
                 None, None, None)
 

@@ -24,6 +24,7 @@ from sloth_fx.kernels.toolkit import UnsupportedValue, base_weight_shape
 
 OP_MODULE = importlib.import_module("sloth_fx.kernels.routed_experts")
 LORA_MODULE = importlib.import_module("sloth_fx.kernels.grouped_lora")
+SLOT_MODULE = importlib.import_module("sloth_fx.kernels.slot_sum")
 
 
 @pytest.fixture
@@ -46,6 +47,7 @@ def no_references(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("grouped_lowrank_mm_reference", "grouped_lowrank_grad_reference"):
         monkeypatch.setattr(LORA_MODULE, name, refuse)
     monkeypatch.setattr(OP_MODULE, "gated_mlp_reference", refuse)
+    monkeypatch.setattr(SLOT_MODULE, "slot_sum_reference", refuse)
 
 
 def peft_lora(e: int, out: int, inp: int, r: int, gen: torch.Generator, dtype: torch.dtype,
