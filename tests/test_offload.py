@@ -322,7 +322,10 @@ def test_moe_widths_count_top_k_experts_and_the_shared_expert_and_never_chunk_th
     assert not decide_checkpointing(mixtral, int(mixtral.recompute_peak / CHUNK_SHARE) - 1).chunk
 
 
-def test_lora_on_routed_experts_saves_no_products_under_selective_recompute():
+def test_routed_experts_count_what_their_op_keeps_for_a_selective_recompute():
+    """Per token: attention's LoRA outputs and x·Aᵀ, then the routed-experts op's k slots of
+    [2I] gate/up and an int64 place, the H-wide output, and with LoRA on the experts (PEFT's
+    ParamWrapper, not a LoRA linear) each slot's fp32 x·Aᵀ of both stacks."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, MixtralConfig
 
@@ -333,7 +336,9 @@ def test_lora_on_routed_experts_saves_no_products_under_selective_recompute():
     with_experts = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(
         r=4, target_modules=attention, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
     counted = [product_bytes_per_token(m.base_model.model.model, 2) for m in (only_attention, with_experts)]
-    assert counted[0] == counted[1] == (32 + 16 + 16 + 32) * 2 + 4 * 4 * 4
+    linears = (32 + 16 + 16 + 32) * 2 + 4 * 4 * 4
+    experts = (2 * 2 * 48 + 32) * 2 + 8 * 2
+    assert counted == [linears + experts, linears + experts + 4 * 2 * (4 + 4)]
 
 
 def test_memory_budget_must_be_bytes():

@@ -17,7 +17,9 @@ from tiny_models import batch, loss_and_grads, tiny_model, twin
 import sloth_fx
 from sloth_fx.kernels import lora_function
 from sloth_fx.memory import saved_products
-from sloth_fx.memory.budget import (SAVE_SHARE, decide_checkpointing, estimate_activations, product_bytes_per_token)
+from sloth_fx.kernels import routed_experts
+from sloth_fx.memory.budget import (SAVE_SHARE, decide_checkpointing, estimate_activations, mlp_widths,
+                                    product_bytes_per_token)
 
 GiB = 2**30
 LAYERS = 4
@@ -72,8 +74,9 @@ def budget_for(model, selective: int, kept: int = 0, inputs=None) -> int:
     ``kept`` layers and recomputes ``selective`` with their products saved (the rest whole)."""
     config, inputs = model.config, inputs or batch()
     size = model.get_input_embeddings().weight.element_size()
-    step = estimate_activations(LAYERS, inputs["input_ids"].numel(), config.hidden_size, config.intermediate_size, size,
-                                product_bytes_per_token(model.get_decoder(), size))
+    dense, routed = mlp_widths(config, config.hidden_size)
+    step = estimate_activations(LAYERS, inputs["input_ids"].numel(), config.hidden_size, dense, size,
+                                product_bytes_per_token(model.get_decoder(), size), routed)
     spend = (LAYERS if kept else selective) * step.products
     spend += kept * (step.kept_layer - step.layer_input - step.products)
     # with nothing to spend, the prediction itself: it fits, and leaves no room
@@ -126,6 +129,49 @@ def test_kept_selective_and_whole_layers_give_the_same_loss_and_gradients(produc
         assert f"of their products' outputs and {LAYERS - kept - saving} whole" in text, name
     if lora_dropout:  # the masks are really random: another seed gives another loss
         assert not torch.equal(seeded(whole, seed=6)[0], plain[0])
+
+
+def tiny_mixtral() -> torch.nn.Module:
+    """LoRA on attention and on the routed experts' stacks (PEFT's target_parameters), checkpointed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient is exercised
+            torch.nn.init.normal_(p, std=0.02)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_moe_selective_layers_take_the_experts_products_back_and_give_the_same_numbers(monkeypatch):
+    """The routed-experts op keeps its grouped products in a selective layer's forward: its
+    recompute runs none of them, and loss and gradients (router, experts' and attention's adapters)
+    are those of the whole recompute bit for bit."""
+    runs: list[int] = []
+    run = routed_experts._forward
+    monkeypatch.setattr(routed_experts, "_forward", lambda *a: runs.append(1) or run(*a))
+    original = tiny_mixtral()
+    whole = sloth_fx.optimize(twin(original))  # CPU without a budget: every layer recomputes whole
+    seeded(whole)  # the first call also checks the op against each module's own forward
+    runs.clear()
+    plain = seeded(whole)
+    assert len(runs) == 2 * LAYERS  # the forward and the recompute of each layer
+    for selective, kept in ((LAYERS, 0), (2, 0), (LAYERS, 1)):
+        optimized = sloth_fx.optimize(twin(original), memory_budget=budget_for(original, selective, kept))
+        seeded(optimized)
+        runs.clear()
+        loss, grads = seeded(optimized)
+        assert torch.equal(loss, plain[0]) and grads.keys() == plain[1].keys(), (selective, kept)
+        assert all(torch.equal(grads[k], plain[1][k]) for k in plain[1]), (selective, kept)
+        assert len(runs) == LAYERS + (0 if kept else LAYERS - selective), (selective, kept)
+        assert "fused op" in str(sloth_fx.explain(optimized))
 
 
 def test_an_output_written_in_place_after_it_was_saved_is_computed_again():

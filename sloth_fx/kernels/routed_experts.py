@@ -32,7 +32,11 @@ Backward, for ``dF [T, H]`` gathered to slots (``dF_s = dF[t(s)]``):
 
 Saved for backward: ``hidden`` (``x`` is gathered again), ``top_k_weights``, ``perm`` (int64
 ``[S]``), ``offsets``, ``GU`` ``[S, 2I]`` in hidden's dtype, ``U1`` and ``U2`` (fp32 ``[S, r]``,
-with LoRA), and the weights and LoRA factors themselves (parameters, no copies).
+with LoRA), and the weights and LoRA factors themselves (parameters, no copies). In a selectively
+recomputed layer (:mod:`sloth_fx.memory.saved_products`) the forward also keeps ``perm``,
+``offsets``, ``GU``, ``U1``, ``U2`` and its output, and the recompute takes them back instead of
+running the products again: per token, ``k·(2I)`` values in hidden's dtype, ``H`` more, ``k``
+int64 and ``4·k·(r1 + r2)`` bytes.
 
 QLoRA: a stacked weight may be a bitsandbytes 4-bit one (nf4 or fp4, whose quant state holds the
 ``[E, out, in]`` shape it was quantized from: :mod:`~sloth_fx.kernels.routed_experts_args`). Then
@@ -54,6 +58,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from sloth_fx.memory.saved_products import recall, remember
 
 from .gated_mlp import ACTIVATIONS, _activation, gated_mlp_reference
 from .grouped_lora import grouped_base_mm, grouped_lowrank_grad, grouped_lowrank_mm, grouped_weight_grad
@@ -161,25 +167,22 @@ class RoutedExpertsFunction(torch.autograd.Function):
                 w1: torch.Tensor, a1: torch.Tensor | None, b1: torch.Tensor | None,
                 w2: torch.Tensor, a2: torch.Tensor | None, b2: torch.Tensor | None,
                 s1: float, s2: float, act: int) -> torch.Tensor:
-        k = top_k_index.shape[1]
-        experts, perm = torch.sort(top_k_index.reshape(-1), stable=True)
-        # E from the quantized shape: a 4-bit stack's own shape[0] is its packed storage's
-        bounds = torch.arange(base_weight_shape(w1)[0], device=experts.device, dtype=experts.dtype)
-        offsets = torch.searchsorted(experts, bounds, right=True, out_int32=True)
-        x = hidden.index_select(0, perm // k)
-        # a 4-bit stack's dense transient lives for its product only
-        gu = grouped_base_mm(x, dense_weight(w1, hidden.dtype).transpose(-2, -1), offsets)
-        u1 = _lora_forward(x, a1, b1, s1, offsets, gu)
-        h = _gate_forward(gu, act)
-        o = grouped_base_mm(h, dense_weight(w2, hidden.dtype).transpose(-2, -1), offsets)
-        u2 = _lora_forward(h, a2, b2, s2, offsets, o)
+        recalled = recall(w1, hidden)  # a selective recompute takes the forward's results back
+        if recalled is None:
+            perm, offsets, gu, u1, u2, out = _forward(hidden, top_k_index, top_k_weights, w1, a1, b1, w2, a2, b2,
+                                                      s1, s2, act)
+            remember(w1, hidden, (perm, offsets, gu, out, *(u for u in (u1, u2) if u is not None)))
+        else:
+            perm, offsets, gu, out, *lora_u = recalled
+            u1 = lora_u.pop(0) if a1 is not None else None
+            u2 = lora_u.pop(0) if a2 is not None else None
         # 4-bit stacks are kept on ctx, not saved: saved-tensor hooks (checkpoint, offload) would hand
         # back a detached plain tensor without its quant state; frozen leaves make no reference cycle
         ctx.packed = tuple(w if is_4bit(w) else None for w in (w1, w2))
         w1, w2 = (None if is_4bit(w) else w for w in (w1, w2))
         ctx.save_for_backward(hidden, top_k_weights, perm, offsets, gu, u1, u2, w1, a1, b1, w2, a2, b2)
         ctx.scalings, ctx.act = (s1, s2), act
-        return slot_sum(o, _inverse(perm), k, top_k_weights, hidden.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -215,6 +218,26 @@ class RoutedExpertsFunction(torch.autograd.Function):
         d_hidden = None if dx is None else slot_sum(dx, inverse, k, None, hidden.dtype)
         return (d_hidden, None, d_top_k_weights if needs[2] else None, dw1, da1, db1, dw2, da2, db2,
                 None, None, None)
+
+
+def _forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+             w1: torch.Tensor, a1: torch.Tensor | None, b1: torch.Tensor | None,
+             w2: torch.Tensor, a2: torch.Tensor | None, b2: torch.Tensor | None,
+             s1: float, s2: float, act: int) -> tuple[torch.Tensor, ...]:
+    """The module doc's forward: ``(perm, offsets, GU, U1, U2, out)``, U None without LoRA."""
+    k = top_k_index.shape[1]
+    experts, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+    # E from the quantized shape: a 4-bit stack's own shape[0] is its packed storage's
+    bounds = torch.arange(base_weight_shape(w1)[0], device=experts.device, dtype=experts.dtype)
+    offsets = torch.searchsorted(experts, bounds, right=True, out_int32=True)
+    x = hidden.index_select(0, perm // k)
+    # a 4-bit stack's dense transient lives for its product only
+    gu = grouped_base_mm(x, dense_weight(w1, hidden.dtype).transpose(-2, -1), offsets)
+    u1 = _lora_forward(x, a1, b1, s1, offsets, gu)
+    h = _gate_forward(gu, act)
+    o = grouped_base_mm(h, dense_weight(w2, hidden.dtype).transpose(-2, -1), offsets)
+    u2 = _lora_forward(h, a2, b2, s2, offsets, o)
+    return perm, offsets, gu, u1, u2, slot_sum(o, _inverse(perm), k, top_k_weights, hidden.dtype)
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:

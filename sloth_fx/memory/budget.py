@@ -27,7 +27,8 @@ training step is judged on its own, from a prediction of its activation memory a
 
 - **selective**: a layer recomputed with its products' outputs saved
   (:mod:`sloth_fx.memory.saved_products`) holds, beside its input, the outputs of its LoRA
-  linears: the sum of their widths per token, counted from the model (``products``).
+  linears: the sum of their widths per token, counted from the model (``products``); in an MoE
+  layer also the routed experts' grouped products, which its recompute then skips.
 
 The step keeps all its activations when they take at most ``KEEP_SHARE`` of the budget.
 Otherwise, when one layer's recompute peak is over ``CHUNK_SHARE`` of the budget, it offloads
@@ -301,23 +302,43 @@ def decoder_layers(decoder: nn.Module) -> list[nn.Module]:
 
 
 def product_bytes_per_token(decoder: nn.Module, element_size: int) -> int:
-    """What one layer's products save per token when it recomputes selectively: the outputs of its
-    LoRA linears (``element_size`` bytes each) and their fp32 ``x·Aᵀ``, counted on the first layer.
-    0 for a model without LoRA linears: nothing is saved. LoRA on routed experts (PEFT's
-    ``ParamWrapper``, with a ``parameter_name``) saves nothing there: the experts run outside the
-    capture, whose products are the ones saved."""
+    """What one layer's products save per token when it recomputes selectively, counted on the
+    first layer: the outputs of its LoRA linears (``element_size`` bytes each) and their fp32
+    ``x·Aᵀ``; and, in an MoE layer, what the routed-experts op keeps for its recompute
+    (:mod:`sloth_fx.kernels.routed_experts`): each of the token's ``k`` slots' ``[2I]`` gate/up
+    product and int64 place, the ``H``-wide output, and with LoRA on the experts (PEFT's
+    ``ParamWrapper``, which has a ``parameter_name``) each slot's fp32 ``x·Aᵀ`` of both projections.
+    0 for a dense model without LoRA linears: nothing is saved."""
     layers = decoder_layers(decoder)
     if not layers:
         return 0
-    total = 0
+    linears = expert_ranks = 0
     for module in layers[0].modules():
         ranks = getattr(module, "r", None)
-        if hasattr(module, "lora_A") and isinstance(ranks, dict) and isinstance(getattr(module, "out_features", None), int) \
-                and not hasattr(module, "parameter_name"):
-            active = [name for name in getattr(module, "active_adapters", ()) if name in ranks]
-            if active:
-                total += module.out_features * element_size + 4 * sum(ranks[name] for name in active)
-    return total
+        if not (hasattr(module, "lora_A") and isinstance(ranks, dict)):
+            continue
+        rank = sum(ranks[name] for name in getattr(module, "active_adapters", ()) if name in ranks)
+        if hasattr(module, "parameter_name"):
+            expert_ranks += rank
+        elif rank and isinstance(getattr(module, "out_features", None), int):
+            linears += module.out_features * element_size + 4 * rank
+    return linears + _routed_bytes_per_token(getattr(decoder, "config", None), element_size, expert_ranks)
+
+
+def _routed_bytes_per_token(config: Any, element_size: int, expert_ranks: int) -> int:
+    """The routed-experts op's saved results per token (:func:`product_bytes_per_token`); 0
+    without routed experts."""
+    if config is None:
+        return 0
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        return 0
+    routed = mlp_widths(config, hidden)[1]
+    if not routed:
+        return 0
+    k = config.num_experts_per_tok
+    return (2 * routed + hidden) * element_size + 8 * k + 4 * k * expert_ranks
 
 
 def _checkpointed_layers(decoder: nn.Module) -> int:
