@@ -20,7 +20,8 @@ import sloth_fx
 from sloth_fx.memory import offload
 from sloth_fx.memory.checkpoint import checkpoint_body
 from sloth_fx.memory.budget import (CHUNK_SHARE, SAVE_SHARE, decide_checkpointing, device_budget, estimate_activations,
-                                    mlp_widths, plan_checkpointing, product_bytes_per_token)
+                                    plan_checkpointing)
+from sloth_fx.memory.layer_bytes import mlp_widths, product_bytes_per_token
 
 GiB = 2**30
 

@@ -18,8 +18,8 @@ import sloth_fx
 from sloth_fx.kernels import lora_function
 from sloth_fx.memory import saved_products
 from sloth_fx.kernels import routed_experts
-from sloth_fx.memory.budget import (SAVE_SHARE, decide_checkpointing, estimate_activations, mlp_widths,
-                                    product_bytes_per_token)
+from sloth_fx.memory.budget import SAVE_SHARE, decide_checkpointing, estimate_activations
+from sloth_fx.memory.layer_bytes import mlp_widths, product_bytes_per_token
 
 GiB = 2**30
 LAYERS = 4

@@ -14,7 +14,8 @@ from torch import nn
 from sloth_fx.capture.regions import RegionGate, RegionRuntime, mark_batch_and_sequence_dynamic
 from sloth_fx.memory.checkpoint import checkpoint_step
 from sloth_fx.memory.layer_checkpoint import own_checkpoints
-from sloth_fx.memory.budget import NONE, SELECTIVE, decoder_layers, plan_checkpointing, size_text
+from sloth_fx.memory.budget import NONE, SELECTIVE, plan_checkpointing, size_text
+from sloth_fx.memory.layer_bytes import decoder_layers
 from sloth_fx.memory.offload import offloading
 from sloth_fx.batching.padding_free import BOUNDARIES, call_tokens, plan
 from sloth_fx.report import Report

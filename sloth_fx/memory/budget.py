@@ -22,7 +22,7 @@ training step is judged on its own, from a prediction of its activation memory a
   as asked.
 
 - **MoE**: a token's intermediate width is that of the ``k`` experts it is routed to (and of a
-  shared expert), :func:`mlp_widths`; the routed experts run outside the capture, so chunking
+  shared expert), :func:`~sloth_fx.memory.layer_bytes.mlp_widths`; the routed experts run outside the capture, so chunking
   never bounds their part of the peak.
 
 - **selective**: a layer recomputed with its products' outputs saved
@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from sloth_fx.memory import token_chunks
+from sloth_fx.memory.layer_bytes import decoder_layers, mlp_widths, product_bytes_per_token
 from sloth_fx.batching.padding_free import call_tokens
 
 # The recompute peak per token. The H100 probe of issue 15 (Llama-2-7B, bf16, one row of 65,536
@@ -144,11 +145,11 @@ class CheckpointDecision:
 def estimate_activations(layers: int, tokens: int, hidden: int, intermediate: int, element_size: int,
                          product_bytes: int = 0, routed: int = 0) -> ActivationEstimate:
     """The activation memory of a step of ``tokens`` tokens through ``layers`` checkpointed layers
-    whose products' outputs take ``product_bytes`` per token and layer (:func:`product_bytes_per_token`).
+    whose products' outputs take ``product_bytes`` per token and layer (:func:`~sloth_fx.memory.layer_bytes.product_bytes_per_token`).
 
     ``intermediate`` is the width of the dense MLPs a token passes through, which chunking bounds;
     ``routed`` that of its routed experts (top-k times an expert's width), which run outside the
-    capture and are never chunked (:func:`mlp_widths`)."""
+    capture and are never chunked (:func:`~sloth_fx.memory.layer_bytes.mlp_widths`)."""
     def peak(intermediate_tokens: int) -> int:
         return int((RECOMPUTE_HIDDEN_WIDE * hidden * tokens + RECOMPUTE_INTERMEDIATE_WIDE
                     * (intermediate * intermediate_tokens + routed * tokens)) * element_size)
@@ -277,68 +278,6 @@ def plan_checkpointing(model: nn.Module, args: tuple, kwargs: dict[str, Any],
                                     weight.element_size(), product_bytes_per_token(decoder, weight.element_size()),
                                     routed)
     return decide_checkpointing(estimate, device_budget(weight.device, memory_budget))
-
-
-def mlp_widths(config: Any, hidden: int) -> tuple[int, int]:
-    """``(dense, routed)``: the intermediate width per token of a layer's dense MLPs and of its
-    routed experts, from a transformers config.
-
-    A dense model's MLP is ``intermediate_size`` wide (``4·hidden`` where the config gives none).
-    An MoE model (``num_experts_per_tok``) sends each token through ``k`` experts of
-    ``moe_intermediate_size`` (Qwen-MoE) or ``intermediate_size`` (Mixtral, OLMoE, GPT-OSS) each,
-    the fused op saving ``[T·k, 2I]``, and through a shared expert of
-    ``shared_expert_intermediate_size`` where there is one (Qwen2-MoE), a dense MLP."""
-    dense = getattr(config, "intermediate_size", None) or 4 * hidden
-    top_k = getattr(config, "num_experts_per_tok", None)
-    if not isinstance(top_k, int) or top_k <= 0:
-        return dense, 0
-    expert = getattr(config, "moe_intermediate_size", None) or dense
-    return getattr(config, "shared_expert_intermediate_size", None) or 0, top_k * expert
-
-
-def decoder_layers(decoder: nn.Module) -> list[nn.Module]:
-    """The layers of a decoder: the modules of its ``nn.ModuleList`` children."""
-    return [layer for child in decoder.children() if isinstance(child, nn.ModuleList) for layer in child]
-
-
-def product_bytes_per_token(decoder: nn.Module, element_size: int) -> int:
-    """What one layer's products save per token when it recomputes selectively, counted on the
-    first layer: the outputs of its LoRA linears (``element_size`` bytes each) and their fp32
-    ``x·Aᵀ``; and, in an MoE layer, what the routed-experts op keeps for its recompute
-    (:mod:`sloth_fx.kernels.routed_experts`): each of the token's ``k`` slots' ``[2I]`` gate/up
-    product and int64 place, the ``H``-wide output, and with LoRA on the experts (PEFT's
-    ``ParamWrapper``, which has a ``parameter_name``) each slot's fp32 ``x·Aᵀ`` of both projections.
-    0 for a dense model without LoRA linears: nothing is saved."""
-    layers = decoder_layers(decoder)
-    if not layers:
-        return 0
-    linears = expert_ranks = 0
-    for module in layers[0].modules():
-        ranks = getattr(module, "r", None)
-        if not (hasattr(module, "lora_A") and isinstance(ranks, dict)):
-            continue
-        rank = sum(ranks[name] for name in getattr(module, "active_adapters", ()) if name in ranks)
-        if hasattr(module, "parameter_name"):
-            expert_ranks += rank
-        elif rank and isinstance(getattr(module, "out_features", None), int):
-            linears += module.out_features * element_size + 4 * rank
-    return linears + _routed_bytes_per_token(getattr(decoder, "config", None), element_size, expert_ranks)
-
-
-def _routed_bytes_per_token(config: Any, element_size: int, expert_ranks: int) -> int:
-    """The routed-experts op's saved results per token (:func:`product_bytes_per_token`); 0
-    without routed experts."""
-    if config is None:
-        return 0
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(config, "hidden_size", None)
-    if not isinstance(hidden, int):
-        return 0
-    routed = mlp_widths(config, hidden)[1]
-    if not routed:
-        return 0
-    k = config.num_experts_per_tok
-    return (2 * routed + hidden) * element_size + 8 * k + 4 * k * expert_ranks
 
 
 def _checkpointed_layers(decoder: nn.Module) -> int:
