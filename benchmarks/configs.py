@@ -248,7 +248,7 @@ CONFIGS: dict[str, Config] = {
         Config("M2p", M2_SHAPE, "nf4", 48, 4096, True, data="packed", note=M2_NOTE),
         # M2 with the experts 4-bit too (sloth_fx.quantize_experts after LoRA): what QLoRA of the
         # whole model takes. hf runs them through the experts' own forward on stacks dequantized
-        # for each call (what quantize_experts installs); Unsloth loads its model itself.
+        # for each call (what quantize_experts installs); Unsloth's load_in_4bit quantizes them itself.
         Config("M2q", M2_SHAPE, "nf4", 4, 4096, True, note=M2Q_NOTE, experts="nf4"),
         Config("M2qp", M2_SHAPE, "nf4", 48, 4096, True, data="packed", note=M2Q_NOTE, experts="nf4"),
         Config("tinymoe", TINY_MOE, "bf16", 2, 32, False),

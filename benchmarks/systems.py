@@ -80,6 +80,15 @@ def moe_notes(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def experts_quantized(model: nn.Module, shape: ModelShape) -> bool:
+    """Whether ``model``'s routed experts hold under half the bytes of their bf16 stacks (``E·3·H·I``
+    values a layer, LoRA's factors aside): quantized, however a loader stores them."""
+    held = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if ".experts." in name and "lora_" not in name)
+    dense = shape.layers * shape.experts * 3 * shape.hidden * shape.moe_intermediate * 2  # type: ignore[attr-defined]
+    return held < dense / 2
+
+
 def _hf(cfg: Config, device: torch.device | str, seed: int, **_: Any) -> Prepared:
     """transformers + peft as a user runs it: sdpa attention, nothing patched."""
     return _finish(add_lora(base_model_for(cfg, device, seed), seed, cfg))
@@ -200,11 +209,15 @@ def _unsloth(
 ) -> Prepared:
     """Unsloth's ``FastLanguageModel`` offline: the random-init model saved to local disk, loaded
     with ``local_files_only=True`` under ``HF_HUB_OFFLINE=1``, nf4 through its own
-    ``load_in_4bit``; LoRA through its ``get_peft_model``. Checkpointing: plain (``True``), or
+    ``load_in_4bit`` (which on an MoE model quantizes the experts' stacks too: so it runs the
+    nf4-experts configurations, M2q and M2qp, and refuses M2 and M2p); LoRA through its
+    ``get_peft_model``. Checkpointing: plain (``True``), or
     Unsloth's offloaded variant (``"unsloth"``) when ``unsloth_offload``. The worker imports
     unsloth before transformers (Unsloth patches at import)."""
-    if cfg.experts != "bf16":
-        raise Unsupported(f"Unsloth loads its model itself; {cfg.experts} expert stacks are sloth_fx.quantize_experts'")
+    if cfg.shape.is_moe and cfg.precision == "nf4" and cfg.experts == "bf16":
+        # its load_in_4bit quantizes the experts too (2026.10.9: M2's model 12.09 GiB, hf's 43.26)
+        raise Unsupported("Unsloth's load_in_4bit makes the experts' stacks 4-bit too: its run of this model "
+                          "is the nf4-experts configuration's (M2q, M2qp)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -239,4 +252,7 @@ def _unsloth(
         **extra,
     )
     FastLanguageModel.for_training(model)
+    if cfg.shape.is_moe and (cfg.experts == "nf4") != experts_quantized(model, cfg.shape):
+        raise Unsupported(f"Unsloth's loader left the experts' stacks {'bf16' if cfg.experts == 'nf4' else '4-bit'}, "
+                          f"where {cfg.id} has them {cfg.experts}")
     return _finish(model, {"unsloth": _version("unsloth"), "checkpointing": ckpt, "save_s": save_s})

@@ -11,7 +11,7 @@ import torch
 from benchmarks import flops, report, runner
 from benchmarks.configs import CONFIGS, LORA_EXPERT_PARAMETERS, MoEShape, get_config, lora_targets
 from benchmarks.models import build_base_model, decoder_layers, hf_config
-from benchmarks.systems import LIGER_APPLY, Unsupported, prepare
+from benchmarks.systems import LIGER_APPLY, Unsupported, experts_quantized, prepare
 
 # Small enough to count by hand: H=8, one layer, 2 heads of 4, 1 KV head, V=10; 4 experts of 6, top-2.
 HAND_MIXTRAL = MoEShape("hand-mixtral", "mixtral", 8, 1, 6, 2, 1, 10, experts=4, experts_per_token=2, moe_intermediate=6)
@@ -112,9 +112,11 @@ def test_nf4_mixtral_quantises_attention_only():
     assert hasattr(layer.mlp.experts, "lora_A")
 
 
-def test_m2q_quantizes_the_experts_after_lora_for_hf_and_sloth_fx_and_unsloth_refuses_it():
+def test_m2q_quantizes_the_experts_after_lora_for_hf_and_sloth_fx_and_unsloth_runs_only_it():
     """M2q is M2 with the experts' stacks nf4 (sloth_fx.quantize_experts after get_peft_model);
-    both hf and sloth_fx train that model, one step each on the tiny Mixtral, and lose the same."""
+    both hf and sloth_fx train that model, one step each on the tiny Mixtral, and lose the same.
+    Unsloth's load_in_4bit quantizes the experts itself: it refuses M2 (bf16 experts) before it
+    loads anything, and the stacks' bytes tell a quantized model from a dense one."""
     bnb = pytest.importorskip("bitsandbytes")
 
     for name, data in (("M2q", "random"), ("M2qp", "packed")):
@@ -131,9 +133,12 @@ def test_m2q_quantizes_the_experts_after_lora_for_hf_and_sloth_fx_and_unsloth_re
         assert isinstance(experts.gate_up_proj, bnb.nn.Params4bit) and experts.gate_up_proj.quant_state.quant_type == "nf4"
         ids = torch.randint(3, cfg.shape.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
         losses.append(p.model(input_ids=ids, labels=ids).loss.item())
+        assert experts_quantized(p.model, cfg.shape)
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
-    with pytest.raises(Unsupported, match="quantize_experts"):
-        prepare("unsloth", cfg, "cpu", seed=0)
+    dense = prepare("hf", cfg.replace(experts="bf16"), "cpu", seed=0)
+    assert not experts_quantized(dense.model, cfg.shape)
+    with pytest.raises(Unsupported, match="M2q, M2qp"):
+        prepare("unsloth", cfg.replace(experts="bf16"), "cpu", seed=0)
 
 
 @pytest.mark.parametrize("shape", [HAND_MIXTRAL, HAND_QWEN], ids=["mixtral", "qwen3_moe"])
