@@ -150,14 +150,18 @@ def tiny_mixtral() -> torch.nn.Module:
 
 
 @pytest.mark.usefixtures("reference_ops")
-def test_moe_selective_layers_take_the_experts_products_back_and_give_the_same_numbers(monkeypatch):
+@pytest.mark.parametrize("stacks", ["dense", "nf4"])
+def test_moe_selective_layers_take_the_experts_products_back_and_give_the_same_numbers(monkeypatch, stacks):
     """The routed-experts op keeps its grouped products in a selective layer's forward: its
     recompute runs none of them, and loss and gradients (router, experts' and attention's adapters)
-    are those of the whole recompute bit for bit."""
+    are those of the whole recompute bit for bit, with dense stacks and with 4-bit ones."""
     runs: list[int] = []
     run = routed_experts._forward
     monkeypatch.setattr(routed_experts, "_forward", lambda *a: runs.append(1) or run(*a))
     original = tiny_mixtral()
+    if stacks == "nf4":
+        pytest.importorskip("bitsandbytes")
+        sloth_fx.quantize_experts(original)
     whole = sloth_fx.optimize(twin(original))  # CPU without a budget: every layer recomputes whole
     seeded(whole)  # the first call also checks the op against each module's own forward
     runs.clear()
