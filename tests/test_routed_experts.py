@@ -79,12 +79,12 @@ def test_moe_layers_are_captured_once_rewritten_and_exact(family, mode):
     if family == "gpt_oss":  # expert biases, interleaved gate and up, a clamped gate: refused by name, warned once
         assert len(unrewritten) == 1 and "GptOssExperts: has_bias=True" in unrewritten[0], unrewritten
         assert [w.category for w in caught if issubclass(w.category, UnrewrittenLayerWarning)] == [UnfusedExpertsWarning]
-        assert re.search(r"routed experts mlp\.experts: as transformers runs them in \d+ calls: GptOssExperts: "
+        assert re.search(r"routed experts mlp\.experts: as transformers runs them in \d+ forward calls: GptOssExperts: "
                          "has_bias=True", text), text
     else:
         assert unrewritten == []
         lora = "LoRA folded in (gate_up r=4, down r=4)" if MODES[mode][0] else "no LoRA on the experts"
-        assert re.search(rf"routed experts mlp\.experts: fused op in \d+ calls \(4 experts, silu, {re.escape(lora)}", text), text
+        assert re.search(rf"routed experts mlp\.experts: fused op in \d+ forward calls \(4 experts, silu, {re.escape(lora)}", text), text
     assert "rmsnorm: rewrote input_layernorm" in text
     if MODES[mode][0]:
         assert "lora: rewrote self_attn.q_proj" in text
@@ -116,7 +116,7 @@ def test_ragged_routing_through_the_fused_experts_matches_the_module(routing):
         results.append((out, inputs[0].grad, inputs[2].grad, adapters))
     assert len(results[0][3]) == 4  # lora_A and lora_B of gate_up_proj and of down_proj
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
-    assert "fused op in 1 call (" in sloth_fx.explain(optimized)
+    assert "fused op in 1 forward call (" in sloth_fx.explain(optimized)
 
 
 @pytest.mark.usefixtures("reference_ops")
@@ -135,6 +135,20 @@ def test_experts_are_found_through_peft_wrappers_copied_and_put_back_by_uninstal
     assert_same_training_step(original, copied, batch())
     uninstall(model._sloth_fx)
     assert "forward" not in experts.__dict__  # as PEFT left it
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_explain_counts_the_forward_calls_whether_or_not_the_recompute_runs_the_op_to_its_end():
+    """A checkpointed layer runs its experts again in backward; torch's early stop usually ends
+    that run inside the op, and without it the op completes. explain counts forward calls either
+    way: two steps of two layers are 4."""
+    for early_stop in (True, False):
+        optimized = sloth_fx.optimize(moe_model("mixtral", lora=True, checkpointing=True))
+        with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+            for _ in range(2):
+                loss_and_grads(optimized, batch())
+        text = str(sloth_fx.explain(optimized))
+        assert re.search(r"routed experts mlp\.experts: fused op in 4 forward calls \(", text), (early_stop, text)
 
 
 @pytest.mark.usefixtures("reference_ops")
@@ -160,4 +174,4 @@ def test_experts_that_compute_otherwise_run_unfused_with_a_warning_and_adapters_
     with adapted.disable_adapter(), optimized.disable_adapter():  # nothing trains: the losses only
         loss_ref, loss = (model(**batch()).loss for model in (adapted, optimized))
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
-    assert re.search(r"fused op in \d+ calls \(4 experts, silu, no LoRA on the experts", sloth_fx.explain(optimized))
+    assert re.search(r"fused op in \d+ forward calls \(4 experts, silu, no LoRA on the experts", sloth_fx.explain(optimized))

@@ -19,7 +19,7 @@ which checks its arguments once per signature and raises what it refuses). Its f
 against the module's own forward on the call's first tokens, so a module that carries the flags but
 computes otherwise is found out by its numbers. A module refused, by its form or that check, runs
 exactly as transformers and PEFT run it, with an :class:`UnfusedExpertsWarning` naming the cause;
-explain gives each module's calls, fused and not, and the reason.
+explain gives each module's forward calls, fused and not, and the reason.
 
 4-bit stacks (:func:`sloth_fx.quantize_experts`) are found by their quantized shape and fused like
 dense ones (the op dequantizes them). The module's own forward cannot read them, so the unfused
@@ -43,6 +43,7 @@ from sloth_fx.capture.experts_form import ExpertsForm, ExpertsLayout, experts_fo
 from sloth_fx.capture.unrewritten import UnrewrittenLayerWarning
 from sloth_fx.kernels.routed_experts import routed_experts as fused_routed_experts
 from sloth_fx.kernels.toolkit import Unsupported, base_weight_shape
+from sloth_fx.memory.token_chunks import recomputing
 
 PROBE_TOKENS = 64  # tokens of the first call the fused op is checked on against the module's own forward
 # Largest difference from the module's forward, relative to its output's largest magnitude, that
@@ -81,6 +82,8 @@ class ExpertsRecord:
 
     region: str
     paths: list[str]
+    # forward calls only: a checkpoint's recompute (sloth_fx's own) runs the module again, and
+    # torch's early stop may end that run inside the op, so counting it would count some of them
     fused: int = 0
     unfused: int = 0
     form: str = ""
@@ -97,7 +100,7 @@ class ExpertsRecord:
 
 
 def _calls(n: int) -> str:
-    return f"{n} call" if n == 1 else f"{n} calls"
+    return f"{n} forward call" if n == 1 else f"{n} forward calls"
 
 
 class FusedExperts:
@@ -126,7 +129,7 @@ class FusedExperts:
             out = fused_routed_experts(*call, form.gate_up, form.down, form.activation)
         except Unsupported as refused:
             return self._unfused(refused.reason, args, kwargs)
-        self.record.fused += 1
+        self.record.fused += not recomputing()
         self.record.form = form.describe()
         return out
 
@@ -162,7 +165,7 @@ class FusedExperts:
         return ""
 
     def _unfused(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.record.unfused += 1
+        self.record.unfused += not recomputing()
         self.record.reason = reason
         if reason not in self.record.warned:
             self.record.warned.add(reason)

@@ -56,7 +56,7 @@ def assert_experts_fused(model: torch.nn.Module, calls: int) -> str:
     """Explain names the fused op, with the experts' LoRA folded in, for every one of the ``calls``
     experts calls of each MoE layer region, none run as transformers runs them; explain's text."""
     text = sloth_fx.explain(model)
-    fused = re.findall(r"routed experts mlp\.experts: fused op in (\d+) calls? \(4 experts, silu, "
+    fused = re.findall(r"routed experts mlp\.experts: fused op in (\d+) forward calls? \(4 experts, silu, "
                        r"LoRA folded in \(gate_up r=4, down r=4\)", text)
     assert fused == [str(calls)] and "as transformers runs them" not in text, text
     assert sloth_fx.report(model).count("lora") == ATTENTION_LORA, text
