@@ -43,6 +43,7 @@ from sloth_fx.capture.experts_form import ExpertsForm, ExpertsLayout, experts_fo
 from sloth_fx.capture.unrewritten import UnrewrittenLayerWarning
 from sloth_fx.kernels.routed_experts import routed_experts as fused_routed_experts
 from sloth_fx.kernels.toolkit import Unsupported, base_weight_shape
+from sloth_fx.memory.saved_products import products_saved
 from sloth_fx.memory.token_chunks import recomputing
 
 PROBE_TOKENS = 64  # tokens of the first call the fused op is checked on against the module's own forward
@@ -151,7 +152,8 @@ class FusedExperts:
         """Empty when the fused op matches the module's forward on the first tokens, else why not."""
         n = min(PROBE_TOKENS, hidden.shape[0])
         probe = (hidden[:n].detach(), index[:n], weights[:n].detach())
-        with torch.no_grad():
+        # outside any selective recompute's saving: the probe is no product of the layer's forward
+        with torch.no_grad(), products_saved(None, replay=False):
             with dense_stacks(self.module):
                 expected = type(self.module).forward(self.module, *probe)
             got = fused_routed_experts(*probe, form.gate_up, form.down, form.activation)
