@@ -39,10 +39,14 @@ FAMILIES = {
 MODES = {"plain": (False, False), "lora": (True, False), "checkpointing": (False, True), "both": (True, True)}
 
 
-def moe_model(family: str, lora: bool, checkpointing: bool) -> torch.nn.Module:
+def moe_model(family: str, lora: bool, checkpointing: bool, layers: int = 2) -> torch.nn.Module:
+    """A tiny ``family`` model of ``layers`` decoder layers (GPT-OSS: 2, its layer types), LoRA on
+    attention and the experts' stacks (PEFT's target_parameters) with non-zero B where ``lora``."""
     torch.manual_seed(0)
     attention = "eager" if family == "gpt_oss" else "sdpa"  # GPT-OSS has no sdpa path in transformers
-    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=attention)
+    config = FAMILIES[family]()
+    config.num_hidden_layers = layers
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     if lora:
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])

@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from test_routed_experts import moe_model
 from tiny_models import batch, loss_and_grads, tiny_model, twin
 
 import sloth_fx
@@ -132,24 +133,6 @@ def test_kept_selective_and_whole_layers_give_the_same_loss_and_gradients(produc
         assert not torch.equal(seeded(whole, seed=6)[0], plain[0])
 
 
-def tiny_mixtral() -> torch.nn.Module:
-    """LoRA on attention and on the routed experts' stacks (PEFT's target_parameters), checkpointed."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    model = get_peft_model(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient is exercised
-            torch.nn.init.normal_(p, std=0.02)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
-
-
 @pytest.mark.usefixtures("reference_ops")
 @pytest.mark.parametrize("stacks", ["dense", "nf4"])
 def test_moe_selective_layers_take_the_experts_products_back_and_give_the_same_numbers(monkeypatch, stacks):
@@ -159,7 +142,7 @@ def test_moe_selective_layers_take_the_experts_products_back_and_give_the_same_n
     runs: list[int] = []
     run = routed_experts._forward
     monkeypatch.setattr(routed_experts, "_forward", lambda *a: runs.append(1) or run(*a))
-    original = tiny_mixtral()
+    original = moe_model("mixtral", lora=True, checkpointing=True, layers=LAYERS)
     if stacks == "nf4":
         pytest.importorskip("bitsandbytes")
         sloth_fx.quantize_experts(original)
