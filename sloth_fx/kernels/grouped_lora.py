@@ -47,6 +47,9 @@ from .toolkit import SUPPORTED_DTYPES, cdiv, interpreting, next_power_of_2, use_
 __all__ = ["grouped_base_mm", "grouped_lowrank_grad", "grouped_lowrank_grad_reference", "grouped_lowrank_mm",
            "grouped_lowrank_mm_reference", "grouped_weight_grad"]
 
+# How a tile product with an fp32 operand runs: "ieee" (FMA, fp32's accuracy) or "tf32x3" (three
+# TF32 tensor-core products, ~fp32's accuracy); read at each launch
+FP32_DOT = "ieee"
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -68,16 +71,16 @@ def _tile_rows(tile, offs_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, NATIVE: tl.constexpr):
+def _dot(a, b, acc, NATIVE: tl.constexpr, PRECISION: tl.constexpr):
     if NATIVE:
         return tl.dot(a, b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
 
 
 @triton.jit  # no argument is the slot count: a step's token count never recompiles it (kernels.toolkit)
 def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, E, N, K,
                        stride_xs, stride_xk, stride_we, stride_wn, stride_wk, stride_os, stride_on,
-                       alpha, ACCUMULATE: tl.constexpr, NATIVE: tl.constexpr,
+                       alpha, ACCUMULATE: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     """out[rows of e, n-tile] (+)= alpha · x[rows, :] · w[e]ᵀ for this program's row tile."""
     expert, row0, row_end = _tile_rows(tl.program_id(0), offs_ptr, E, BLOCK_M, BLOCK_E)
@@ -94,7 +97,7 @@ def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, E, N, K,
                     mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
         w = tl.load(w_base + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
                     mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc = _dot(x, w, acc, NATIVE)
+        acc = _dot(x, w, acc, NATIVE, PRECISION)
     acc = acc * alpha
     out_ptrs = out_ptr + rows[:, None] * stride_os + rn[None, :] * stride_on
     mask = row_mask[:, None] & (rn[None, :] < N)
@@ -104,11 +107,12 @@ def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, E, N, K,
 
 
 @triton.jit
-def _grouped_grad_kernel(p_ptr, q_ptr, out_ptr, offs_ptr, P, Q,
+def _grouped_grad_kernel(p_ptr, q_ptr, q_rows_ptr, out_ptr, offs_ptr, P, Q,
                          stride_ps, stride_pp, stride_qs, stride_qq, stride_oe, stride_op, stride_oq,
-                         alpha, NATIVE: tl.constexpr,
+                         alpha, GATHER_Q: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[e, p-tile, q-tile] = alpha · Σ over e's rows s of p[s, p-tile]ᵀ q[s, q-tile]."""
+    """out[e, p-tile, q-tile] = alpha · Σ over e's rows s of p[s, p-tile]ᵀ q[s', q-tile], where
+    s' = q_rows[s] with GATHER_Q, else s."""
     expert = tl.program_id(0)
     row_lo = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
     row_hi = tl.load(offs_ptr + expert)
@@ -120,9 +124,10 @@ def _grouped_grad_kernel(p_ptr, q_ptr, out_ptr, offs_ptr, P, Q,
         row_mask = rows < row_hi
         pt = tl.load(p_ptr + rows[None, :] * stride_ps + rp[:, None] * stride_pp,
                      mask=row_mask[None, :] & (rp[:, None] < P), other=0.0)
-        q = tl.load(q_ptr + rows[:, None] * stride_qs + rq[None, :] * stride_qq,
+        q_row = tl.load(q_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64) if GATHER_Q else rows
+        q = tl.load(q_ptr + q_row[:, None] * stride_qs + rq[None, :] * stride_qq,
                     mask=row_mask[:, None] & (rq[None, :] < Q), other=0.0)
-        acc = _dot(pt, q, acc, NATIVE)
+        acc = _dot(pt, q, acc, NATIVE, PRECISION)
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + rp[:, None] * stride_op + rq[None, :] * stride_oq
     tl.store(out_ptrs, (acc * alpha).to(out_ptr.dtype.element_ty), mask=(rp[:, None] < P) & (rq[None, :] < Q))
 
@@ -183,9 +188,10 @@ def grouped_lowrank_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torc
 
 
 def grouped_lowrank_grad_reference(p: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
-                                   *, alpha: float = 1.0) -> torch.Tensor:
+                                   *, alpha: float = 1.0, q_rows: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`grouped_lowrank_grad` as a loop over experts, in fp32 (fp64 with an fp64 operand)."""
     wide = _wide(p, q, out)
+    q = q if q_rows is None else q.index_select(0, q_rows)
     bounds = _bounds(offsets)
     for e in range(out.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]
@@ -211,29 +217,34 @@ def grouped_lowrank_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, 
     block_m, block_n, block_k, warps = _mm_blocks(n, k)
     launch(_grouped_mm_kernel, (cdiv(s, block_m) + e, cdiv(n, block_n)), x, w, out, offsets, e, n, k,
            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-           float(alpha), ACCUMULATE=accumulate, NATIVE=_native(x.dtype, w.dtype), BLOCK_M=block_m,
+           float(alpha), ACCUMULATE=accumulate, NATIVE=_native(x.dtype, w.dtype), PRECISION=FP32_DOT, BLOCK_M=block_m,
            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(e), num_warps=warps)
     return out
 
 
 def grouped_lowrank_grad(p: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
-                         *, alpha: float = 1.0) -> torch.Tensor:
+                         *, alpha: float = 1.0, q_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``out[e] = alpha·p_eᵀ·q_e`` over each expert ``e``'s rows (zeros for an expert with none).
 
-    ``p [S, P]``, ``q [S, Q]`` and ``out [E, P, Q]`` in any strides; ``out`` is written whole and
-    returned. ``offsets``: int32 ``[E]``, see the module doc.
+    ``p [S, P]`` and ``out [E, P, Q]`` in any strides; ``out`` is written whole and returned.
+    ``q [S, Q]`` in any strides, or with ``q_rows`` (integer ``[S]``) any ``[R, Q]`` whose row
+    ``q_rows[s]`` stands for slot ``s``: the gather is read in the kernel, never materialised (the
+    experts' ``dA1 = s·V1ᵀ·x`` reads hidden's rows). ``offsets``: int32 ``[E]``, see the module doc.
     """
     _check_groups(offsets, out.shape[0])
+    if q_rows is not None and q_rows.shape != p.shape[:1]:
+        raise ValueError(f"q_rows {tuple(q_rows.shape)} must name one row of q for each of p's {p.shape[0]} rows")
     if not _triton_path(p, q, out):
-        return grouped_lowrank_grad_reference(p, q, offsets, out, alpha=alpha)
+        return grouped_lowrank_grad_reference(p, q, offsets, out, alpha=alpha, q_rows=q_rows)
     e, pn, qn = out.shape
     if e == 0 or pn == 0 or qn == 0:
         return out
     block_p, block_q, block_k, warps = _grad_blocks(pn, qn)
-    launch(_grouped_grad_kernel, (e, cdiv(pn, block_p), cdiv(qn, block_q)), p, q, out, offsets, pn, qn,
+    launch(_grouped_grad_kernel, (e, cdiv(pn, block_p), cdiv(qn, block_q)), p, q,
+           q if q_rows is None else q_rows, out, offsets, pn, qn,  # q: an unused pointer
            p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1), out.stride(2),
-           float(alpha), NATIVE=_native(p.dtype, q.dtype), BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_K=block_k,
-           num_warps=warps)
+           float(alpha), GATHER_Q=q_rows is not None, NATIVE=_native(p.dtype, q.dtype), PRECISION=FP32_DOT,
+           BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps)
     return out
 
 

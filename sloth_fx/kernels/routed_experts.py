@@ -30,9 +30,9 @@ Backward, for ``dF [T, H]`` gathered to slots (``dF_s = dF[t(s)]``):
 
 (summed over expert ``e``'s slots; ``act'`` as in :mod:`~sloth_fx.kernels.gated_mlp`).
 
-Saved for backward: ``hidden`` (``x`` is gathered again), ``top_k_weights``, ``perm`` (int64
-``[S]``), ``offsets``, ``GU`` ``[S, 2I]`` in hidden's dtype, ``U1`` and ``U2`` (fp32 ``[S, r]``,
-with LoRA), and the weights and LoRA factors themselves (parameters, no copies). In a selectively
+Saved for backward: ``hidden`` (``dA1``'s kernel reads ``x``'s rows from it), ``top_k_weights``,
+``perm`` (int64 ``[S]``), ``offsets``, ``GU`` ``[S, 2I]`` in hidden's dtype, ``U1`` and ``U2``
+(fp32 ``[S, r]``, with LoRA), and the weights and LoRA factors themselves (parameters, no copies). In a selectively
 recomputed layer (:mod:`sloth_fx.memory.saved_products`) the forward also keeps ``perm``,
 ``offsets``, ``GU``, ``U1``, ``U2`` and its output, and the recompute takes them back instead of
 running the products again: per token, ``k·(2I)`` values in hidden's dtype, ``H`` more, ``k``
@@ -212,7 +212,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
             if dx is not None:
                 grouped_lowrank_mm(v1, a1.transpose(-2, -1), offsets, dx, alpha=s1, accumulate=True)
             if needs[4]:
-                da1 = grouped_lowrank_grad(v1, hidden.index_select(0, token), offsets, torch.empty_like(a1), alpha=s1)
+                da1 = grouped_lowrank_grad(v1, hidden, offsets, torch.empty_like(a1), alpha=s1, q_rows=token)
             if needs[5]:
                 db1 = grouped_lowrank_grad(dgu, u1, offsets, torch.empty_like(b1), alpha=s1)
         d_hidden = None if dx is None else slot_sum(dx, inverse, k, None, hidden.dtype)

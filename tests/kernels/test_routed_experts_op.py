@@ -176,6 +176,12 @@ def test_grouped_lowrank_kernels_match_references(counts, dtypes, poisoned):
         tol = 1e-5 if dw == torch.float32 else 2e-3  # one rounding into out's dtype
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
         assert (got[torch.tensor(counts) == 0] == 0).all()
+        rows = torch.randint(0, 9, (s,), generator=gen)  # q's rows gathered in the kernel, not copied
+        source = torch.randn(9, k, generator=gen).to(dx)
+        got = grouped_lowrank_grad(p, source, offsets, torch.empty(e, n, k, dtype=dw), alpha=1.5, q_rows=rows)
+        ref = grouped_lowrank_grad_reference(p.double(), source.double()[rows], offsets,
+                                             torch.zeros(e, n, k, dtype=torch.float64), alpha=1.5)
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
 
 
 @pytest.mark.parametrize("h", [24, 45])  # 16-byte rows (torch's grouped GEMM on CPU) and not (the loop)
@@ -200,6 +206,9 @@ def test_grouped_products_refuse_offsets_that_are_not_one_per_expert():
                  lambda: grouped_lowrank_grad(x, torch.randn(s, 4), too_long, torch.empty(e, 8, 4))):
         with pytest.raises(ValueError, match="one segment end for each of the 3 experts"):
             call()
+    with pytest.raises(ValueError, match="must name one row of q for each of p's 6 rows"):
+        grouped_lowrank_grad(x, torch.randn(2, 4), offsets, torch.empty(e, 8, 4),
+                             q_rows=torch.zeros(5, dtype=torch.long))
 
 
 @pytest.mark.parametrize("h,i", [(24, 40), (45, 29)])  # rows torch's grouped GEMM takes, and unaligned ones
@@ -252,3 +261,28 @@ def test_bf16_on_gpu_without_host_sync(lora_dtype):
     for g, want in zip([got[0], *got[1]], [ref[0], *ref[1]]):
         err = (g.double() - want.double()).norm() / want.double().norm()
         assert torch.isfinite(g).all() and err < 2e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_fp32_tile_products_keep_fp32_accuracy_on_gpu(precision, monkeypatch):
+    """LoRA's fp32 factors and ``U`` at M1's widths (hidden 2048, rank 16, 2·768 gate/up) and
+    ragged experts: each ``FP32_DOT`` choice stays within fp32's accuracy of float64."""
+    monkeypatch.setattr(LORA_MODULE, "FP32_DOT", precision)
+    offsets, s, e = segments([0, 700, 1, 1300, 37, 0, 2])
+    offsets = offsets.cuda()
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for n, k in ((16, 2048), (1536, 16)):
+        x = torch.randn(s, k, generator=gen, device="cuda")
+        w = torch.randn(e, n, k, generator=gen, device="cuda")
+        got = grouped_lowrank_mm(x, w, offsets)
+        ref = grouped_lowrank_mm_reference(x.double(), w.double(), offsets,
+                                           torch.zeros(s, n, dtype=torch.float64, device="cuda"))
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(got).all() and err < 1e-6, (precision, n, k, err)
+        p = torch.randn(s, n, generator=gen, device="cuda")
+        got = grouped_lowrank_grad(p, x, offsets, torch.empty(e, n, k, device="cuda"))
+        ref = grouped_lowrank_grad_reference(p.double(), x.double(), offsets,
+                                             torch.zeros(e, n, k, dtype=torch.float64, device="cuda"))
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(got).all() and err < 1e-6, (precision, n, k, err)
