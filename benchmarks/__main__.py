@@ -71,8 +71,6 @@ def cmd_worker(a: argparse.Namespace) -> int:
     """One system on one configuration; always writes a row (ok or failed) and exits 0 unless
     the process itself dies."""
     _unsloth_first(a.system)
-    import torch
-
     from benchmarks.configs import get_config
     from benchmarks.e2e import classify_failure, environment, run_e2e, run_ladder
     from benchmarks.maxlen import ladder_lengths
@@ -87,9 +85,8 @@ def cmd_worker(a: argparse.Namespace) -> int:
     try:
         cfg = get_config(a.config, **_overrides(a))
         row.update(config=cfg.id, config_desc=cfg.describe())
-        if a.memory_cap_gib:
-            row["memory_cap_bytes"] = cap_process_memory(torch.device(device), a.memory_cap_gib)
-        opts = dict(device=device, seed=a.seed, unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps)
+        opts = dict(device=device, seed=a.seed, unsloth_offload=a.unsloth_offload, allow_few_steps=a.allow_few_steps,
+                    memory_cap_gib=a.memory_cap_gib)
         if a.stage == "ladder":
             row.update(run_ladder(a.system, cfg, ladder_lengths(a.lo, a.hi, a.granularity),
                                   progress=lambda r: write({**row, **r}), **opts))
@@ -105,19 +102,6 @@ def cmd_worker(a: argparse.Namespace) -> int:
         row.update(status="failed", reason=classify_failure(e))
     write(row)
     return 0
-
-
-def cap_process_memory(device: Any, gib: float) -> int:
-    """Cap PyTorch's allocator on ``device`` at ``gib`` GiB (``set_per_process_memory_fraction``):
-    a smaller GPU on a larger one. The cap in bytes."""
-    import torch
-
-    total = torch.cuda.get_device_properties(device).total_memory
-    cap = int(gib * 2**30)
-    if not 0 < cap <= total:
-        raise ValueError(f"memory cap {gib} GiB is not within the device's {total / 2**30:.1f} GiB")
-    torch.cuda.set_per_process_memory_fraction(cap / total, torch.cuda.current_device() if device.index is None else device.index)
-    return cap
 
 
 def _deadline(budget: float | None) -> Any:
@@ -252,16 +236,12 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 def cmd_ab(a: argparse.Namespace) -> int:
     _unsloth_first(a.system)
-    import torch
-
     from benchmarks.ab import run_ab, summarize
     from benchmarks.configs import get_config
 
     device = _device(a)
-    if a.memory_cap_gib:
-        cap_process_memory(torch.device(device), a.memory_cap_gib)
     result = run_ab(a.system, get_config(a.config, **_overrides(a)), a.set, blocks=a.blocks, steps=a.steps,
-                    device=device, seed=a.seed, unsloth_offload=a.unsloth_offload)
+                    device=device, seed=a.seed, unsloth_offload=a.unsloth_offload, memory_cap_gib=a.memory_cap_gib)
     for row in result["blocks"]:
         print(f"block {row['block']} {result['setting']}={row['value']!r}: {row['tokens_per_s']:.0f} tokens/s, "
               f"steps {[round(t, 3) for t in row['step_times']]}, loss {row['loss']:.4f}, gpu {row['gpu']}")

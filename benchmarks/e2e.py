@@ -128,16 +128,41 @@ def require_timed_steps(steps: int, warmup: int, allow_few_steps: bool) -> None:
 def timed_prepare(system: str, cfg: Config, dev: torch.device, seed: int,
                   opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """``prepare(system, cfg, ...)`` and the set-up figures of its row: the device's measured matmul
-    rate (for MFU), the seconds preparing took and the model's bytes on the device."""
+    rate (for MFU), the seconds preparing took, the model's bytes on the device and, with
+    ``opts["memory_cap_gib"]``, the allocator's cap (:func:`cap_process_memory`), set once the
+    model is built: the cap stands for a smaller GPU's training, and the harness's build is not
+    a user's (random weights made on the device; M2q's experts made dense, then quantized, where a
+    user quantizes stacks that never were all on the GPU at once)."""
     from benchmarks.systems import prepare
 
+    opts = dict(opts)
+    cap_gib = opts.pop("memory_cap_gib", None)
     setup: dict[str, Any] = {"matmul_flops": measure_matmul_rate(dev)}
     t0 = time.perf_counter()
     prepared = prepare(system, cfg, dev, seed, **opts)
     synchronize(dev)
     setup["setup_s"] = time.perf_counter() - t0
     setup["model_bytes"] = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+    if cap_gib:
+        setup["memory_cap_bytes"] = cap_process_memory(dev, cap_gib)
     return prepared, setup
+
+
+def cap_process_memory(device: torch.device, gib: float) -> int:
+    """Cap PyTorch's allocator on ``device`` at ``gib`` GiB (``set_per_process_memory_fraction``,
+    after emptying its cache): a smaller GPU on a larger one. The cap in bytes. Raises
+    ``ValueError`` for a cap outside the device's memory or below what is allocated already."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = int(gib * 2**30)
+    if not 0 < cap <= total:
+        raise ValueError(f"memory cap {gib} GiB is not within the device's {total / 2**30:.1f} GiB")
+    held = torch.cuda.memory_allocated(device)
+    if held > cap:
+        raise ValueError(f"memory cap {gib} GiB is below the {held / 2**30:.2f} GiB the prepared model holds")
+    torch.cuda.empty_cache()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    return cap
 
 
 def require_packed_ok(system: str, cfg: Config, prepared: Any) -> None:

@@ -23,7 +23,7 @@
 #   --kernel-ops LIST   subset of ops
 #   --maxlen LO:HI:GRAN[:SYSTEMS[:CONFIG]]  run E6's bisection (CONFIG: E6, Llama-2-7B nf4, or E6L3, Llama-3-8B nf4)
 #   --ladder            E6 climbs LO, LO+GRAN, ... in one worker per system (one model build) instead of bisecting
-#   --memory-cap GIB    cap PyTorch's allocator in every run (a smaller GPU on this one)
+#   --memory-cap GIB    cap PyTorch's allocator in every run once its model is built (a smaller GPU on this one)
 #   --sft SYSTEMS[:CONFIG]  after e2e: TRL's SFTTrainer with padding_free=True (CONFIG default R1)
 #   --lora-plans        per projection: PEFT vs each fused LoRA form, with the cost model's prediction
 #   --unsloth-offload   Unsloth's offloaded checkpointing instead of plain
