@@ -107,6 +107,8 @@ def test_quantize_experts_refuses_with_the_reason_and_changes_nothing():
                             (dict(blocksize=4096), r"an expert's 64·96 values are not whole blocks of 4096")):
         with pytest.raises(ValueError, match=message):
             sloth_fx.quantize_experts(model, **kwargs)
+    with pytest.raises(RuntimeError, match="nope"):  # torch names the device string it cannot read
+        sloth_fx.quantize_experts(model, device="nope")
     assert not quantized_stacks(model)
     with pytest.raises(ValueError, match="LlamaForCausalLM has no routed experts"):
         sloth_fx.quantize_experts(tiny_model("llama"))
@@ -149,3 +151,28 @@ def test_4bit_stacks_stored_transposed_are_refused_by_their_layout():
     assert not isinstance(experts_layout(experts), str)
     base.down_proj = quantize_stack(base.down_proj, "nf4", True, 64)
     assert experts_layout(experts) == "MixtralExperts: 4-bit down_proj stored transposed ([E, in, out])"
+
+
+@pytest.mark.gpu
+def test_stacks_on_the_cpu_are_quantized_onto_the_gpu_one_at_a_time():
+    """A model loaded on the CPU (its dense stacks too large for the GPU) gets its stacks 4-bit on
+    the GPU with ``device``: the GPU never holds more than one dense stack beside the 4-bit ones,
+    the rest of the model stays where it was, and once moved the model trains as one quantized on
+    the GPU."""
+    model = moe_model("mixtral", lora=True, checkpointing=False)
+    on_gpu = twin(model).cuda()
+    sloth_fx.quantize_experts(on_gpu)
+    dense_bytes = [p.numel() * p.element_size() for name, p in model.named_parameters() if name.endswith("_proj")
+                   and p.dim() == 3]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    names = sloth_fx.quantize_experts(model, device="cuda")
+    stacks = quantized_stacks(model)
+    assert sorted(names) == sorted(stacks) and all(p.is_cuda for p in stacks.values())
+    assert all(not p.is_cuda for name, p in model.named_parameters() if name not in stacks)
+    held = sum(p.numel() * p.element_size() for p in stacks.values())
+    assert torch.cuda.max_memory_allocated() - before <= held + max(dense_bytes) + 2**20
+    assert all(torch.equal(p, quantized_stacks(on_gpu)[name]) for name, p in stacks.items())  # the same codes
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    assert_same_training_step(on_gpu, model.cuda(), inputs)  # tolerances: index_add_ sums in any order on CUDA

@@ -10,8 +10,17 @@ The call order::
     sloth_fx.quantize_experts(model)    # after PEFT: it reads each stack's 3-D shape when it wraps it
     model = sloth_fx.optimize(model)
 
+A model whose dense stacks do not fit the GPU (a whole Mixtral-8x7B's are ~87 GB of bf16) is
+loaded on the CPU and quantized onto the GPU one stack at a time, the rest moved after::
+
+    sloth_fx.quantize_experts(model, device="cuda")   # each stack copied to the GPU, quantized there
+    model.to("cuda")                                  # attention, norms, routers and the adapters
+
+so that the GPU holds the 4-bit stacks and one dense stack at most, never the dense experts.
+
 The contract of a quantized stack. ``W [E, out, in]`` (float32, float16 or bfloat16, frozen) is
-quantized on its own device by one ``bitsandbytes.functional.quantize_4bit`` call over the whole
+quantized on its own device (or the one ``device`` names, a copy of it made there) by one
+``bitsandbytes.functional.quantize_4bit`` call over the whole
 contiguous stack: blocks of ``blocksize`` consecutive values, each scaled by its absolute maximum
 (``absmax``) and coded on 4 bits (nf4 or fp4). ``out·in`` must be a multiple of ``blocksize``, so
 that every block lies within one expert's matrix: expert ``e``'s codes and block scales are those
@@ -47,10 +56,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what bitsandby
 
 
 def quantize_experts(model: nn.Module, quant_type: str = "nf4", *, compress_statistics: bool = True,
-                     blocksize: int = 64) -> list[str]:
+                     blocksize: int = 64, device: torch.device | str | None = None) -> list[str]:
     """Quantize every routed-experts module's ``gate_up_proj`` and ``down_proj`` stacks (the base
-    module's, under PEFT's wrappers) to bitsandbytes 4-bit, in place, on their devices; the names
-    of the parameters quantized, as ``model.named_parameters()`` gives them.
+    module's, under PEFT's wrappers) to bitsandbytes 4-bit, in place, on their devices or on
+    ``device`` (one stack at a time: module doc); the names of the parameters quantized, as
+    ``model.named_parameters()`` gives them.
 
     Call it after ``peft.get_peft_model`` and before ``sloth_fx.optimize`` (module doc). Experts
     whose layout the fused op does not compute (GPT-OSS's biased, interleaved ones), or stored
@@ -65,6 +75,7 @@ def quantize_experts(model: nn.Module, quant_type: str = "nf4", *, compress_stat
         raise ValueError(f"quant_type {quant_type!r}: 4-bit experts are one of {', '.join(QUANT_TYPES)}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize!r}: bitsandbytes quantizes blocks of {', '.join(map(str, BLOCKSIZES))}")
+    target = None if device is None else torch.device(device)
     names = {module: name for name, module in model.named_modules()}
     stacks: list[tuple[nn.Module, nn.Module, str]] = []  # (the module called, the one holding the stack, name)
     left: list[str] = []
@@ -87,7 +98,11 @@ def quantize_experts(model: nn.Module, quant_type: str = "nf4", *, compress_stat
     if left:
         warnings.warn(f"sloth_fx.quantize_experts: experts left as they are: {'; '.join(left)}", stacklevel=2)
     for module, base, name in stacks:
-        setattr(base, name, quantize_stack(getattr(base, name), quant_type, compress_statistics, blocksize))
+        dense = getattr(base, name)
+        # the stack itself is dropped as it is replaced: one dense copy on the target at a time
+        setattr(base, name, quantize_stack(dense if target is None else dense.detach().to(target), quant_type,
+                                           compress_statistics, blocksize))
+        del dense
         module.forward = DequantizedExperts(module)
     return [f"{names[base]}.{name}" for _, base, name in stacks]
 
