@@ -32,7 +32,10 @@ tensor cores (a 16-bit operand's remainder is zero: it fits TF32 exactly), which
 accuracy to within about 2⁻²² relative per product (a GPU test holds M1's widths to 1e-6 of float64).
 fp32 FMA (``ieee``) was the alternative: on the H100 it made these products 29% of M1's step,
 and ``tf32x3`` ran the step 15% faster (24.9k to 28.7k tokens/s, an A/B in one process,
-2026-12-07). ``FP32_DOT`` holds the choice, read at each launch.
+2026-12-07). ``FP32_DOT`` holds the choice, read at each launch. The dense LoRA products
+(:mod:`~sloth_fx.kernels.lowrank_mm`) cut an fp32 tile into three bf16 pieces instead (exact
+products, fp32's own accuracy, measured faster there than ``tf32x3``); these kernels do not share
+that cut yet: it runs only on a GPU (the interpreter has no bf16), and none was left to test it.
 
 Triton on CUDA (and on CPU under the interpreter); elsewhere, and for float64, the references
 (a loop over experts in fp32, fp64 with an fp64 operand, that reads ``offsets`` on the host).
