@@ -64,8 +64,8 @@ def test_4bit_experts_train_as_their_dequantization_with_and_without_sloth_fx(fa
         stacks = quantized_stacks(trained)
         assert len(stacks) == 2 * LAYERS and all(p.grad is None for p in stacks.values())
     text = sloth_fx.explain(optimized)
-    assert re.search(r"routed experts mlp\.experts: fused op in \d+ forward calls \(4 experts, silu, nf4, LoRA folded in "
-                     r"\(gate_up r=4, down r=4\)", text), text
+    assert re.search(r"routed experts mlp\.experts: fused op in \d+ forward calls "
+                     r"\(4 experts, silu, nf4, LoRA folded in \(gate_up r=4, down r=4\)", text), text
 
 
 @pytest.mark.usefixtures("reference_ops")
@@ -82,7 +82,8 @@ def test_a_refused_call_runs_the_module_on_its_dequantized_stacks_with_a_warning
     with pytest.warns(UnfusedExpertsWarning, match="refused for the test"):
         assert_same_training_step(reference, optimized, batch())
     assert len(quantized_stacks(optimized)) == 2 * LAYERS  # put back after each call
-    assert re.search(r"as transformers runs them in \d+ forward calls: refused for the test", sloth_fx.explain(optimized))
+    assert re.search(r"as transformers runs them in \d+ forward calls: refused for the test",
+                     sloth_fx.explain(optimized))
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

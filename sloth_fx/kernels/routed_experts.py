@@ -32,11 +32,11 @@ Backward, for ``dF [T, H]`` gathered to slots (``dF_s = dF[t(s)]``):
 
 Saved for backward: ``hidden`` (``dA1``'s kernel reads ``x``'s rows from it), ``top_k_weights``,
 ``perm`` (int64 ``[S]``), ``offsets``, ``GU`` ``[S, 2I]`` in hidden's dtype, ``U1`` and ``U2``
-(fp32 ``[S, r]``, with LoRA), and the weights and LoRA factors themselves (parameters, no copies). In a selectively
-recomputed layer (:mod:`sloth_fx.memory.saved_products`) the forward also keeps ``perm``,
-``offsets``, ``GU``, ``U1``, ``U2`` and its output, and the recompute takes them back instead of
-running the products again: per token, ``k·(2I)`` values in hidden's dtype, ``H`` more, ``k``
-int64 and ``4·k·(r1 + r2)`` bytes.
+(fp32 ``[S, r]``, with LoRA), and the weights and LoRA factors themselves (parameters, no
+copies). In a selectively recomputed layer (:mod:`sloth_fx.memory.saved_products`) the forward
+also keeps ``perm``, ``offsets``, ``GU``, ``U1``, ``U2`` and its output, and the recompute takes
+them back instead of running the products again: per token, ``k·(2I)`` values in hidden's dtype,
+``H`` more, ``k`` int64 and ``4·k·(r1 + r2)`` bytes.
 
 QLoRA: a stacked weight may be a bitsandbytes 4-bit one (nf4 or fp4, whose quant state holds the
 ``[E, out, in]`` shape it was quantized from: :mod:`~sloth_fx.kernels.routed_experts_args`). Then
